@@ -1,0 +1,459 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JSON: _ClassVar[Encoding]
+    MSGPACK: _ClassVar[Encoding]
+JSON: Encoding
+MSGPACK: Encoding
+
+class CallRequest(_message.Message):
+    __slots__ = ("service", "input", "encoding", "chain", "deadline_s", "client")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    input: bytes
+    encoding: Encoding
+    chain: _containers.RepeatedScalarFieldContainer[str]
+    deadline_s: float
+    client: str
+    def __init__(self, service: _Optional[str] = ..., input: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., chain: _Optional[_Iterable[str]] = ..., deadline_s: _Optional[float] = ..., client: _Optional[str] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message", "field")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    field: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
+
+class CallReply(_message.Message):
+    __slots__ = ("status", "result", "encoding", "error", "executed_by", "attempts", "process_time_ms", "cache_hit", "service", "version")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    EXECUTED_BY_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    result: bytes
+    encoding: Encoding
+    error: Error
+    executed_by: str
+    attempts: int
+    process_time_ms: float
+    cache_hit: bool
+    service: str
+    version: str
+    def __init__(self, status: _Optional[str] = ..., result: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., executed_by: _Optional[str] = ..., attempts: _Optional[int] = ..., process_time_ms: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., service: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ("recent_calls",)
+    RECENT_CALLS_FIELD_NUMBER: _ClassVar[int]
+    recent_calls: int
+    def __init__(self, recent_calls: _Optional[int] = ...) -> None: ...
+
+class AgentInfo(_message.Message):
+    __slots__ = ("agent_id", "address", "packages", "slots", "running", "last_heartbeat_s", "state", "connected_s", "jobs_done", "jobs_failed", "cpu_percent", "rss_bytes")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PACKAGES_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_S_FIELD_NUMBER: _ClassVar[int]
+    JOBS_DONE_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    address: str
+    packages: _containers.RepeatedScalarFieldContainer[str]
+    slots: int
+    running: int
+    last_heartbeat_s: float
+    state: str
+    connected_s: float
+    jobs_done: int
+    jobs_failed: int
+    cpu_percent: float
+    rss_bytes: int
+    def __init__(self, agent_id: _Optional[str] = ..., address: _Optional[str] = ..., packages: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., running: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., state: _Optional[str] = ..., connected_s: _Optional[float] = ..., jobs_done: _Optional[int] = ..., jobs_failed: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+
+class ServiceInfo(_message.Message):
+    __slots__ = ("name", "version", "digest", "pure", "idempotent", "timeout_s", "builtin", "agents", "revision", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PURE_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENT_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    BUILTIN_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    digest: str
+    pure: bool
+    idempotent: bool
+    timeout_s: float
+    builtin: bool
+    agents: int
+    revision: int
+    description: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., pure: _Optional[bool] = ..., idempotent: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., builtin: _Optional[bool] = ..., agents: _Optional[int] = ..., revision: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
+
+class CallRecord(_message.Message):
+    __slots__ = ("time", "client", "service", "executed_by", "success", "ms", "error_code", "attempts", "cache_hit")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTED_BY_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    client: str
+    service: str
+    executed_by: str
+    success: bool
+    ms: float
+    error_code: str
+    attempts: int
+    cache_hit: bool
+    def __init__(self, time: _Optional[float] = ..., client: _Optional[str] = ..., service: _Optional[str] = ..., executed_by: _Optional[str] = ..., success: _Optional[bool] = ..., ms: _Optional[float] = ..., error_code: _Optional[str] = ..., attempts: _Optional[int] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("coordinator_id", "listen", "uptime_s", "agents", "services", "calls", "dispatch", "placement", "calls_total", "fallbacks_total", "cache_json")
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    CALLS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CACHE_JSON_FIELD_NUMBER: _ClassVar[int]
+    coordinator_id: str
+    listen: str
+    uptime_s: float
+    agents: _containers.RepeatedCompositeFieldContainer[AgentInfo]
+    services: _containers.RepeatedCompositeFieldContainer[ServiceInfo]
+    calls: _containers.RepeatedCompositeFieldContainer[CallRecord]
+    dispatch: str
+    placement: str
+    calls_total: int
+    fallbacks_total: int
+    cache_json: bytes
+    def __init__(self, coordinator_id: _Optional[str] = ..., listen: _Optional[str] = ..., uptime_s: _Optional[float] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallRecord, _Mapping]]] = ..., dispatch: _Optional[str] = ..., placement: _Optional[str] = ..., calls_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., cache_json: _Optional[bytes] = ...) -> None: ...
+
+class PublishRequest(_message.Message):
+    __slots__ = ("manifest", "archive")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    ARCHIVE_FIELD_NUMBER: _ClassVar[int]
+    manifest: bytes
+    archive: bytes
+    def __init__(self, manifest: _Optional[bytes] = ..., archive: _Optional[bytes] = ...) -> None: ...
+
+class PublishReply(_message.Message):
+    __slots__ = ("name", "version", "digest", "revision", "unchanged")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    digest: str
+    revision: int
+    unchanged: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., revision: _Optional[int] = ..., unchanged: _Optional[bool] = ...) -> None: ...
+
+class CacheStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CacheStatsReply(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: bytes
+    def __init__(self, json: _Optional[bytes] = ...) -> None: ...
+
+class LinkFrame(_message.Message):
+    __slots__ = ("agent_hello", "coordinator_hello", "agent_proof", "refusal", "sealed")
+    AGENT_HELLO_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_HELLO_FIELD_NUMBER: _ClassVar[int]
+    AGENT_PROOF_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    agent_hello: AgentHello
+    coordinator_hello: CoordinatorHello
+    agent_proof: AgentProof
+    refusal: Refusal
+    sealed: Sealed
+    def __init__(self, agent_hello: _Optional[_Union[AgentHello, _Mapping]] = ..., coordinator_hello: _Optional[_Union[CoordinatorHello, _Mapping]] = ..., agent_proof: _Optional[_Union[AgentProof, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., sealed: _Optional[_Union[Sealed, _Mapping]] = ...) -> None: ...
+
+class AgentHello(_message.Message):
+    __slots__ = ("protocol", "agent_id", "agent_key", "ephemeral", "nonce", "slots", "hostname", "software")
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    EPHEMERAL_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_FIELD_NUMBER: _ClassVar[int]
+    protocol: int
+    agent_id: str
+    agent_key: bytes
+    ephemeral: bytes
+    nonce: bytes
+    slots: int
+    hostname: str
+    software: str
+    def __init__(self, protocol: _Optional[int] = ..., agent_id: _Optional[str] = ..., agent_key: _Optional[bytes] = ..., ephemeral: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., slots: _Optional[int] = ..., hostname: _Optional[str] = ..., software: _Optional[str] = ...) -> None: ...
+
+class CoordinatorHello(_message.Message):
+    __slots__ = ("coordinator_key", "ephemeral", "nonce", "signature", "suite")
+    COORDINATOR_KEY_FIELD_NUMBER: _ClassVar[int]
+    EPHEMERAL_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SUITE_FIELD_NUMBER: _ClassVar[int]
+    coordinator_key: bytes
+    ephemeral: bytes
+    nonce: bytes
+    signature: bytes
+    suite: str
+    def __init__(self, coordinator_key: _Optional[bytes] = ..., ephemeral: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., suite: _Optional[str] = ...) -> None: ...
+
+class AgentProof(_message.Message):
+    __slots__ = ("signature", "join_mac")
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    JOIN_MAC_FIELD_NUMBER: _ClassVar[int]
+    signature: bytes
+    join_mac: bytes
+    def __init__(self, signature: _Optional[bytes] = ..., join_mac: _Optional[bytes] = ...) -> None: ...
+
+class Refusal(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Sealed(_message.Message):
+    __slots__ = ("counter", "ciphertext", "more")
+    COUNTER_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    counter: int
+    ciphertext: bytes
+    more: bool
+    def __init__(self, counter: _Optional[int] = ..., ciphertext: _Optional[bytes] = ..., more: _Optional[bool] = ...) -> None: ...
+
+class PackageRef(_message.Message):
+    __slots__ = ("name", "version", "digest", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    digest: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("agent_id", "heartbeat_s", "liveness_s", "max_frame", "coordinator_id")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    heartbeat_s: float
+    liveness_s: float
+    max_frame: int
+    coordinator_id: str
+    def __init__(self, agent_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., liveness_s: _Optional[float] = ..., max_frame: _Optional[int] = ..., coordinator_id: _Optional[str] = ...) -> None: ...
+
+class Holdings(_message.Message):
+    __slots__ = ("packages",)
+    PACKAGES_FIELD_NUMBER: _ClassVar[int]
+    packages: _containers.RepeatedCompositeFieldContainer[PackageRef]
+    def __init__(self, packages: _Optional[_Iterable[_Union[PackageRef, _Mapping]]] = ...) -> None: ...
+
+class PackageData(_message.Message):
+    __slots__ = ("ref", "manifest", "signature", "archive")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ARCHIVE_FIELD_NUMBER: _ClassVar[int]
+    ref: PackageRef
+    manifest: bytes
+    signature: bytes
+    archive: bytes
+    def __init__(self, ref: _Optional[_Union[PackageRef, _Mapping]] = ..., manifest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., archive: _Optional[bytes] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("job_id", "service", "digest", "input", "deadline_s", "chain")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    service: str
+    digest: str
+    input: bytes
+    deadline_s: float
+    chain: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., service: _Optional[str] = ..., digest: _Optional[str] = ..., input: _Optional[bytes] = ..., deadline_s: _Optional[float] = ..., chain: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Cancel(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class Ping(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+
+class ToAgent(_message.Message):
+    __slots__ = ("welcome", "holdings", "package", "job", "cancel", "ping", "nested_reply", "refusal", "nested_id")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    HOLDINGS_FIELD_NUMBER: _ClassVar[int]
+    PACKAGE_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    PING_FIELD_NUMBER: _ClassVar[int]
+    NESTED_REPLY_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    NESTED_ID_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    holdings: Holdings
+    package: PackageData
+    job: Job
+    cancel: Cancel
+    ping: Ping
+    nested_reply: CallReply
+    refusal: Refusal
+    nested_id: int
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., holdings: _Optional[_Union[Holdings, _Mapping]] = ..., package: _Optional[_Union[PackageData, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., nested_reply: _Optional[_Union[CallReply, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., nested_id: _Optional[int] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("running", "slots", "cpu_percent", "rss_bytes", "load1", "paused")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD1_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    running: int
+    slots: int
+    cpu_percent: float
+    rss_bytes: int
+    load1: float
+    paused: bool
+    def __init__(self, running: _Optional[int] = ..., slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., load1: _Optional[float] = ..., paused: _Optional[bool] = ...) -> None: ...
+
+class Fetch(_message.Message):
+    __slots__ = ("ref",)
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ref: PackageRef
+    def __init__(self, ref: _Optional[_Union[PackageRef, _Mapping]] = ...) -> None: ...
+
+class Installed(_message.Message):
+    __slots__ = ("ref", "ok", "error")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ref: PackageRef
+    ok: bool
+    error: str
+    def __init__(self, ref: _Optional[_Union[PackageRef, _Mapping]] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class JobResult(_message.Message):
+    __slots__ = ("job_id", "ok", "output", "error", "run_ms", "agent_fault")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RUN_MS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FAULT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    ok: bool
+    output: bytes
+    error: Error
+    run_ms: float
+    agent_fault: bool
+    def __init__(self, job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., run_ms: _Optional[float] = ..., agent_fault: _Optional[bool] = ...) -> None: ...
+
+class NestedCall(_message.Message):
+    __slots__ = ("nested_id", "job_id", "request")
+    NESTED_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    nested_id: int
+    job_id: str
+    request: CallRequest
+    def __init__(self, nested_id: _Optional[int] = ..., job_id: _Optional[str] = ..., request: _Optional[_Union[CallRequest, _Mapping]] = ...) -> None: ...
+
+class Pong(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+
+class Leaving(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ToCoordinator(_message.Message):
+    __slots__ = ("heartbeat", "fetch", "installed", "result", "nested_call", "pong", "leaving")
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    INSTALLED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    NESTED_CALL_FIELD_NUMBER: _ClassVar[int]
+    PONG_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
+    heartbeat: Heartbeat
+    fetch: Fetch
+    installed: Installed
+    result: JobResult
+    nested_call: NestedCall
+    pong: Pong
+    leaving: Leaving
+    def __init__(self, heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., fetch: _Optional[_Union[Fetch, _Mapping]] = ..., installed: _Optional[_Union[Installed, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., nested_call: _Optional[_Union[NestedCall, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., leaving: _Optional[_Union[Leaving, _Mapping]] = ...) -> None: ...
