@@ -1,0 +1,1 @@
+"""The microswarm volunteer agent: dials out, joins, installs packages, runs jobs, heartbeats."""

@@ -1,0 +1,379 @@
+"""The volunteer agent daemon.
+
+It dials out to the coordinator (no open port needed behind NAT), proves itself and checks the
+coordinator's key against the one pinned by its token, then serves jobs over one encrypted
+stream until told to stop. Packages are verified and run in isolated worker processes, one
+pool per package version. On SIGTERM it takes no new jobs, finishes the running ones, says
+goodbye and exits 0; when the coordinator goes away it reconnects with backoff.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import secrets
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from grpc import aio
+
+from microcores import __version__, _codec
+from microcores._package import Package, extract, verify_signature
+from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, check_len, derive_keys, fingerprint,
+                                hello_transcript, join_mac, new_ephemeral, public_bytes, sign, verify)
+from microcores._worker import WorkerCrashed, WorkerPool
+from microcores.errors import MicroError, PackageError, ProtocolError, from_code
+from protos import microswarm_pb2 as pb
+from protos import microswarm_pb2_grpc as pbg
+
+log = logging.getLogger("microswarm.agent")
+
+LINK_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                ("grpc.max_send_message_length", 4 * 1024 * 1024),
+                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1)]
+
+# Refusals after which retrying cannot help: the agent stops with an error.
+FATAL_REFUSALS = {"bad_join_secret", "duplicate_agent_id", "protocol_version", "bad_agent_id", "bad_slots",
+                  "coordinator_key_mismatch", "protocol_error"}
+
+
+class AgentRefused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class AgentConfig:
+    coordinator: str
+    token: str
+    slots: int = 2
+    agent_id: str = ""
+    state_dir: str = ""
+    drain_s: float = 60.0
+    max_backoff_s: float = 30.0
+
+
+@dataclass
+class Link:
+    call: Any
+    channel: Channel
+    coordinator_key: bytes
+    outbox: asyncio.Queue[pb.ToCoordinator | None] = field(default_factory=asyncio.Queue)
+
+    def send(self, msg: pb.ToCoordinator) -> None:
+        self.outbox.put_nowait(msg)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.token = JoinToken.parse(config.token)  # ValueError with a clear message on a bad token
+        if not 1 <= config.slots <= 1024:
+            raise ValueError(f"--slots {config.slots} must be between 1 and 1024")
+        self.agent_id = config.agent_id or f"{socket.gethostname().split('.')[0][:40]}-{secrets.token_hex(3)}"
+        self.key = Ed25519PrivateKey.generate()
+        self.packages_dir = Path(config.state_dir).expanduser() / "agent-packages"
+        self.pools: dict[str, WorkerPool] = {}
+        self.wanted: set[str] = set()
+        self.jobs: dict[str, asyncio.Task[Any]] = {}
+        self.nested: dict[int, asyncio.Future[pb.CallReply]] = {}
+        self._nested_ids = 0
+        self.draining = False
+        self.stop_event = asyncio.Event()
+        self.link: Link | None = None
+        self.heartbeat_s = 1.0
+        self._proc = psutil.Process()
+        self._proc.cpu_percent(None)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._begin_stop)
+        backoff = 0.5
+        try:
+            while not self.stop_event.is_set():
+                started = time.monotonic()
+                try:
+                    await self._session()
+                    if self.stop_event.is_set():
+                        break
+                    log.warning("link to the coordinator ended; reconnecting")
+                except AgentRefused as r:
+                    if r.code in FATAL_REFUSALS:
+                        log.error("the coordinator refused this agent: %s", r.message)
+                        print(f"error: the coordinator refused this agent ({r.code}): {r.message}", flush=True)
+                        return 2
+                    log.warning("refused (%s): %s; retrying", r.code, r.message)
+                except (grpc.RpcError, ConnectionError, ProtocolError, OSError) as exc:
+                    detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+                    log.warning("cannot reach the coordinator at %s: %s", self.config.coordinator, detail)
+                if time.monotonic() - started > 10:
+                    backoff = 0.5
+                delay = backoff * (0.5 + random.random())
+                log.info("reconnecting in %.1f s", delay)
+                try:
+                    await asyncio.wait_for(self.stop_event.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                backoff = min(self.config.max_backoff_s, backoff * 2)
+            return 0
+        finally:
+            await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
+
+    def _begin_stop(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        log.info("stopping: finishing %d running job(s), taking no new ones", len(self.jobs))
+        asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        if self.link:
+            self.link.send(self._heartbeat())  # paused: the coordinator sends no more jobs
+        deadline = time.monotonic() + self.config.drain_s
+        while self.jobs and time.monotonic() < deadline:
+            await asyncio.wait(list(self.jobs.values()), timeout=max(0.01, deadline - time.monotonic()))
+        if self.link:
+            self.link.send(pb.ToCoordinator(leaving=pb.Leaving(reason="agent stopping (SIGTERM)")))
+            self.link.send(None)  # type: ignore[arg-type]
+        self.stop_event.set()
+
+    # ------------------------------------------------------------ one session
+
+    async def _session(self) -> None:
+        async with aio.insecure_channel(self.config.coordinator, options=LINK_OPTIONS) as channel:
+            stub = pbg.AgentLinkStub(channel)
+            call = stub.Connect()
+            link = await self._handshake(call)
+            self.link = link
+            sender = asyncio.create_task(self._sender(link))
+            beat = asyncio.create_task(self._heartbeats(link))
+            try:
+                await self._receive(link)
+            finally:
+                self.link = None
+                beat.cancel()
+                sender.cancel()
+                for fut in self.nested.values():
+                    if not fut.done():
+                        fut.set_exception(ConnectionError("link to the coordinator lost"))
+                self.nested.clear()
+                call.cancel()
+
+    async def _read(self, call: Any) -> pb.LinkFrame:
+        frame = await call.read()
+        if not isinstance(frame, pb.LinkFrame):
+            raise ConnectionError("the coordinator closed the stream")
+        if frame.WhichOneof("kind") == "refusal":
+            raise AgentRefused(frame.refusal.code, frame.refusal.message)
+        return frame
+
+    async def _handshake(self, call: Any) -> Link:
+        eph, eph_pub = new_ephemeral()
+        nonce = secrets.token_bytes(32)
+        my_key = public_bytes(self.key)
+        await call.write(pb.LinkFrame(agent_hello=pb.AgentHello(
+            protocol=PROTOCOL, agent_id=self.agent_id, agent_key=my_key, ephemeral=eph_pub, nonce=nonce,
+            slots=self.config.slots, hostname=socket.gethostname(), software=__version__)))
+        frame = await asyncio.wait_for(self._read(call), 15)
+        if frame.WhichOneof("kind") != "coordinator_hello":
+            raise AgentRefused("protocol_error", "expected CoordinatorHello")
+        ch = frame.coordinator_hello
+        check_len("coordinator_key", ch.coordinator_key, 32)
+        presented = fingerprint(ch.coordinator_key)
+        if presented != self.token.fingerprint:
+            raise AgentRefused("coordinator_key_mismatch",
+                               f"the coordinator at {self.config.coordinator} presented key "
+                               f"{presented.hex()[:16]}, but the token pins {self.token.fingerprint_hex[:16]}: "
+                               "wrong coordinator, a spoofed one, or an old token")
+        t = hello_transcript(PROTOCOL, self.agent_id, my_key, eph_pub, nonce, self.config.slots)
+        t.add(ch.coordinator_key, ch.ephemeral, ch.nonce, ch.suite)
+        th = t.digest()
+        verify(ch.coordinator_key, ch.signature, th, b"coordinator", "the coordinator")
+        k_a2c, k_c2a = derive_keys(eph, ch.ephemeral, th)
+        await call.write(pb.LinkFrame(agent_proof=pb.AgentProof(signature=sign(self.key, th, b"agent"),
+                                                                join_mac=join_mac(self.token.secret, th))))
+        link = Link(call, agent_channel(ch.suite, k_a2c, k_c2a), bytes(ch.coordinator_key))
+        welcome = await asyncio.wait_for(self._next(link), 15)
+        if welcome.WhichOneof("kind") == "refusal":
+            raise AgentRefused(welcome.refusal.code, welcome.refusal.message)
+        if welcome.WhichOneof("kind") != "welcome":
+            raise AgentRefused("protocol_error", f"expected Welcome, got {welcome.WhichOneof('kind')}")
+        self.heartbeat_s = welcome.welcome.heartbeat_s or 1.0
+        log.info("joined coordinator %s as %s with %d slots", welcome.welcome.coordinator_id[:16],
+                 self.agent_id, self.config.slots)
+        print(f"agent {self.agent_id} joined {self.config.coordinator}", flush=True)
+        return link
+
+    async def _next(self, link: Link) -> pb.ToAgent:
+        while True:
+            frame = await self._read(link.call)
+            if frame.WhichOneof("kind") != "sealed":
+                raise ProtocolError("plaintext frame after the handshake")
+            s = frame.sealed
+            data = link.channel.open(s.counter, s.ciphertext, s.more)
+            if data is not None:
+                msg = pb.ToAgent()
+                msg.ParseFromString(data)
+                return msg
+
+    async def _sender(self, link: Link) -> None:
+        while True:
+            msg = await link.outbox.get()
+            if msg is None:
+                await link.call.done_writing()
+                return
+            for counter, ct, more in link.channel.seal(msg.SerializeToString()):
+                await link.call.write(pb.LinkFrame(sealed=pb.Sealed(counter=counter, ciphertext=ct, more=more)))
+
+    async def _heartbeats(self, link: Link) -> None:
+        while True:
+            link.send(self._heartbeat())
+            await asyncio.sleep(self.heartbeat_s)
+
+    def _heartbeat(self) -> pb.ToCoordinator:
+        try:
+            load1 = os.getloadavg()[0]
+        except OSError:
+            load1 = 0.0
+        return pb.ToCoordinator(heartbeat=pb.Heartbeat(
+            running=len(self.jobs), slots=self.config.slots, cpu_percent=self._proc.cpu_percent(None),
+            rss_bytes=self._proc.memory_info().rss, load1=load1, paused=self.draining))
+
+    async def _receive(self, link: Link) -> None:
+        while True:
+            try:
+                msg = await self._next(link)
+            except AgentRefused as r:
+                if r.code in FATAL_REFUSALS:
+                    raise
+                log.warning("coordinator said %s: %s", r.code, r.message)
+                return
+            kind = msg.WhichOneof("kind")
+            if kind == "job":
+                self._start_job(link, msg.job)
+            elif kind == "holdings":
+                asyncio.create_task(self._sync_holdings(link, list(msg.holdings.packages)))
+            elif kind == "package":
+                asyncio.create_task(self._install(link, msg.package))
+            elif kind == "nested_reply":
+                fut = self.nested.pop(msg.nested_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.nested_reply)
+            elif kind == "ping":
+                link.send(pb.ToCoordinator(pong=pb.Pong(seq=msg.ping.seq)))
+                link.send(self._heartbeat())
+            elif kind == "cancel":
+                task = self.jobs.get(msg.cancel.job_id)
+                if task is not None:
+                    task.cancel()
+            elif kind == "refusal":
+                log.warning("coordinator: %s: %s", msg.refusal.code, msg.refusal.message)
+
+    # ------------------------------------------------------------ packages
+
+    async def _sync_holdings(self, link: Link, refs: list[pb.PackageRef]) -> None:
+        self.wanted = {r.digest for r in refs}
+        for r in refs:
+            if r.digest in self.pools:
+                link.send(pb.ToCoordinator(installed=pb.Installed(ref=r, ok=True)))
+            elif (self.packages_dir / r.digest / ".manifest.json").exists():
+                await self._activate(link, r)
+            else:
+                link.send(pb.ToCoordinator(fetch=pb.Fetch(ref=r)))
+        for digest in [d for d in self.pools if d not in self.wanted]:
+            pool = self.pools.pop(digest)
+            await pool.close()  # busy workers finish their job, then stop
+            log.info("retired package %s", digest[:12])
+
+    async def _install(self, link: Link, data: pb.PackageData) -> None:
+        ref = data.ref
+        try:
+            pkg = Package(bytes(data.manifest), bytes(data.archive), bytes(data.signature))
+            if pkg.digest != ref.digest:
+                raise PackageError(f"package {ref.name} digest {pkg.digest[:12]} is not the announced "
+                                   f"{ref.digest[:12]}")
+            verify_signature(pkg, link.coordinator_key)
+            dest = self.packages_dir / ref.digest
+            if not (dest / ".manifest.json").exists():
+                await asyncio.get_running_loop().run_in_executor(None, extract, pkg, dest)
+            await self._activate(link, ref)
+        except (MicroError, OSError) as exc:
+            msg = exc.message if isinstance(exc, MicroError) else str(exc)
+            log.error("refused package %s@%s: %s", ref.name, ref.version, msg)
+            link.send(pb.ToCoordinator(installed=pb.Installed(ref=ref, ok=False, error=msg)))
+
+    async def _activate(self, link: Link, ref: pb.PackageRef) -> None:
+        if ref.digest not in self.pools:
+            pool = WorkerPool(self.packages_dir / ref.digest, self.config.slots)
+            try:
+                await pool.warm()
+            except WorkerCrashed as exc:
+                link.send(pb.ToCoordinator(installed=pb.Installed(ref=ref, ok=False, error=str(exc))))
+                return
+            self.pools[ref.digest] = pool
+        log.info("installed %s@%s (%s)", ref.name, ref.version, ref.digest[:12])
+        link.send(pb.ToCoordinator(installed=pb.Installed(ref=ref, ok=True)))
+
+    # ------------------------------------------------------------ jobs
+
+    def _start_job(self, link: Link, job: pb.Job) -> None:
+        task = asyncio.create_task(self._run_job(link, job))
+        self.jobs[job.job_id] = task
+        task.add_done_callback(lambda _t, jid=job.job_id: self.jobs.pop(jid, None))
+
+    async def _run_job(self, link: Link, job: pb.Job) -> None:
+        result = pb.JobResult(job_id=job.job_id)
+        pool = self.pools.get(job.digest)
+        try:
+            if pool is None:
+                raise WorkerCrashed(f"package {job.digest[:12]} for {job.service} is not installed here")
+            if len(self.jobs) > self.config.slots:
+                raise WorkerCrashed(f"all {self.config.slots} slots are busy")
+            outcome = await pool.run(job.job_id, job.input, max(0.001, job.deadline_s),
+                                     lambda s, d: self._nested_call(link, job, s, d))
+            result.ok, result.output, result.run_ms = outcome.ok, outcome.output, outcome.run_ms
+            if not outcome.ok:
+                e = outcome.error
+                result.error.CopyFrom(pb.Error(code=e.get("code", "service_error"), message=e.get("message", ""),
+                                               field=e.get("field", "")))
+        except WorkerCrashed as exc:
+            result.ok, result.agent_fault = False, True
+            result.error.CopyFrom(pb.Error(code="agent_fault", message=str(exc)))
+            log.warning("job %s (%s) failed on this agent: %s", job.job_id, job.service, exc)
+        except MicroError as exc:
+            result.ok = False
+            result.error.CopyFrom(pb.Error(code=exc.code, message=exc.message, field=exc.field))
+        except asyncio.CancelledError:
+            return
+        link.send(pb.ToCoordinator(result=result))
+
+    async def _nested_call(self, link: Link, job: pb.Job, service: str, data: dict[str, Any]) -> dict[str, Any]:
+        self._nested_ids += 1
+        nid = self._nested_ids
+        fut: asyncio.Future[pb.CallReply] = asyncio.get_running_loop().create_future()
+        self.nested[nid] = fut
+        link.send(pb.ToCoordinator(nested_call=pb.NestedCall(
+            nested_id=nid, job_id=job.job_id,
+            request=pb.CallRequest(service=service, input=_codec.pack(data), encoding=pb.MSGPACK))))
+        try:
+            reply = await fut
+        except ConnectionError as exc:
+            raise from_code("unavailable", str(exc)) from None
+        if reply.status != "ok":
+            raise from_code(reply.error.code, reply.error.message, reply.error.field)
+        return _codec.unpack(reply.result)

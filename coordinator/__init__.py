@@ -1,0 +1,1 @@
+"""The microswarm coordinator daemon: registry, packages, agents, dispatch, cache, client API."""

@@ -1,0 +1,67 @@
+"""The call log (the paper's figure 3): who called what, when, from where, run where, and how it went."""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger("microswarm.calls")
+
+
+@dataclass
+class CallEntry:
+    time: float
+    client: str
+    address: str
+    service: str
+    executed_by: str
+    success: bool
+    ms: float
+    error_code: str = ""
+    attempts: int = 0
+    cache_hit: bool = False
+
+
+class CallLog:
+    """A bounded in-memory ring for the status view, mirrored to a JSON-lines file when given one."""
+
+    def __init__(self, capacity: int = 2000, path: Path | None = None, max_file_bytes: int = 64 << 20) -> None:
+        self.entries: collections.deque[CallEntry] = collections.deque(maxlen=capacity)
+        self.path = path
+        self.max_file_bytes = max_file_bytes
+        self._file = open(path, "a", buffering=1 << 16) if path else None
+        self.total = 0
+        self.failures = 0
+
+    def add(self, entry: CallEntry) -> None:
+        self.entries.append(entry)
+        self.total += 1
+        if not entry.success:
+            self.failures += 1
+        if self._file is not None:
+            self._file.write(json.dumps(asdict(entry), separators=(",", ":")) + "\n")
+            if self._file.tell() > self.max_file_bytes:
+                self._rotate()
+
+    def _rotate(self) -> None:
+        assert self._file is not None and self.path is not None
+        self._file.close()
+        self.path.replace(self.path.with_suffix(self.path.suffix + ".1"))
+        self._file = open(self.path, "a", buffering=1 << 16)
+
+    def recent(self, n: int) -> list[CallEntry]:
+        if n <= 0:
+            return []
+        return list(self.entries)[-n:]
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

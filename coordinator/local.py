@@ -1,0 +1,42 @@
+"""The coordinator's own worker pool: the fallback that runs a job when no agent can (paper: the
+server takes over after RecordClientError). Same isolated workers as an agent's, started lazily."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+from microcores._worker import JobOutcome, NestedHandler, WorkerPool
+
+from .registry import ServiceEntry
+from .state import StateDir
+
+
+class LocalRunner:
+    def __init__(self, state: StateDir, slots: int | None = None) -> None:
+        self.state = state
+        self.slots = slots or max(1, os.cpu_count() or 1)
+        self.pools: dict[str, WorkerPool] = {}
+        self.running = 0
+
+    def pool(self, entry: ServiceEntry) -> WorkerPool:
+        p = self.pools.get(entry.digest)
+        if p is None:
+            p = self.pools[entry.digest] = WorkerPool(self.state.package_dir(entry.digest) / "files", self.slots)
+        return p
+
+    async def run(self, entry: ServiceEntry, job_id: str, input_bytes: bytes, timeout_s: float,
+                  nested: NestedHandler) -> JobOutcome:
+        self.running += 1
+        try:
+            return await self.pool(entry).run(job_id, input_bytes, timeout_s, nested)
+        finally:
+            self.running -= 1
+
+    async def retire(self, digest: str) -> None:
+        p = self.pools.pop(digest, None)
+        if p is not None:
+            await p.close()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
+        self.pools.clear()

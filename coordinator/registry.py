@@ -1,0 +1,125 @@
+"""The service registry (the paper's MicroContainer): which services exist, at which version.
+
+Each published version is a signed package stored in the state directory; the newest revision
+of a name is the one calls use. The coordinator loads each package's classes in-process, under
+a namespace of their own, for their input and output models; `process()` itself only ever runs
+in worker processes (on agents, or in the coordinator's fallback pool).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from microcores import services as builtin_services
+from microcores._package import Package, build, load_service, parse_manifest, sign
+from microcores.core import NAME_RE, MicroCore
+from microcores.errors import PackageError, UnknownService
+from protos import microswarm_pb2 as pb
+
+from .state import StateDir
+
+log = logging.getLogger("microswarm.registry")
+
+
+@dataclass
+class ServiceEntry:
+    cls: type[MicroCore[Any, Any]]
+    package: Package
+    revision: int
+    builtin: bool
+    published_at: float
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+    @property
+    def version(self) -> str:
+        return str(self.cls.version)
+
+    @property
+    def digest(self) -> str:
+        return self.package.digest
+
+    @property
+    def ref(self) -> pb.PackageRef:
+        return pb.PackageRef(name=self.name, version=self.version, digest=self.digest,
+                             size=len(self.package.archive))
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class Registry:
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
+        self.services: dict[str, ServiceEntry] = {}
+        self.by_digest: dict[str, ServiceEntry] = {}
+        self._published: list[dict[str, Any]] = []
+        self.listeners: list[Callable[[ServiceEntry], None]] = []
+
+    def load(self) -> None:
+        """Built-ins first, then what the operator published (which may replace a built-in)."""
+        for cls in builtin_services.BUILTINS:
+            pkg = sign(build(cls), self.state.identity)
+            self.state.store_package(pkg)
+            self._add(ServiceEntry(cls, pkg, 1, True, time.time()))
+        self._published = self.state.read_registry()
+        for rec in self._published:
+            try:
+                pkg = self.state.load_package(rec["digest"])
+                cls = self._load_class(pkg)
+                self._add(ServiceEntry(cls, pkg, int(rec["revision"]), False, float(rec["published_at"])))
+            except (OSError, PackageError, KeyError, ValueError, ImportError) as exc:
+                log.error("could not restore published package %s (%s): %s", rec.get("name"),
+                          rec.get("digest", "?")[:12], exc)
+
+    def _load_class(self, pkg: Package) -> type[MicroCore[Any, Any]]:
+        d = self.state.store_package(pkg)
+        return load_service(d / "files", pkg.info, namespace=f"_msw_{pkg.digest[:16]}")
+
+    def _add(self, entry: ServiceEntry) -> None:
+        self.by_digest[entry.digest] = entry
+        cur = self.services.get(entry.name)
+        if cur is None or entry.revision >= cur.revision:
+            self.services[entry.name] = entry
+
+    def publish(self, manifest: bytes, archive: bytes) -> tuple[ServiceEntry, bool]:
+        """Check, sign, store and load a package from the operator; it becomes the current version."""
+        info = parse_manifest(manifest)
+        name = info["name"]
+        if not NAME_RE.match(name):
+            raise PackageError(f"service name {name!r} must look like 'group.function'")
+        unsigned = Package(manifest, archive)
+        cur = self.services.get(name)
+        if cur is not None and cur.digest == unsigned.digest:
+            return cur, True
+        pkg = sign(unsigned, self.state.identity)
+        try:
+            cls = self._load_class(pkg)
+        except PackageError:
+            raise
+        except Exception as exc:
+            raise PackageError(f"package {name} does not load: {type(exc).__name__}: {exc}") from None
+        entry = ServiceEntry(cls, pkg, (cur.revision + 1) if cur else 1, False, time.time())
+        self._add(entry)
+        self._published.append({"name": name, "version": entry.version, "digest": entry.digest,
+                                "revision": entry.revision, "published_at": entry.published_at})
+        self.state.write_registry(self._published)
+        log.info("published %s revision %d (digest %s)", entry.label, entry.revision, entry.digest[:12])
+        for listener in self.listeners:
+            listener(entry)
+        return entry, False
+
+    def get(self, name: str) -> ServiceEntry:
+        entry = self.services.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.services)[:20])
+            raise UnknownService(f"no service named {name!r}; known services: {known}")
+        return entry
+
+    def current(self) -> list[ServiceEntry]:
+        return sorted(self.services.values(), key=lambda e: e.name)

@@ -1,0 +1,246 @@
+"""The coordinator daemon: one gRPC server for clients (Coordinator) and agents (AgentLink)."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from microcores import _codec
+from microcores.errors import MicroError, PackageError
+from protos import microswarm_pb2 as pb
+from protos import microswarm_pb2_grpc as pbg
+
+from .agents import AgentLinkService, AgentSession
+from .calllog import CallLog
+from .dispatch import Dispatcher
+from .local import LocalRunner
+from .registry import Registry, ServiceEntry
+from .state import StateDir
+
+log = logging.getLogger("microswarm.coordinator")
+
+MAX_CLIENT_MESSAGE = _codec.MAX_PAYLOAD + (1 << 20)
+LINK_MAX_MESSAGE = 2 * 1024 * 1024
+
+
+@dataclass
+class CoordinatorConfig:
+    listen: str = "127.0.0.1:7070"
+    state_dir: str = ""
+    dispatch: str = "random"
+    heartbeat_s: float = 1.0
+    liveness_s: float = 6.0          # silent this long: removed; half of it: suspect
+    fallback_slots: int = 0          # 0: one per CPU
+    drain_s: float = 30.0
+    cache: bool = True
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.state = StateDir(config.state_dir)
+        self.state.admin_token(create=True)
+        if not self.state.join_secrets():
+            self.state.add_join_secret()
+        self.registry = Registry(self.state)
+        self.agents: dict[str, AgentSession] = {}
+        self.calllog = CallLog(path=self.state.path / "calls.jsonl")
+        self.local = LocalRunner(self.state, config.fallback_slots or None)
+        self.dispatcher = Dispatcher(self, config.dispatch)
+        self.link = AgentLinkService(self)
+        self.heartbeat_s = config.heartbeat_s
+        self.liveness_s = config.liveness_s
+        self.cache: Any = None
+        self.governor: Any = None
+        self.started = time.time()
+        self.server: aio.Server | None = None
+        self.port = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = asyncio.Event()
+
+    # ------------------------------------------------------------ agents
+
+    def holdings_for(self, agent: AgentSession) -> pb.Holdings:
+        """Placement: every agent holds every current package (the default policy)."""
+        return pb.Holdings(packages=[e.ref for e in self.registry.current()])
+
+    def drop_agent(self, agent: AgentSession, reason: str) -> None:
+        if agent.closed:
+            return
+        agent.closed = True
+        if self.agents.get(agent.agent_id) is agent:
+            del self.agents[agent.agent_id]
+        agent.fail_all(reason)
+        agent.outbox.put_nowait(None)
+        log.info("agent %s removed: %s", agent.agent_id, reason)
+
+    def suspect(self, agent: AgentSession, why: str) -> None:
+        if agent.state != "suspect" and not agent.closed:
+            agent.state = "suspect"
+            agent.ping_seq += 1
+            agent.send(pb.ToAgent(ping=pb.Ping(seq=agent.ping_seq)))
+            log.warning("agent %s suspect: %s", agent.agent_id, why)
+
+    async def _liveness(self) -> None:
+        """Silent past half the window: suspect (no new jobs) and pinged; past the window: removed."""
+        while True:
+            await asyncio.sleep(min(0.5, self.heartbeat_s / 2))
+            now = time.monotonic()
+            for a in list(self.agents.values()):
+                silent = now - a.last_seen
+                if silent > self.liveness_s:
+                    self.drop_agent(a, f"silent for {silent:.1f} s")
+                elif silent > self.liveness_s / 2:
+                    self.suspect(a, f"no heartbeat for {silent:.1f} s")
+
+    def _on_publish(self, entry: ServiceEntry) -> None:
+        """Runs on the publishing thread: hand the broadcast to the event loop."""
+        self.loop.call_soon_threadsafe(self._broadcast_holdings)
+
+    def _broadcast_holdings(self) -> None:
+        for a in list(self.agents.values()):
+            a.send(pb.ToAgent(holdings=self.holdings_for(a)))
+
+    # ------------------------------------------------------------ cache
+
+    def cache_key(self, entry: ServiceEntry, value: Any) -> bytes:
+        from .cache import cache_key
+        return cache_key(entry.digest, entry.name, _codec.canonical(value))
+
+    def cache_stats(self) -> dict[str, Any]:
+        if self.cache is None:
+            return {}
+        if self.governor is not None:
+            from .governor import combined_stats
+            return combined_stats(self.cache, self.governor)
+        return self.cache.stats()
+
+    # ------------------------------------------------------------ status
+
+    def status(self, recent: int) -> pb.StatusReply:
+        reply = pb.StatusReply(coordinator_id=self.state.fingerprint.hex()[:16], listen=self.config.listen,
+                               uptime_s=time.time() - self.started, dispatch=self.dispatcher.strategy.name,
+                               placement="all", calls_total=self.calllog.total,
+                               fallbacks_total=self.dispatcher.fallbacks)
+        for a in sorted(self.agents.values(), key=lambda a: a.agent_id):
+            reply.agents.append(a.info())
+        for e in self.registry.current():
+            holders = sum(1 for a in self.agents.values() if e.digest in a.holdings)
+            reply.services.append(pb.ServiceInfo(
+                name=e.name, version=e.version, digest=e.digest, pure=e.cls.pure, idempotent=e.cls.idempotent,
+                timeout_s=float(e.cls.timeout), builtin=e.builtin, agents=holders, revision=e.revision,
+                description=(e.cls.__doc__ or "").strip().split("\n")[0]))
+        for c in self.calllog.recent(recent or 20):
+            reply.calls.append(pb.CallRecord(time=c.time, client=c.client, service=c.service,
+                                             executed_by=c.executed_by, success=c.success, ms=c.ms,
+                                             error_code=c.error_code, attempts=c.attempts, cache_hit=c.cache_hit))
+        stats = self.cache_stats()
+        if stats:
+            reply.cache_json = json.dumps(stats).encode()
+        return reply
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.registry.load()
+        self.registry.listeners.append(self._on_publish)
+        if self.config.cache:
+            self._start_cache()
+        opts = [("grpc.max_receive_message_length", MAX_CLIENT_MESSAGE),
+                ("grpc.max_send_message_length", MAX_CLIENT_MESSAGE),
+                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1), ("grpc.so_reuseport", 0)]
+        self.server = aio.server(options=opts)
+        pbg.add_CoordinatorServicer_to_server(ClientService(self), self.server)
+        pbg.add_AgentLinkServicer_to_server(self.link, self.server)
+        self.port = self.server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}: the address is in use or invalid")
+        await self.server.start()
+        self._tasks.append(asyncio.create_task(self._liveness()))
+        log.info("coordinator %s listening on %s with %d services", self.state.fingerprint.hex()[:16],
+                 self.config.listen, len(self.registry.services))
+
+    def _start_cache(self) -> None:
+        try:
+            from .cache import ResultCache
+        except ImportError:
+            return
+        self.cache = ResultCache()
+        try:
+            from .governor import GovernorSettings, HeapGovernor
+        except ImportError:
+            return
+        settings = getattr(self.config, "governor", None) or GovernorSettings.from_options(None, None, None, None)
+        self.governor = HeapGovernor(self.cache, settings)
+        self.governor.start()
+
+    async def stop(self, drain_s: float | None = None) -> None:
+        """Stop taking calls, let in-flight ones finish within the drain deadline, then close."""
+        self.dispatcher.accepting = False
+        deadline = time.monotonic() + (self.config.drain_s if drain_s is None else drain_s)
+        while self.dispatcher.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for a in list(self.agents.values()):
+            self.drop_agent(a, "coordinator shutting down")
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        for t in self._tasks:
+            t.cancel()
+        await self.local.close()
+        if self.governor is not None:
+            self.governor.stop()
+        self.calllog.close()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        print(f"coordinator listening on {self.config.listen} (state {self.state.path})", flush=True)
+        await self._stopping.wait()
+        log.info("stopping: draining %d in-flight calls", self.dispatcher.in_flight)
+        await self.stop()
+
+
+class ClientService(pbg.CoordinatorServicer):
+    def __init__(self, c: Coordinator) -> None:
+        self.c = c
+
+    async def Call(self, request: pb.CallRequest, context: aio.ServicerContext) -> pb.CallReply:
+        client = dict(context.invocation_metadata()).get("x-client", "") or "anonymous"
+        request.ClearField("chain")  # only the coordinator sets the chain of nested calls
+        return await self.c.dispatcher.call(request, client=client, address=context.peer())
+
+    async def Status(self, request: pb.StatusRequest, context: aio.ServicerContext) -> pb.StatusReply:
+        return self.c.status(request.recent_calls)
+
+    async def CacheStats(self, request: pb.CacheStatsRequest, context: aio.ServicerContext) -> pb.CacheStatsReply:
+        return pb.CacheStatsReply(json=json.dumps(self.c.cache_stats()).encode())
+
+    async def Publish(self, request: pb.PublishRequest, context: aio.ServicerContext) -> pb.PublishReply:
+        auth = dict(context.invocation_metadata()).get("authorization", "")
+        admin = self.c.state.admin_token(create=False) or ""
+        if not (auth.startswith("Admin ") and admin and hmac.compare_digest(auth[6:].encode(), admin.encode())):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "publishing needs the operator's admin credential from the coordinator's "
+                                "state directory (pass --state-dir or set MICROSWARM_STATE_DIR)")
+        try:
+            entry, unchanged = await asyncio.get_running_loop().run_in_executor(
+                None, self.c.registry.publish, request.manifest, request.archive)
+        except MicroError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+        except PackageError as exc:  # pragma: no cover - MicroError covers it
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.PublishReply(name=entry.name, version=entry.version, digest=entry.digest,
+                               revision=entry.revision, unchanged=unchanged)

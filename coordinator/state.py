@@ -1,0 +1,128 @@
+"""The coordinator's state directory: identity, join secrets, admin credential, packages.
+
+Everything a restart must keep lives here, in plain files (secrets 0600), so the embedded
+default needs no server. Layout:
+    identity.pem            Ed25519 key; its fingerprint is pinned by every join token
+    join_secrets.json       join secrets (hex); tokens carry one
+    admin.token             the operator's credential for publishing
+    registry.json           published services and their versions, newest last
+    packages/<digest>/      manifest.json, manifest.sig, archive.zip, files/ (extracted)
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from microcores._package import Package, extract
+from microcores._secure import JoinToken, fingerprint, load_or_create_identity, new_secret, public_bytes, write_private
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("MICROSWARM_STATE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "microswarm"
+
+
+class StateDir:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._identity: Ed25519PrivateKey | None = None
+
+    # -- identity
+
+    @property
+    def identity(self) -> Ed25519PrivateKey:
+        if self._identity is None:
+            self._identity = load_or_create_identity(self.path / "identity.pem")
+        return self._identity
+
+    @property
+    def public_key(self) -> bytes:
+        return public_bytes(self.identity)
+
+    @property
+    def fingerprint(self) -> bytes:
+        return fingerprint(self.public_key)
+
+    # -- join secrets and tokens
+
+    def join_secrets(self) -> list[bytes]:
+        p = self.path / "join_secrets.json"
+        if not p.exists():
+            return []
+        try:
+            return [bytes.fromhex(s) for s in json.loads(p.read_text())["secrets"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{p} is damaged ({exc}); remove it and issue new tokens") from None
+
+    def add_join_secret(self) -> bytes:
+        secrets_ = self.join_secrets()
+        s = new_secret()
+        secrets_.append(s)
+        write_private(self.path / "join_secrets.json",
+                      json.dumps({"secrets": [x.hex() for x in secrets_]}).encode())
+        return s
+
+    def token(self, new: bool = False) -> str:
+        secrets_ = self.join_secrets()
+        secret = self.add_join_secret() if new or not secrets_ else secrets_[0]
+        return JoinToken(self.fingerprint, secret).encode()
+
+    # -- the operator's credential
+
+    def admin_token(self, create: bool = True) -> str | None:
+        p = self.path / "admin.token"
+        if p.exists():
+            return p.read_text().strip()
+        if not create:
+            return None
+        tok = secrets.token_urlsafe(32)
+        write_private(p, tok.encode())
+        return tok
+
+    # -- packages and the registry index
+
+    def package_dir(self, digest: str) -> Path:
+        return self.path / "packages" / digest
+
+    def store_package(self, pkg: Package) -> Path:
+        d = self.package_dir(pkg.digest)
+        if not (d / "files" / ".manifest.json").exists():
+            extract(pkg, d / "files")
+        for name, data in (("manifest.json", pkg.manifest), ("manifest.sig", pkg.signature),
+                           ("archive.zip", pkg.archive)):
+            if not (d / name).exists():
+                tmp = d / (name + ".tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, d / name)
+        return d
+
+    def load_package(self, digest: str) -> Package:
+        d = self.package_dir(digest)
+        return Package((d / "manifest.json").read_bytes(), (d / "archive.zip").read_bytes(),
+                       (d / "manifest.sig").read_bytes())
+
+    def read_registry(self) -> list[dict[str, Any]]:
+        p = self.path / "registry.json"
+        if not p.exists():
+            return []
+        try:
+            data = json.loads(p.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{p} is not valid JSON ({exc}); restore it or remove it to forget "
+                             "published services") from None
+        return list(data.get("published", []))
+
+    def write_registry(self, published: list[dict[str, Any]]) -> None:
+        p = self.path / "registry.json"
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"published": published}, indent=1))
+        os.replace(tmp, p)

@@ -1,0 +1,69 @@
+"""The safe codec: msgpack between our processes, JSON at the edges. Never pickle.
+
+Values are what pydantic's python-mode dump yields; anything msgpack cannot carry natively
+(datetimes, UUIDs, decimals, enums, sets) is reduced to its JSON form by pydantic itself.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+from pydantic_core import to_jsonable_python
+
+from .errors import InvalidInput, TooLarge
+
+MAX_PAYLOAD = 64 * 1024 * 1024  # bytes of one encoded input or result
+
+
+def _default(obj: Any) -> Any:
+    return to_jsonable_python(obj)
+
+
+_packer_opts = {"default": _default, "use_bin_type": True, "datetime": False}
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value, **_packer_opts)
+
+
+def canonical(value: Any) -> bytes:
+    """Deterministic encoding (sorted map keys) for cache keys and comparisons."""
+    return msgpack.packb(_sorted(value), **_packer_opts)
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def unpack(data: bytes, *, limit: int = MAX_PAYLOAD) -> Any:
+    """Decode msgpack from a peer we do not trust: bounded, no extension types, strict maps."""
+    if len(data) > limit:
+        raise TooLarge(f"payload of {len(data)} bytes exceeds the limit of {limit} bytes")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    except TooLarge:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise InvalidInput(f"payload is not valid msgpack: {exc}") from None
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise InvalidInput(f"msgpack extension type {code} is not accepted")
+
+
+def loads_json(data: bytes | str, *, limit: int = MAX_PAYLOAD) -> Any:
+    if len(data) > limit:
+        raise TooLarge(f"JSON input of {len(data)} bytes exceeds the limit of {limit} bytes")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"input is not valid JSON: {exc}") from None
+
+
+def dumps_json(value: Any) -> bytes:
+    return json.dumps(value, default=_default, separators=(",", ":")).encode()

@@ -1,0 +1,255 @@
+"""Identity keys, join tokens, the agent-link handshake and its AEAD-sealed frames.
+
+Handshake (agent A dials coordinator C; all three frames plaintext, everything later sealed):
+  A -> C  AgentHello   id, A's Ed25519 key, X25519 ephemeral eA, nonce nA
+  C -> A  CoordHello   C's Ed25519 key, ephemeral eC, nonce nC, suite, Sig_C(th)
+  A -> C  AgentProof   Sig_A(th|"agent"), HMAC(join secret, th|"join")
+th is a hash over every field sent so far, so neither side can be steered by a splice.
+A checks sha256(C's key) against the fingerprint pinned in its token before trusting Sig_C;
+C checks Sig_A and the join MAC. Session keys: HKDF-SHA256 over X25519(eA, eC), salted with
+th, one key per direction. Frames carry a counter that is also the AEAD nonce: a replayed,
+reordered, dropped or tampered frame fails and ends the session.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import ProtocolError, TooLarge
+
+PROTOCOL = 1
+TOKEN_PREFIX = "msw1."
+MAX_FRAME = 1024 * 1024            # plaintext bytes in one sealed frame
+MAX_MESSAGE = 80 * 1024 * 1024     # plaintext bytes of one message, reassembled from frames
+SUITES = ("AES-256-GCM", "CHACHA20-POLY1305")
+
+
+# ---------------------------------------------------------------- keys and tokens
+
+def fingerprint(public_key: bytes) -> bytes:
+    return hashlib.sha256(b"microswarm-key\0" + public_key).digest()
+
+
+def public_bytes(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def load_or_create_identity(path: Path) -> Ed25519PrivateKey:
+    """The coordinator's long-term key; created once, kept private (0600)."""
+    if path.exists():
+        raw = path.read_bytes()
+        try:
+            key = serialization.load_pem_private_key(raw, password=None)
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a PEM private key ({exc}); restore it from a backup "
+                             "or remove it to make a new identity (agents then need new tokens)") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} holds a {type(key).__name__}, expected an Ed25519 key")
+        return key
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    write_private(path, pem)
+    return key
+
+
+def write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class JoinToken:
+    """What a volunteer pastes: the coordinator's key fingerprint and a join secret."""
+
+    fingerprint: bytes
+    secret: bytes
+
+    def encode(self) -> str:
+        return TOKEN_PREFIX + base64.urlsafe_b64encode(self.fingerprint + self.secret).decode().rstrip("=")
+
+    @classmethod
+    def parse(cls, text: str) -> "JoinToken":
+        text = text.strip()
+        hint = ("a join token looks like 'msw1.' followed by 86 characters; "
+                "get one with `microswarm coordinator token` on the coordinator's machine")
+        if not text.startswith(TOKEN_PREFIX):
+            raise ValueError(f"not a microswarm join token: {hint}")
+        body = text[len(TOKEN_PREFIX):]
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except ValueError:
+            raise ValueError(f"join token is not valid base64url: {hint}") from None
+        if len(raw) != 64:
+            raise ValueError(f"join token has {len(raw)} bytes, expected 64: {hint}")
+        return cls(raw[:32], raw[32:])
+
+    @property
+    def fingerprint_hex(self) -> str:
+        return self.fingerprint.hex()
+
+
+def new_secret() -> bytes:
+    return secrets.token_bytes(32)
+
+
+# ---------------------------------------------------------------- transcript
+
+class Transcript:
+    def __init__(self) -> None:
+        self._h = hashlib.sha256(b"microswarm/handshake/1")
+
+    def add(self, *parts: bytes | str | int) -> None:
+        for p in parts:
+            if isinstance(p, int):
+                p = struct.pack(">Q", p)
+            elif isinstance(p, str):
+                p = p.encode()
+            self._h.update(struct.pack(">I", len(p)) + p)
+
+    def digest(self) -> bytes:
+        return self._h.copy().digest()
+
+
+def hello_transcript(protocol: int, agent_id: str, agent_key: bytes, eph_a: bytes, nonce_a: bytes,
+                     slots: int) -> Transcript:
+    t = Transcript()
+    t.add(protocol, agent_id, agent_key, eph_a, nonce_a, slots)
+    return t
+
+
+def check_len(name: str, value: bytes, n: int) -> None:
+    if len(value) != n:
+        raise ProtocolError(f"handshake field {name} has {len(value)} bytes, expected {n}")
+
+
+def derive_keys(eph_private: X25519PrivateKey, peer_eph: bytes, th: bytes) -> tuple[bytes, bytes]:
+    """(agent->coordinator key, coordinator->agent key)."""
+    try:
+        shared = eph_private.exchange(X25519PublicKey.from_public_bytes(peer_eph))
+    except ValueError as exc:
+        raise ProtocolError(f"bad ephemeral key from peer: {exc}") from None
+    okm = HKDF(algorithm=SHA256(), length=64, salt=th, info=b"microswarm/1 session keys").derive(shared)
+    return okm[:32], okm[32:]
+
+
+def sign(key: Ed25519PrivateKey, th: bytes, label: bytes) -> bytes:
+    return key.sign(label + th)
+
+
+def verify(public: bytes, signature: bytes, th: bytes, label: bytes, who: str) -> None:
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, label + th)
+    except (InvalidSignature, ValueError):
+        raise ProtocolError(f"{who}'s handshake signature does not verify") from None
+
+
+def join_mac(secret: bytes, th: bytes) -> bytes:
+    return hmac.new(secret, b"join" + th, hashlib.sha256).digest()
+
+
+def new_ephemeral() -> tuple[X25519PrivateKey, bytes]:
+    k = X25519PrivateKey.generate()
+    return k, k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+# ---------------------------------------------------------------- sealed frames
+
+def _aead(suite: str, key: bytes) -> AESGCM | ChaCha20Poly1305:
+    if suite == "AES-256-GCM":
+        return AESGCM(key)
+    if suite == "CHACHA20-POLY1305":
+        return ChaCha20Poly1305(key)
+    raise ProtocolError(f"unknown AEAD suite {suite!r}; supported: {', '.join(SUITES)}")
+
+
+class Channel:
+    """One direction pair of a session: seals outgoing messages, opens incoming frames in order."""
+
+    def __init__(self, suite: str, send_key: bytes, recv_key: bytes, send_label: bytes, recv_label: bytes,
+                 max_frame: int = MAX_FRAME, max_message: int = MAX_MESSAGE) -> None:
+        self._send = _aead(suite, send_key)
+        self._recv = _aead(suite, recv_key)
+        self._send_label = send_label
+        self._recv_label = recv_label
+        self.send_counter = 0
+        self.recv_counter = 0
+        self.max_frame = max_frame
+        self.max_message = max_message
+        self._pieces: list[bytes] = []
+        self._assembled = 0
+
+    @staticmethod
+    def _nonce(counter: int) -> bytes:
+        return b"\0\0\0\0" + counter.to_bytes(8, "big")
+
+    def seal(self, message: bytes) -> list[tuple[int, bytes, bool]]:
+        """Encrypt one message as (counter, ciphertext, more) frames, none over max_frame."""
+        if len(message) > self.max_message:
+            raise TooLarge(f"message of {len(message)} bytes exceeds the limit of {self.max_message}")
+        out = []
+        view = memoryview(message)
+        n = max(1, -(-len(message) // self.max_frame))
+        for i in range(n):
+            piece = view[i * self.max_frame:(i + 1) * self.max_frame]
+            more = i < n - 1
+            c = self.send_counter
+            self.send_counter += 1
+            ct = self._send.encrypt(self._nonce(c), piece, self._send_label + (b"\1" if more else b"\0"))
+            out.append((c, ct, more))
+        return out
+
+    def open(self, counter: int, ciphertext: bytes, more: bool) -> bytes | None:
+        """Decrypt the next frame; the whole message once its last piece arrives, else None."""
+        if counter != self.recv_counter:
+            kind = "replayed" if counter < self.recv_counter else "reordered or dropped"
+            raise ProtocolError(f"{kind} frame: counter {counter}, expected {self.recv_counter}; "
+                                "the session ends")
+        if len(ciphertext) > self.max_frame + 16:
+            raise TooLarge(f"frame of {len(ciphertext)} bytes exceeds the limit of {self.max_frame + 16}")
+        try:
+            piece = self._recv.decrypt(self._nonce(counter), ciphertext,
+                                       self._recv_label + (b"\1" if more else b"\0"))
+        except InvalidTag:
+            raise ProtocolError(f"tampered frame {counter}: authentication failed; the session ends") from None
+        self.recv_counter += 1
+        if more or self._pieces:
+            self._assembled += len(piece)
+            if self._assembled > self.max_message:
+                raise TooLarge(f"message exceeds the limit of {self.max_message} bytes")
+            self._pieces.append(piece)
+            if more:
+                return None
+            whole = b"".join(self._pieces)
+            self._pieces.clear()
+            self._assembled = 0
+            return whole
+        return piece
+
+
+def agent_channel(suite: str, k_a2c: bytes, k_c2a: bytes) -> Channel:
+    return Channel(suite, k_a2c, k_c2a, b"a2c", b"c2a")
+
+
+def coordinator_channel(suite: str, k_a2c: bytes, k_c2a: bytes) -> Channel:
+    return Channel(suite, k_c2a, k_a2c, b"c2a", b"a2c")

@@ -1,0 +1,304 @@
+"""Isolated worker processes that run one package's service, for agents and the coordinator.
+
+A worker is `python -m microcores._worker DIR`: it loads the extracted package in DIR and runs
+one job at a time, talking to its parent over stdin/stdout in length-prefixed msgpack frames
+(its own prints go to stderr). A nested `self.call()` goes up to the parent, which forwards it
+to the coordinator. One process per package version means a new version is a new process,
+and a job that overruns its deadline is stopped by killing its process.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import struct
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from . import _codec
+from .errors import DeadlineExceeded, MicroError, ServiceFailed, Unavailable, from_code
+
+log = logging.getLogger("microswarm.worker")
+
+HEADER = struct.Struct(">I")
+MAX_PIPE_MESSAGE = _codec.MAX_PAYLOAD + 1024 * 1024
+START_TIMEOUT = 60.0
+
+
+# ---------------------------------------------------------------- the worker process
+
+def _read_exact(f: Any, n: int) -> bytes:
+    buf = f.read(n)
+    if buf is None or len(buf) < n:
+        raise EOFError
+    return buf
+
+
+def _recv(f: Any) -> dict[str, Any]:
+    (n,) = HEADER.unpack(_read_exact(f, HEADER.size))
+    if n > MAX_PIPE_MESSAGE:
+        raise EOFError
+    return _codec.unpack(_read_exact(f, n), limit=MAX_PIPE_MESSAGE)
+
+
+def _send(f: Any, msg: dict[str, Any]) -> None:
+    data = _codec.pack(msg)
+    f.write(HEADER.pack(len(data)))
+    f.write(data)
+    f.flush()
+
+
+class _PipeCaller:
+    def __init__(self, fin: Any, fout: Any, job_id: str) -> None:
+        self.fin, self.fout, self.job_id, self.n = fin, fout, job_id, 0
+
+    def call(self, service: str, data: dict[str, Any]) -> dict[str, Any]:
+        self.n += 1
+        _send(self.fout, {"t": "call", "id": self.job_id, "nid": self.n, "service": service, "input": data})
+        msg = _recv(self.fin)
+        if msg.get("t") != "nested_reply":
+            raise Unavailable(f"worker expected a nested reply, got {msg.get('t')!r}")
+        if msg.get("ok"):
+            return msg["result"]
+        err = msg.get("error") or {}
+        raise from_code(err.get("code", "error"), err.get("message", "nested call failed"), err.get("field", ""))
+
+
+def worker_main(directory: str) -> int:
+    from ._package import load_service
+    from .core import current_caller
+
+    fin = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
+    fout = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
+    os.dup2(2, 1)  # stray prints from service code go to stderr, never into the protocol
+    sys.stdout = sys.stderr
+    try:
+        manifest = json.loads((Path(directory) / ".manifest.json").read_bytes())
+        cls = load_service(Path(directory), manifest)
+        service = cls()
+    except BaseException as exc:  # report any load failure to the parent, then stop
+        _send(fout, {"t": "fatal", "error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    _send(fout, {"t": "ready", "service": cls.name, "pid": os.getpid()})
+    while True:
+        try:
+            msg = _recv(fin)
+        except EOFError:
+            return 0
+        if msg.get("t") != "job":
+            continue
+        job_id = msg["id"]
+        token = current_caller.set(_PipeCaller(fin, fout, job_id))
+        t0 = time.perf_counter()
+        try:
+            out = service.run(_codec.unpack(msg["input"]))
+            reply = {"t": "result", "id": job_id, "ok": True, "output": _codec.pack(out)}
+        except MicroError as exc:
+            reply = {"t": "result", "id": job_id, "ok": False, "error": exc.to_dict()}
+        except Exception as exc:
+            traceback.print_exc()
+            reply = {"t": "result", "id": job_id, "ok": False,
+                     "error": {"code": "service_error", "message": f"{type(exc).__name__}: {exc}"}}
+        finally:
+            current_caller.reset(token)
+        reply["run_ms"] = (time.perf_counter() - t0) * 1000
+        _send(fout, reply)
+
+
+# ---------------------------------------------------------------- the parent side
+
+NestedHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class WorkerCrashed(Exception):
+    """The worker process died or broke protocol: an agent fault, not the service's answer."""
+
+
+@dataclass
+class JobOutcome:
+    ok: bool
+    output: bytes = b""
+    error: dict[str, str] = field(default_factory=dict)
+    run_ms: float = 0.0
+
+
+class Worker:
+    def __init__(self, directory: Path, env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.directory = directory
+        self.env = env
+        self.preexec = preexec
+        self.proc: asyncio.subprocess.Process | None = None
+        self.busy = False
+        try:
+            m = json.loads((directory / ".manifest.json").read_bytes())
+            self.label = f"{m['name']}@{m['version']}"
+        except (OSError, ValueError, KeyError):
+            self.label = directory.name
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "microcores._worker", str(self.directory),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self.env,
+            preexec_fn=self.preexec, limit=MAX_PIPE_MESSAGE)
+        try:
+            msg = await asyncio.wait_for(self._recv(), START_TIMEOUT)
+        except (asyncio.TimeoutError, WorkerCrashed) as exc:
+            self.kill()
+            raise WorkerCrashed(f"worker for {self.label} did not start: {exc}") from None
+        if msg.get("t") != "ready":
+            self.kill()
+            raise WorkerCrashed(f"worker for {self.label} failed to load: {msg.get('error')}")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def _recv(self) -> dict[str, Any]:
+        assert self.proc and self.proc.stdout
+        try:
+            head = await self.proc.stdout.readexactly(HEADER.size)
+            (n,) = HEADER.unpack(head)
+            if n > MAX_PIPE_MESSAGE:
+                raise WorkerCrashed(f"worker sent a {n}-byte message")
+            return _codec.unpack(await self.proc.stdout.readexactly(n), limit=MAX_PIPE_MESSAGE)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            rc = await self._exit_code()
+            raise WorkerCrashed(f"worker process exited ({describe_exit(rc)})") from None
+        except MicroError as exc:
+            raise WorkerCrashed(f"worker broke protocol: {exc}") from None
+
+    async def _exit_code(self) -> int | None:
+        assert self.proc
+        try:
+            return await asyncio.wait_for(self.proc.wait(), 2.0)
+        except asyncio.TimeoutError:
+            return None
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        assert self.proc and self.proc.stdin
+        data = _codec.pack(msg)
+        self.proc.stdin.write(HEADER.pack(len(data)) + data if len(data) < 65536 else HEADER.pack(len(data)))
+        if len(data) >= 65536:
+            self.proc.stdin.write(data)
+
+    async def run(self, job_id: str, input_bytes: bytes, timeout_s: float, nested: NestedHandler) -> JobOutcome:
+        """Run one job; raises DeadlineExceeded (worker killed) or WorkerCrashed."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                self._send({"t": "job", "id": job_id, "input": input_bytes})
+                assert self.proc and self.proc.stdin
+                await self.proc.stdin.drain()
+                while True:
+                    msg = await self._recv()
+                    kind = msg.get("t")
+                    if kind == "result":
+                        return JobOutcome(bool(msg.get("ok")), msg.get("output", b""), msg.get("error") or {},
+                                          float(msg.get("run_ms", 0.0)))
+                    if kind == "call":
+                        try:
+                            result = await nested(str(msg.get("service", "")), msg.get("input") or {})
+                            reply = {"t": "nested_reply", "nid": msg.get("nid"), "ok": True, "result": result}
+                        except MicroError as exc:
+                            reply = {"t": "nested_reply", "nid": msg.get("nid"), "ok": False,
+                                     "error": exc.to_dict()}
+                        self._send(reply)
+                        await self.proc.stdin.drain()
+        except (ConnectionError, BrokenPipeError):
+            self.kill()
+            raise WorkerCrashed("worker process went away") from None
+        except TimeoutError:
+            self.kill()
+            raise DeadlineExceeded(f"job {job_id} ran past its {timeout_s:.1f} s deadline; "
+                                   "its worker was stopped") from None
+
+    def kill(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+
+    async def close(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            try:
+                assert self.proc.stdin
+                self.proc.stdin.close()
+                await asyncio.wait_for(self.proc.wait(), 3.0)
+            except (asyncio.TimeoutError, ConnectionError, AssertionError):
+                self.kill()
+                await self._exit_code()
+
+
+def describe_exit(rc: int | None) -> str:
+    if rc is None:
+        return "still running"
+    if rc < 0:
+        import signal
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
+class WorkerPool:
+    """Up to `size` workers for one package version; idle ones are reused."""
+
+    def __init__(self, directory: Path, size: int, env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.directory = directory
+        self.size = max(1, size)
+        self.env = env
+        self.preexec = preexec
+        self._idle: list[Worker] = []
+        self._count = 0
+        self._sem = asyncio.Semaphore(self.size)
+        self._closed = False
+
+    async def warm(self) -> None:
+        if not self._idle and self._count == 0:
+            w = await self._spawn()
+            self._idle.append(w)
+
+    async def _spawn(self) -> Worker:
+        self._count += 1
+        try:
+            w = Worker(self.directory, self.env, self.preexec)
+            await w.start()
+            return w
+        except BaseException:
+            self._count -= 1
+            raise
+
+    async def run(self, job_id: str, input_bytes: bytes, timeout_s: float, nested: NestedHandler) -> JobOutcome:
+        if self._closed:
+            raise WorkerCrashed("package was replaced or removed")
+        async with self._sem:
+            w = self._idle.pop() if self._idle else await self._spawn()
+            ok = False
+            try:
+                outcome = await w.run(job_id, input_bytes, timeout_s, nested)
+                ok = True
+                return outcome
+            finally:
+                if ok and w.alive and not self._closed:
+                    self._idle.append(w)
+                else:
+                    self._count -= 1
+                    w.kill() if not ok else await w.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(w.close() for w in idle), return_exceptions=True)
+        self._count -= len(idle)
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1]))

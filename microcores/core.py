@@ -1,0 +1,182 @@
+"""`MicroCore`: what a developer subclasses to publish a service.
+
+A service is a class with a `group.function` name, a version, typed input and output models
+(pydantic), and `process()`. The coordinator validates input from those types before any
+agent sees it; agents run `process()` in an isolated worker; `self.call()` reaches another
+service through the coordinator (the paper's ExtendedService).
+"""
+from __future__ import annotations
+
+import contextvars
+import re
+from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import InvalidInput, MicroError, Unavailable
+
+InT = TypeVar("InT", bound=BaseModel)
+OutT = TypeVar("OutT", bound=BaseModel)
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}\.[a-z][a-z0-9_]{0,62}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+
+# Set by the worker around `process()`: how nested calls reach the coordinator.
+current_caller: contextvars.ContextVar["NestedCaller | None"] = contextvars.ContextVar(
+    "microswarm_caller", default=None)
+
+
+class NestedCaller:
+    """Interface the worker provides for `MicroCore.call` (kept abstract so the SDK stays light)."""
+
+    def call(self, service: str, data: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class MicroCore(Generic[InT, OutT]):
+    """Subclass with `MicroCore[In, Out]`, set `name`, and implement `process`."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    pure: ClassVar[bool] = False        # same input, same output, no side effects: cacheable
+    idempotent: ClassVar[bool] = False  # safe to run again on another agent after a failure
+    timeout: ClassVar[float] = 30.0     # seconds one run may take
+    cache: ClassVar[bool] = True        # per-service opt-out of the result cache (pure services only)
+    cache_ttl: ClassVar[float | None] = None
+    input_model: ClassVar[type[BaseModel]]
+    output_model: ClassVar[type[BaseModel]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in getattr(cls, "__orig_bases__", ()):
+            if get_origin(base) is MicroCore or (isinstance(get_origin(base), type)
+                                                 and issubclass(get_origin(base), MicroCore)):
+                args = get_args(base)
+                if len(args) == 2 and all(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
+                    cls.input_model, cls.output_model = args
+        if not cls.__dict__.get("name"):
+            return  # an abstract intermediate class
+        if not NAME_RE.match(cls.name):
+            raise TypeError(f"{cls.__qualname__}.name {cls.name!r} must look like 'group.function' "
+                            "(lower case letters, digits and underscores, one dot)")
+        if not VERSION_RE.match(str(cls.version)):
+            raise TypeError(f"{cls.__qualname__}.version {cls.version!r} must be 1-64 characters "
+                            "of letters, digits, '.', '_', '+' or '-'")
+        if not hasattr(cls, "input_model") or not hasattr(cls, "output_model"):
+            raise TypeError(f"{cls.__qualname__} must declare its models: class "
+                            f"{cls.__name__}(MicroCore[InputModel, OutputModel])")
+        if not (0 < float(cls.timeout) <= 24 * 3600):
+            raise TypeError(f"{cls.__qualname__}.timeout must be between 0 and 86400 seconds")
+
+    # -- what developers implement and call
+
+    def process(self, data: InT) -> OutT:
+        raise NotImplementedError(f"{type(self).__qualname__} does not implement process()")
+
+    def call(self, service: str | type[MicroCore[Any, Any]], data: BaseModel | dict[str, Any]) -> Any:
+        """Call another service through the coordinator, with this call's chain and deadline.
+
+        Given a MicroCore class, returns its output model; given a name, a plain dict.
+        """
+        caller = current_caller.get()
+        if caller is None:
+            raise Unavailable("self.call() only works while the service runs inside microswarm; "
+                              "outside it use microcores.Client")
+        name = service if isinstance(service, str) else service.name
+        payload = data.model_dump(mode="python") if isinstance(data, BaseModel) else dict(data)
+        result = caller.call(name, payload)
+        if isinstance(service, type):
+            return service.output_model.model_validate(result)
+        return result
+
+    # -- what the runtime uses
+
+    @classmethod
+    def validate_input(cls, raw: Any) -> InT:
+        return validate_model(cls.input_model, raw)
+
+    @classmethod
+    def validate_output(cls, raw: Any) -> OutT:
+        try:
+            if isinstance(raw, cls.output_model):
+                return raw  # type: ignore[return-value]
+            return cls.output_model.model_validate(raw)  # type: ignore[return-value]
+        except ValidationError as exc:
+            err = validation_error(exc)
+            raise MicroError(f"{cls.name} returned an output that does not match "
+                             f"{cls.output_model.__name__}: {err.message}", code="bad_output") from None
+
+    def run(self, raw: Any) -> dict[str, Any]:
+        """Validate, process, check the output: one job, as a worker runs it."""
+        out = self.validate_output(self.process(self.validate_input(raw)))
+        return out.model_dump(mode="python")
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {
+            "name": cls.name, "version": str(cls.version), "pure": bool(cls.pure),
+            "idempotent": bool(cls.idempotent), "timeout": float(cls.timeout),
+            "cache": bool(cls.cache), "cache_ttl": cls.cache_ttl,
+            "description": (cls.__doc__ or "").strip().split("\n\n")[0],
+            "input_schema": cls.input_model.model_json_schema(),
+            "output_schema": cls.output_model.model_json_schema(),
+        }
+
+
+def validate_model(model: type[BaseModel], raw: Any) -> Any:
+    """Validate a dict (msgpack) or raw JSON bytes (which honours the model's JSON options)."""
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"input must be a JSON object with the fields of {model.__name__}, "
+                           f"not {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+_TYPE_WORDS = {
+    "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+    "bytes": "bytes", "list": "a list", "dict": "an object", "decimal": "a number",
+}
+
+
+def validation_error(exc: ValidationError) -> InvalidInput:
+    """Turn pydantic's report into one message per field, in the gateway's words."""
+    messages: list[str] = []
+    first_field = ""
+    for e in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in e.get("loc", ())) or "input"
+        first_field = first_field or field
+        kind = e.get("type", "")
+        ctx = e.get("ctx") or {}
+        if kind == "json_invalid":
+            msg = f"input is not valid JSON: {ctx.get('error', e.get('msg'))}"
+        elif kind in ("model_type", "model_attributes_type", "dict_type") and field == "input":
+            msg = "input must be a JSON object with the service's fields"
+        elif kind == "missing" or (kind == "string_too_short" and ctx.get("min_length") == 1):
+            msg = f"{field} cannot be empty"
+        elif kind.endswith("_parsing") or kind.endswith("_type"):
+            base = kind.rsplit("_", 1)[0]
+            if base in ("date", "datetime", "time"):
+                fmt = {"date": "YYYY-MM-DD", "datetime": "YYYY-MM-DDTHH:MM:SS", "time": "HH:MM:SS"}[base]
+                msg = f"{field} must be a {base} in {fmt} format"
+            elif base in _TYPE_WORDS:
+                msg = f"{field} must be {_TYPE_WORDS[base]}"
+            else:
+                msg = f"{field}: {e.get('msg', 'invalid value')}"
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+                  "less_than_equal": "<="}[kind]
+            bound = next(iter(ctx.values()), "?")
+            msg = f"{field} is out of range: must be {op} {bound}"
+        elif kind == "extra_forbidden":
+            msg = f"{field} is not a field of this service's input"
+        else:
+            msg = f"{field}: {e.get('msg', 'invalid value')}"
+        messages.append(msg)
+    return InvalidInput("; ".join(messages), field=first_field)

@@ -1,0 +1,101 @@
+"""Errors every microswarm part can raise or report.
+
+Each carries a stable `code` (what scripts match on), a message for people, and the input
+field at fault when there is one. The same triple travels on the wire as `Error`.
+"""
+from __future__ import annotations
+
+
+class MicroError(Exception):
+    """Base of the errors a call can end in."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, field: str = "", code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, str]:
+        d = {"code": self.code, "message": self.message}
+        if self.field:
+            d["field"] = self.field
+        return d
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class InvalidInput(MicroError):
+    code = "invalid_input"
+
+
+class UnknownService(MicroError):
+    code = "unknown_service"
+
+
+class NoData(MicroError):
+    """Raised by a service that found nothing for its input (the gateway answers 404)."""
+
+    code = "no_data"
+
+
+class CallCycle(MicroError):
+    code = "cycle"
+
+
+class DepthExceeded(MicroError):
+    code = "depth_exceeded"
+
+
+class DeadlineExceeded(MicroError):
+    code = "deadline_exceeded"
+
+
+class ServiceFailed(MicroError):
+    """The service's own code raised: the answer, not an agent fault."""
+
+    code = "service_error"
+
+
+class Unavailable(MicroError):
+    code = "unavailable"
+
+
+class Unauthorized(MicroError):
+    code = "unauthenticated"
+
+
+class Forbidden(MicroError):
+    code = "forbidden"
+
+
+class TooLarge(MicroError):
+    code = "too_large"
+
+
+class ProtocolError(MicroError):
+    """A peer broke the wire contract (bad frame, tampering, replay): the session ends."""
+
+    code = "protocol_error"
+
+
+class PackageError(MicroError):
+    """A package failed verification or safe extraction."""
+
+    code = "bad_package"
+
+
+BY_CODE: dict[str, type[MicroError]] = {
+    cls.code: cls
+    for cls in (InvalidInput, UnknownService, NoData, CallCycle, DepthExceeded, DeadlineExceeded,
+                ServiceFailed, Unavailable, Unauthorized, Forbidden, TooLarge, ProtocolError, PackageError)
+}
+
+
+def from_code(code: str, message: str, field: str = "") -> MicroError:
+    """Rebuild the matching exception from a wire error."""
+    cls = BY_CODE.get(code, MicroError)
+    return cls(message, field=field, code=code)

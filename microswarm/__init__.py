@@ -1,0 +1,1 @@
+"""The `microswarm` command line: coordinator, agent, publish, call, status, demo, bench."""

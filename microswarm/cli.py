@@ -1,0 +1,356 @@
+"""`microswarm`: one console script for operators, volunteers and clients."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _state_default() -> str:
+    from coordinator.state import default_state_dir
+    return str(default_state_dir())
+
+
+def _coordinator_default() -> str:
+    from microcores.client import default_coordinator
+    return default_coordinator()
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="coordinator address (env MICROSWARM_COORDINATOR, default 127.0.0.1:7070)")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="coordinator state directory (env MICROSWARM_STATE_DIR, default ~/.local/state/microswarm)")
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    if fmt == "json":
+        from microswarm.logs import JsonFormatter
+        h = logging.StreamHandler()
+        h.setFormatter(JsonFormatter())
+        logging.basicConfig(level=level.upper(), handlers=[h])
+    else:
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+# ---------------------------------------------------------------- coordinator
+
+def cmd_coordinator_start(a: argparse.Namespace) -> int:
+    from coordinator.server import Coordinator, CoordinatorConfig
+
+    _setup_logging(a.log_level, a.log_format)
+    cfg = CoordinatorConfig(listen=a.listen, state_dir=a.state_dir or _state_default(), dispatch=a.dispatch,
+                            heartbeat_s=a.heartbeat, liveness_s=a.liveness, fallback_slots=a.fallback_slots,
+                            drain_s=a.drain, cache=not a.no_cache)
+    try:
+        from coordinator.governor import GovernorSettings
+        cfg.governor = GovernorSettings.from_options(a.max_heap, a.eviction_threshold, a.soft_target,  # type: ignore[attr-defined]
+                                                     a.critical_threshold)
+    except ImportError:
+        pass
+    except ValueError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return 2
+    try:
+        asyncio.run(Coordinator(cfg).run_forever())
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return 1
+    return 0
+
+
+def cmd_coordinator_token(a: argparse.Namespace) -> int:
+    from coordinator.state import StateDir
+
+    state = StateDir(a.state_dir or _state_default())
+    token = state.token(new=a.new)
+    err.print(f"join token for coordinator {state.fingerprint.hex()[:16]} "
+              f"(keep it secret; agents join with --token):")
+    print(token)
+    return 0
+
+
+# ---------------------------------------------------------------- agent
+
+def cmd_agent_start(a: argparse.Namespace) -> int:
+    from agent.daemon import Agent, AgentConfig
+
+    _setup_logging(a.log_level, a.log_format)
+    token = a.token or os.environ.get("MICROSWARM_TOKEN", "")
+    if not token:
+        err.print("[red]error:[/] no join token: pass --token or set MICROSWARM_TOKEN "
+                  "(get one with `microswarm coordinator token` on the coordinator)")
+        return 2
+    cfg = AgentConfig(coordinator=a.coordinator or _coordinator_default(), token=token, slots=a.slots,
+                      agent_id=a.id or "", state_dir=a.state_dir or _state_default(), drain_s=a.drain)
+    try:
+        agent = Agent(cfg)
+    except ValueError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return 2
+    return asyncio.run(agent.run())
+
+
+# ---------------------------------------------------------------- client commands
+
+def cmd_publish(a: argparse.Namespace) -> int:
+    from microcores.client import publish
+    from microcores.errors import MicroError
+
+    try:
+        replies = publish(a.path, coordinator=a.coordinator, state_dir=a.state_dir)
+    except (MicroError, PermissionError, ValueError, FileNotFoundError, ImportError, SyntaxError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return 1
+    for r in replies:
+        what = "unchanged" if r.unchanged else f"revision {r.revision}"
+        out.print(f"published [bold]{r.name}[/]@{r.version} ({what}, digest {r.digest[:12]})")
+    return 0
+
+
+def cmd_call(a: argparse.Namespace) -> int:
+    from microcores.client import Client
+    from microcores.errors import MicroError
+    from protos import microswarm_pb2 as pb
+
+    try:
+        with Client(a.coordinator, client_name=f"cli:{os.environ.get('USER', 'user')}") as c:
+            env = c.envelope(a.service, a.input.encode(), timeout=a.timeout, encoding=pb.JSON)
+    except MicroError as exc:
+        if a.json:
+            print(json.dumps({"status": "error", "error": exc.to_dict(), "executed_by": "", "attempts": 0,
+                              "process_time_ms": 0.0, "cache_hit": False}))
+        err.print(f"[red]error:[/] {exc.message}")
+        return 3
+    if a.json:
+        print(json.dumps(env.to_dict()))
+    elif env.ok:
+        print(json.dumps(env.result))
+        err.print(f"[dim]{env.service}@{env.version} by {env.executed_by} in {env.process_time_ms:.1f} ms"
+                  f"{' (cache)' if env.cache_hit else ''}[/]")
+    else:
+        e = env.error or {}
+        err.print(f"[red]{e.get('code')}:[/] {e.get('message')}")
+    return 0 if env.ok else 1
+
+
+def status_dict(reply: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    d = MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    d.pop("cache_json", None)
+    d["cache"] = json.loads(reply.cache_json) if reply.cache_json else {}
+    return d
+
+
+def status_tables(reply: Any) -> list[Table]:
+    t = Table(title=f"agents ({len(reply.agents)})", title_justify="left")
+    for col in ("id", "address", "state", "packages", "slots", "load", "last heartbeat", "done", "failed"):
+        t.add_column(col)
+    for ag in reply.agents:
+        t.add_row(ag.agent_id, ag.address, ag.state, str(len(ag.packages)), str(ag.slots),
+                  f"{ag.running}/{ag.slots}", f"{ag.last_heartbeat_s:.1f} s ago", str(ag.jobs_done),
+                  str(ag.jobs_failed))
+    s = Table(title=f"services ({len(reply.services)})", title_justify="left")
+    for col in ("service", "version", "rev", "pure", "idempotent", "timeout", "agents", "digest"):
+        s.add_column(col)
+    for sv in reply.services:
+        s.add_row(sv.name, sv.version, str(sv.revision), "yes" if sv.pure else "", "yes" if sv.idempotent else "",
+                  f"{sv.timeout_s:g} s", str(sv.agents), sv.digest[:12])
+    c = Table(title=f"recent calls (of {reply.calls_total}, {reply.fallbacks_total} run by the coordinator)",
+              title_justify="left")
+    for col in ("time", "client", "service", "executed by", "success", "ms"):
+        c.add_column(col)
+    for call in reply.calls:
+        ok = "[green]yes[/]" if call.success else f"[red]no[/] {call.error_code}"
+        c.add_row(datetime.fromtimestamp(call.time).strftime("%H:%M:%S.%f")[:-3], call.client, call.service,
+                  call.executed_by, ok, f"{call.ms:.1f}")
+    tables = [t, s, c]
+    if reply.cache_json:
+        tables.append(cache_table(json.loads(reply.cache_json)))
+    return tables
+
+
+def cache_table(stats: dict[str, Any]) -> Table:
+    t = Table(title="result cache and heap governor", title_justify="left")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k, v in stats.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        t.add_row(k, str(v))
+    return t
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from microcores.client import Client
+    from microcores.errors import MicroError
+
+    try:
+        with Client(a.coordinator) as c:
+            if a.watch:
+                from rich.live import Live
+                from rich.console import Group
+                with Live(Group(*status_tables(c.status(a.calls))), console=out, refresh_per_second=4) as live:
+                    while True:
+                        time.sleep(a.interval)
+                        live.update(Group(*status_tables(c.status(a.calls))))
+            reply = c.status(a.calls)
+    except MicroError as exc:
+        err.print(f"[red]error:[/] {exc.message}")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    if a.json:
+        print(json.dumps(status_dict(reply)))
+    else:
+        out.print(f"coordinator {reply.coordinator_id} on {reply.listen}, up {reply.uptime_s:.0f} s, "
+                  f"dispatch {reply.dispatch}")
+        for t in status_tables(reply):
+            out.print(t)
+    return 0
+
+
+def cmd_cache_stats(a: argparse.Namespace) -> int:
+    from microcores.client import Client
+    from microcores.errors import MicroError
+
+    try:
+        with Client(a.coordinator) as c:
+            stats = c.cache_stats()
+    except MicroError as exc:
+        err.print(f"[red]error:[/] {exc.message}")
+        return 1
+    if a.json:
+        print(json.dumps(stats))
+    elif not stats:
+        out.print("the result cache is off on this coordinator")
+    else:
+        out.print(cache_table(stats))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from microswarm.demo import run_demo
+    return run_demo(agents=a.agents)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from microswarm.bench import run_bench
+    return run_bench(coordinator=a.coordinator, quick=a.quick, out_path=a.output)
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="microswarm", description="Dynamic task offloading to volunteer agents.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    co = sub.add_parser("coordinator", help="run or manage the coordinator daemon")
+    cosub = co.add_subparsers(dest="action", required=True)
+    st = cosub.add_parser("start", help="start the coordinator daemon")
+    st.add_argument("--listen", default=os.environ.get("MICROSWARM_LISTEN", "127.0.0.1:7070"), metavar="HOST:PORT")
+    st.add_argument("--state-dir", default=None, metavar="DIR")
+    st.add_argument("--dispatch", default="random", choices=["random", "round_robin", "least_loaded"])
+    st.add_argument("--heartbeat", type=float, default=1.0, metavar="S", help="agent heartbeat interval")
+    st.add_argument("--liveness", type=float, default=6.0, metavar="S",
+                    help="an agent silent this long is removed (suspect after half)")
+    st.add_argument("--fallback-slots", type=int, default=0, metavar="N",
+                    help="jobs the coordinator runs at once itself (default: one per CPU)")
+    st.add_argument("--drain", type=float, default=30.0, metavar="S", help="on SIGTERM, wait this long for calls")
+    st.add_argument("--no-cache", action="store_true", help="turn the result cache off")
+    st.add_argument("--max-heap", default=None, metavar="SIZE",
+                    help="memory budget of the coordinator process, like -Xmx (e.g. 2GiB)")
+    st.add_argument("--eviction-threshold", type=float, default=None, metavar="PCT",
+                    help="percent of max heap above which the cache evicts LRU entries (default 60)")
+    st.add_argument("--soft-target", type=float, default=None, metavar="PCT",
+                    help="percent of max heap above which the governor collects (like SoftMaxHeapSize)")
+    st.add_argument("--critical-threshold", type=float, default=None, metavar="PCT",
+                    help="percent of max heap above which the cache admits nothing new")
+    st.add_argument("--log-level", default="info")
+    st.add_argument("--log-format", default="text", choices=["text", "json"])
+    st.set_defaults(func=cmd_coordinator_start)
+    tk = cosub.add_parser("token", help="print a join token for agents")
+    tk.add_argument("--state-dir", default=None, metavar="DIR")
+    tk.add_argument("--new", action="store_true", help="mint a new join secret instead of the default one")
+    tk.set_defaults(func=cmd_coordinator_token)
+
+    ag = sub.add_parser("agent", help="run a volunteer agent")
+    agsub = ag.add_subparsers(dest="action", required=True)
+    ast = agsub.add_parser("start", help="join a coordinator and serve jobs")
+    ast.add_argument("--coordinator", default=None, metavar="HOST:PORT")
+    ast.add_argument("--token", default=None, help="join token (env MICROSWARM_TOKEN)")
+    ast.add_argument("--slots", type=int, default=max(1, (os.cpu_count() or 2) // 2), metavar="N",
+                     help="jobs run at once")
+    ast.add_argument("--id", default=None, help="agent id (default: host name and a random suffix)")
+    ast.add_argument("--state-dir", default=None, metavar="DIR", help="where verified packages are kept")
+    ast.add_argument("--drain", type=float, default=60.0, metavar="S",
+                     help="on SIGTERM, wait this long for running jobs")
+    ast.add_argument("--log-level", default="info")
+    ast.add_argument("--log-format", default="text", choices=["text", "json"])
+    ast.set_defaults(func=cmd_agent_start)
+
+    pu = sub.add_parser("publish", help="publish every MicroCore subclass in a file or package")
+    pu.add_argument("path")
+    _client_args(pu)
+    pu.set_defaults(func=cmd_publish)
+
+    ca = sub.add_parser("call", help="call a service with a JSON input")
+    ca.add_argument("service")
+    ca.add_argument("input", nargs="?", default="{}")
+    ca.add_argument("--json", action="store_true", help="print the whole response envelope")
+    ca.add_argument("--timeout", type=float, default=None, metavar="S")
+    _client_args(ca)
+    ca.set_defaults(func=cmd_call)
+
+    sa = sub.add_parser("status", help="agents, services and recent calls")
+    sa.add_argument("--json", action="store_true")
+    sa.add_argument("--calls", type=int, default=20, metavar="N")
+    sa.add_argument("--watch", action="store_true", help="redraw in place until interrupted")
+    sa.add_argument("--interval", type=float, default=1.0, metavar="S")
+    _client_args(sa)
+    sa.set_defaults(func=cmd_status)
+
+    cc = sub.add_parser("cache", help="the coordinator's result cache")
+    ccsub = cc.add_subparsers(dest="action", required=True)
+    cs = ccsub.add_parser("stats", help="cache and heap governor figures")
+    cs.add_argument("--json", action="store_true")
+    _client_args(cs)
+    cs.set_defaults(func=cmd_cache_stats)
+
+    de = sub.add_parser("demo", help="a coordinator and two agents on loopback, serving real calls")
+    de.add_argument("--agents", type=int, default=2)
+    de.set_defaults(func=cmd_demo)
+
+    be = sub.add_parser("bench", help="latency, throughput and payload benchmark")
+    be.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                    help="benchmark a running coordinator instead of starting one")
+    be.add_argument("--quick", action="store_true", help="fewer samples")
+    be.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
+    be.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "coordinator", None) is None and hasattr(args, "coordinator") and args.command != "bench":
+        args.coordinator = _coordinator_default()
+    if hasattr(args, "state_dir") and args.state_dir is None:
+        args.state_dir = _state_default()
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
