@@ -158,23 +158,17 @@ class Dispatcher:
 
     # ------------------------------------------------------------ placement of one job
 
-    def candidates(self, digest: str, exclude: set[str]) -> list[AgentSession]:
-        return [a for a in self.c.agents.values() if a.dispatchable(digest) and a.agent_id not in exclude]
+    def candidates(self, digest: str) -> list[AgentSession]:
+        return [a for a in self.c.agents.values() if a.dispatchable(digest)]
 
     async def _execute(self, entry: ServiceEntry, input_bytes: bytes, chain: list[str],
                        deadline: float) -> tuple[bytes, str, int]:
-        tried: set[str] = set()
         attempts = 0
-        while attempts < 2:
-            cands = self.candidates(entry.digest, tried)
-            if not cands:
-                break
+        cands = self.candidates(entry.digest)
+        if cands:
             agent = self.strategy.pick(cands)
             attempts += 1
-            tried.add(agent.agent_id)
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
             job = pb.Job(job_id=self.c.link.next_job_id(), service=entry.name, digest=entry.digest,
                          input=input_bytes, deadline_s=min(remaining, float(entry.cls.timeout)), chain=chain)
             try:
@@ -192,8 +186,6 @@ class Dispatcher:
                     raise from_code(res.error.code, res.error.message, res.error.field)
                 log.warning("agent %s failed %s: %s; the coordinator takes over", agent.agent_id, entry.name,
                             res.error.message)
-            if not entry.cls.idempotent:
-                break  # not safe to try another agent; only the coordinator runs it again
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(f"{entry.name} did not finish within its deadline "

@@ -69,8 +69,13 @@ class Coordinator:
     # ------------------------------------------------------------ agents
 
     def holdings_for(self, agent: AgentSession) -> pb.Holdings:
-        """Placement: every agent holds every current package (the default policy)."""
-        return pb.Holdings(packages=[e.ref for e in self.registry.current()])
+        """Placement: every agent holds every current package (the default policy).
+
+        What the agent held beyond the new set stops counting at once: no job goes to a
+        version that is no longer current."""
+        refs = [e.ref for e in self.registry.current()]
+        agent.holdings &= {r.digest for r in refs}
+        return pb.Holdings(packages=refs)
 
     def drop_agent(self, agent: AgentSession, reason: str) -> None:
         if agent.closed:

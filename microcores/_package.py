@@ -21,7 +21,7 @@ import tempfile
 import types
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -178,8 +178,8 @@ def check_member_name(name: str) -> None:
     """Refuse absolute paths, parent references, drive letters and odd characters."""
     if not name or "\\" in name or "\0" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         raise PackageError(f"unsafe path in package: {name!r} (absolute or malformed)")
-    parts = PurePosixPath(name).parts
-    if any(p in ("..", ".", "") for p in parts) or name.endswith("/"):
+    parts = name.split("/")
+    if any(p in ("..", ".", "") for p in parts):
         raise PackageError(f"unsafe path in package: {name!r} (contains '..' or an empty part)")
     if len(name) > 400:
         raise PackageError(f"path in package too long: {name[:60]!r}...")
@@ -213,7 +213,8 @@ def extract(pkg: Package, dest: Path) -> dict[str, Any]:
             name = info.filename
             check_member_name(name)
             mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode) or info.is_dir() or (mode and not stat.S_ISREG(mode)):
+            kind = stat.S_IFMT(mode)
+            if info.is_dir() or (kind and kind != stat.S_IFREG):
                 raise PackageError(f"package entry {name!r} is not a regular file (links and "
                                    "directories are refused)")
             if name in seen:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import struct
 import sys
 import time
@@ -73,6 +74,11 @@ def worker_main(directory: str) -> int:
     from ._package import load_service
     from .core import current_caller
 
+    # The parent owns this process's lifetime: a SIGTERM or Ctrl-C sent to the whole group
+    # must not kill a running job while the agent drains; it ends us by closing stdin.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     fin = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
     fout = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
     os.dup2(2, 1)  # stray prints from service code go to stderr, never into the protocol
@@ -127,6 +133,15 @@ class JobOutcome:
     run_ms: float = 0.0
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills the worker when its parent dies (even by SIGKILL)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Worker:
     def __init__(self, directory: Path, env: dict[str, str] | None = None,
                  preexec: Callable[[], None] | None = None) -> None:
@@ -145,7 +160,7 @@ class Worker:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "microcores._worker", str(self.directory),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self.env,
-            preexec_fn=self.preexec, limit=MAX_PIPE_MESSAGE)
+            preexec_fn=self._preexec, limit=MAX_PIPE_MESSAGE)
         try:
             msg = await asyncio.wait_for(self._recv(), START_TIMEOUT)
         except (asyncio.TimeoutError, WorkerCrashed) as exc:
@@ -154,6 +169,11 @@ class Worker:
         if msg.get("t") != "ready":
             self.kill()
             raise WorkerCrashed(f"worker for {self.label} failed to load: {msg.get('error')}")
+
+    def _preexec(self) -> None:
+        _die_with_parent()
+        if self.preexec is not None:
+            self.preexec()
 
     @property
     def alive(self) -> bool:

@@ -162,8 +162,9 @@ def validation_error(exc: ValidationError) -> InvalidInput:
             msg = f"{field} cannot be empty"
         elif kind.endswith("_parsing") or kind.endswith("_type"):
             base = kind.rsplit("_", 1)[0]
-            if base in ("date", "datetime", "time"):
-                fmt = {"date": "YYYY-MM-DD", "datetime": "YYYY-MM-DDTHH:MM:SS", "time": "HH:MM:SS"}[base]
+            if base.startswith(("date", "time")):
+                base = "datetime" if base.startswith("datetime") else base.split("_")[0]
+                fmt = {"date": "YYYY-MM-DD", "datetime": "YYYY-MM-DDTHH:MM:SS", "time": "HH:MM:SS"}.get(base, "ISO 8601")
                 msg = f"{field} must be a {base} in {fmt} format"
             elif base in _TYPE_WORDS:
                 msg = f"{field} must be {_TYPE_WORDS[base]}"

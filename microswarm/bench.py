@@ -1,0 +1,134 @@
+"""`microswarm bench`: latency, throughput and payload figures through the real client path.
+
+Starts its own coordinator and two agents on loopback (or measures `--coordinator`), prints a
+table, and as its last line one JSON object: p50_ms, p99_ms, calls_per_s, mb_s_100k, mb_s_10m.
+Latency uses math.compute with a fresh input each call, so no answer comes from the cache.
+MB/s counts payload bytes per second of echo round trips (each trip carries them both ways).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .cluster import LocalCluster
+
+console = Console(stderr=True)
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def _latency(addr: str, n: int) -> tuple[list[float], dict[str, int]]:
+    from microcores.client import AsyncClient
+    by: dict[str, int] = {}
+    lat: list[float] = []
+    async with AsyncClient(addr, client_name="bench") as c:
+        for i in range(n):
+            t0 = time.perf_counter()
+            env = await c.envelope("math.compute", {"a": i + 0.5, "b": 1.0, "op": "add"})
+            lat.append((time.perf_counter() - t0) * 1000)
+            if not env.ok:
+                raise RuntimeError(f"latency call failed: {env.error}")
+            by[env.executed_by] = by.get(env.executed_by, 0) + 1
+    return lat, by
+
+
+async def _throughput(addr: str, seconds: float, in_flight: int) -> tuple[float, dict[str, int]]:
+    from microcores.client import AsyncClient
+    by: dict[str, int] = {}
+    done = 0
+    stop = time.perf_counter() + seconds
+    counter = iter(range(10**12))
+
+    async with AsyncClient(addr, client_name="bench") as c:
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                env = await c.envelope("math.compute", {"a": float(next(counter)), "b": 2.0, "op": "mul"})
+                if not env.ok:
+                    raise RuntimeError(f"throughput call failed: {env.error}")
+                by[env.executed_by] = by.get(env.executed_by, 0) + 1
+                done += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        elapsed = time.perf_counter() - t0
+    return done / elapsed, by
+
+
+async def _payload(addr: str, size: int, rounds: int) -> tuple[float, list[float]]:
+    from microcores.client import AsyncClient
+    data = os.urandom(size)
+    times = []
+    async with AsyncClient(addr, client_name="bench") as c:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            env = await c.envelope("demo.echo_bytes", {"data": data}, timeout=60)
+            times.append(time.perf_counter() - t0)
+            if not env.ok or env.result["data"] != data:
+                raise RuntimeError(f"echo of {size} bytes failed: {env.error}")
+    med = statistics.median(times)
+    return size / med / 1e6, times
+
+
+def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str | None = None) -> int:
+    cluster = None
+    try:
+        if coordinator is None:
+            with console.status("starting a coordinator and two agents on loopback…"):
+                cluster = LocalCluster(agents=2, slots=2).start()
+            addr = cluster.addr
+        else:
+            addr = coordinator
+        n_lat = 300 if quick else 2000
+        tp_s = 3.0 if quick else 8.0
+        with console.status("warming up…"):
+            asyncio.run(_latency(addr, 50))
+        with console.status(f"latency: {n_lat} sequential calls…"):
+            lat, lat_by = asyncio.run(_latency(addr, n_lat))
+        with console.status(f"throughput: 64 calls in flight for {tp_s:.0f} s…"):
+            cps, tp_by = asyncio.run(_throughput(addr, tp_s, 64))
+        with console.status("payloads: 100 KB round trips…"):
+            mb100k, _ = asyncio.run(_payload(addr, 100_000, 50 if quick else 200))
+        with console.status("payloads: 10 MB round trips…"):
+            mb10m, _ = asyncio.run(_payload(addr, 10_000_000, 5 if quick else 15))
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    remote = sum(v for k, v in lat_by.items() if k not in ("coordinator", "cache"))
+    result: dict[str, Any] = {
+        "p50_ms": round(statistics.median(lat), 3),
+        "p99_ms": round(_pct(lat, 99), 3),
+        "calls_per_s": round(cps, 1),
+        "mb_s_100k": round(mb100k, 1),
+        "mb_s_10m": round(mb10m, 1),
+        "remote_share": round(remote / len(lat), 3),
+        "throughput_executed_by": tp_by,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+    }
+    t = Table(title="microswarm bench", title_justify="left")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_column("target", justify="right")
+    t.add_row("trivial remote call p50", f"{result['p50_ms']:.2f} ms", "<= 2 ms")
+    t.add_row("trivial remote call p99", f"{result['p99_ms']:.2f} ms", "")
+    t.add_row("calls/s, 2 agents, 64 in flight", f"{result['calls_per_s']:.0f}", ">= 2000")
+    t.add_row("echo 100 KB", f"{result['mb_s_100k']:.0f} MB/s", "")
+    t.add_row("echo 10 MB", f"{result['mb_s_10m']:.0f} MB/s", ">= 200 MB/s")
+    t.add_row("latency calls run by an agent", f"{result['remote_share']:.0%}", "100%")
+    Console().print(t)
+    line = json.dumps(result)
+    if out_path:
+        with open(out_path, "w") as f:
+            f.write(line + "\n")
+    print(line, flush=True)
+    return 0

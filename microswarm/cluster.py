@@ -1,0 +1,163 @@
+"""A local cluster of real processes: one coordinator and N agents on loopback.
+
+The demo, the benchmark and the end-to-end tests all start their clusters through this, so
+they exercise exactly what an operator would run.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `cond` until it returns something truthy; TimeoutError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class LocalCluster:
+    def __init__(self, agents: int = 2, slots: int = 2, workdir: str | None = None,
+                 coordinator_args: list[str] | None = None, agent_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="microswarm-"))
+        self.state = self.dir / "state"
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.n_agents = agents
+        self.slots = slots
+        self.coordinator_args = coordinator_args or []
+        self.agent_args = agent_args or []
+        self.extra_env = env or {}
+        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.token = ""
+        self._logs: list[Any] = []
+
+    def env(self) -> dict[str, str]:
+        e = dict(os.environ)
+        e.update(MICROSWARM_COORDINATOR=self.addr, MICROSWARM_STATE_DIR=str(self.state), PYTHONUNBUFFERED="1")
+        e.update(self.extra_env)
+        return e
+
+    def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
+        f = open(self.dir / log, "ab")
+        self._logs.append(f)
+        return subprocess.Popen([sys.executable, "-m", "microswarm.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                                env=self.env(), start_new_session=True)
+
+    def client(self) -> Any:
+        from microcores.client import Client
+        return Client(self.addr, client_name="cluster")
+
+    def start_coordinator(self, timeout: float = 30) -> None:
+        self.coordinator = self._spawn(["coordinator", "start", "--listen", self.addr, "--state-dir", str(self.state),
+                                        *self.coordinator_args], "coordinator.log")
+        from microcores.errors import MicroError
+        with self.client() as c:
+            def ready() -> bool:
+                if self.coordinator and self.coordinator.poll() is not None:
+                    raise RuntimeError("coordinator exited:\n" + self.log("coordinator.log")[-2000:])
+                try:
+                    c.status(timeout=2)
+                    return True
+                except MicroError:
+                    return False
+            wait_for(ready, timeout, "the coordinator to answer", 0.1)
+        from coordinator.state import StateDir
+        self.token = StateDir(self.state).token()
+
+    def start_agent(self, agent_id: str, slots: int | None = None, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+        p = self._spawn(["agent", "start", "--coordinator", self.addr, "--token", self.token, "--id", agent_id,
+                         "--slots", str(slots or self.slots), "--state-dir", str(self.dir / f"agent-{agent_id}"),
+                         *self.agent_args, *(extra or [])], f"agent-{agent_id}.log")
+        self.agents[agent_id] = p
+        return p
+
+    def wait_agents_ready(self, ids: list[str] | None = None, timeout: float = 60) -> None:
+        """Until every agent is connected and holds every current package."""
+        want = set(ids or self.agents)
+        with self.client() as c:
+            def ready() -> bool:
+                for aid in want:
+                    p = self.agents.get(aid)
+                    if p is not None and p.poll() is not None:
+                        raise RuntimeError(f"agent {aid} exited:\n" + self.log(f"agent-{aid}.log")[-2000:])
+                st = c.status(timeout=5)
+                current = {f"{s.name}@{s.version}" for s in st.services}
+                ok = {a.agent_id for a in st.agents if a.state == "ready" and current <= set(a.packages)}
+                return want <= ok
+            wait_for(ready, timeout, f"agents {sorted(want)} to be ready", 0.1)
+
+    def start(self) -> "LocalCluster":
+        self.start_coordinator()
+        for i in range(self.n_agents):
+            self.start_agent(f"agent{i + 1}")
+        self.wait_agents_ready()
+        return self
+
+    def kill_agent(self, agent_id: str, sig: int = signal.SIGKILL) -> None:
+        p = self.agents[agent_id]
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def log(self, name: str) -> str:
+        try:
+            return (self.dir / name).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15) -> None:
+        procs = list(self.agents.values()) + ([self.coordinator] if self.coordinator else [])
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the whole group: workers too
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        for f in self._logs:
+            f.close()
+
+    def __enter__(self) -> "LocalCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
