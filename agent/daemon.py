@@ -28,8 +28,9 @@ from grpc import aio
 
 from microcores import __version__, _codec
 from microcores._package import Package, extract, verify_signature
-from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, check_len, derive_keys, fingerprint,
-                                hello_transcript, join_mac, new_ephemeral, public_bytes, sign, verify)
+from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, check_len, collect, derive_keys,
+                                fingerprint, hello_transcript, join_mac, new_ephemeral, public_bytes, sign, split,
+                                verify)
 from microcores._worker import WorkerCrashed, WorkerPool
 from microcores.errors import MicroError, PackageError, ProtocolError, from_code
 from protos import microswarm_pb2 as pb
@@ -71,6 +72,7 @@ class Link:
     channel: Channel
     coordinator_key: bytes
     outbox: asyncio.Queue[pb.ToCoordinator | None] = field(default_factory=asyncio.Queue)
+    pending: list[pb.ToAgent] = field(default_factory=list)
 
     def send(self, msg: pb.ToCoordinator) -> None:
         self.outbox.put_nowait(msg)
@@ -208,7 +210,8 @@ class Agent:
         await call.write(pb.LinkFrame(agent_proof=pb.AgentProof(signature=sign(self.key, th, b"agent"),
                                                                 join_mac=join_mac(self.token.secret, th))))
         link = Link(call, agent_channel(ch.suite, k_a2c, k_c2a), bytes(ch.coordinator_key))
-        welcome = await asyncio.wait_for(self._next(link), 15)
+        first = await asyncio.wait_for(self._next(link), 15)
+        welcome, link.pending = first[0], first[1:]
         if welcome.WhichOneof("kind") == "refusal":
             raise AgentRefused(welcome.refusal.code, welcome.refusal.message)
         if welcome.WhichOneof("kind") != "welcome":
@@ -219,7 +222,8 @@ class Agent:
         print(f"agent {self.agent_id} joined {self.config.coordinator}", flush=True)
         return link
 
-    async def _next(self, link: Link) -> pb.ToAgent:
+    async def _next(self, link: Link) -> list[pb.ToAgent]:
+        """The next sealed batch of messages."""
         while True:
             frame = await self._read(link.call)
             if frame.WhichOneof("kind") != "sealed":
@@ -227,9 +231,12 @@ class Agent:
             s = frame.sealed
             data = link.channel.open(s.counter, s.ciphertext, s.more)
             if data is not None:
-                msg = pb.ToAgent()
-                msg.ParseFromString(data)
-                return msg
+                msgs = []
+                for piece in split(data):
+                    msg = pb.ToAgent()
+                    msg.ParseFromString(piece)
+                    msgs.append(msg)
+                return msgs
 
     async def _sender(self, link: Link) -> None:
         while True:
@@ -237,8 +244,12 @@ class Agent:
             if msg is None:
                 await link.call.done_writing()
                 return
-            for counter, ct, more in link.channel.seal(msg.SerializeToString()):
+            plaintext, stop = collect(msg, link.outbox)
+            for counter, ct, more in link.channel.seal(plaintext):
                 await link.call.write(pb.LinkFrame(sealed=pb.Sealed(counter=counter, ciphertext=ct, more=more)))
+            if stop:
+                await link.call.done_writing()
+                return
 
     async def _heartbeats(self, link: Link) -> None:
         while True:
@@ -255,34 +266,39 @@ class Agent:
             rss_bytes=self._proc.memory_info().rss, load1=load1, paused=self.draining))
 
     async def _receive(self, link: Link) -> None:
+        batch, link.pending = link.pending, []
         while True:
+            for msg in batch:
+                self._dispatch(link, msg)
             try:
-                msg = await self._next(link)
+                batch = await self._next(link)
             except AgentRefused as r:
                 if r.code in FATAL_REFUSALS:
                     raise
                 log.warning("coordinator said %s: %s", r.code, r.message)
                 return
-            kind = msg.WhichOneof("kind")
-            if kind == "job":
-                self._start_job(link, msg.job)
-            elif kind == "holdings":
-                asyncio.create_task(self._sync_holdings(link, list(msg.holdings.packages)))
-            elif kind == "package":
-                asyncio.create_task(self._install(link, msg.package))
-            elif kind == "nested_reply":
-                fut = self.nested.pop(msg.nested_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg.nested_reply)
-            elif kind == "ping":
-                link.send(pb.ToCoordinator(pong=pb.Pong(seq=msg.ping.seq)))
-                link.send(self._heartbeat())
-            elif kind == "cancel":
-                task = self.jobs.get(msg.cancel.job_id)
-                if task is not None:
-                    task.cancel()
-            elif kind == "refusal":
-                log.warning("coordinator: %s: %s", msg.refusal.code, msg.refusal.message)
+
+    def _dispatch(self, link: Link, msg: pb.ToAgent) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "job":
+            self._start_job(link, msg.job)
+        elif kind == "holdings":
+            asyncio.create_task(self._sync_holdings(link, list(msg.holdings.packages)))
+        elif kind == "package":
+            asyncio.create_task(self._install(link, msg.package))
+        elif kind == "nested_reply":
+            fut = self.nested.pop(msg.nested_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.nested_reply)
+        elif kind == "ping":
+            link.send(pb.ToCoordinator(pong=pb.Pong(seq=msg.ping.seq)))
+            link.send(self._heartbeat())
+        elif kind == "cancel":
+            task = self.jobs.get(msg.cancel.job_id)
+            if task is not None:
+                task.cancel()
+        elif kind == "refusal":
+            log.warning("coordinator: %s: %s", msg.refusal.code, msg.refusal.message)
 
     # ------------------------------------------------------------ packages
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from microcores import __version__
-from microcores._secure import (MAX_FRAME, PROTOCOL, Channel, check_len, coordinator_channel, derive_keys,
-                                hello_transcript, join_mac, new_ephemeral, sign, verify)
+from microcores._secure import (MAX_FRAME, PROTOCOL, Channel, check_len, collect, coordinator_channel, derive_keys,
+                                hello_transcript, join_mac, new_ephemeral, sign, split, verify)
 from microcores.errors import MicroError, ProtocolError
 from protos import microswarm_pb2 as pb
 
@@ -217,9 +217,12 @@ class AgentLinkService:
                     s.state = "ready"
                 if data is None:
                     continue
-                msg = pb.ToCoordinator()
-                msg.ParseFromString(data)
-                if self._handle(s, msg):
+                left = False
+                for piece in split(data):
+                    msg = pb.ToCoordinator()
+                    msg.ParseFromString(piece)
+                    left = self._handle(s, msg) or left
+                if left:
                     reason = "agent left"
                     break
         except MicroError as exc:
@@ -248,8 +251,11 @@ class AgentLinkService:
                 msg = await s.outbox.get()
                 if msg is None:
                     return
-                for counter, ct, more in s.channel.seal(msg.SerializeToString()):
+                plaintext, stop = collect(msg, s.outbox)
+                for counter, ct, more in s.channel.seal(plaintext):
                     await context.write(pb.LinkFrame(sealed=pb.Sealed(counter=counter, ciphertext=ct, more=more)))
+                if stop:
+                    return
         except asyncio.CancelledError:
             pass
         except Exception as exc:

@@ -5,7 +5,7 @@ import collections
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("microswarm.calls")
@@ -42,7 +42,7 @@ class CallLog:
         if not entry.success:
             self.failures += 1
         if self._file is not None:
-            self._file.write(json.dumps(asdict(entry), separators=(",", ":")) + "\n")
+            self._file.write(json.dumps(entry.__dict__, separators=(",", ":")) + "\n")
             if self._file.tell() > self.max_file_bytes:
                 self._rotate()
 

@@ -7,6 +7,7 @@ archive's hash, then extract with zip-slip and zip-bomb defences and check every
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -48,11 +49,11 @@ class Package:
     archive: bytes
     signature: bytes = b""
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         return hashlib.sha256(self.manifest).hexdigest()
 
-    @property
+    @functools.cached_property
     def info(self) -> dict[str, Any]:
         return parse_manifest(self.manifest)
 

@@ -78,6 +78,7 @@ def worker_main(directory: str) -> int:
     # must not kill a running job while the agent drains; it ends us by closing stdin.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(int(os.environ.get("MICROSWARM_WORKER_PARENT", "0")))
 
     fin = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
     fout = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
@@ -133,21 +134,24 @@ class JobOutcome:
     run_ms: float = 0.0
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills the worker when its parent dies (even by SIGKILL)."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel kill this worker when its parent dies, even by SIGKILL.
+
+    Set here rather than in a preexec_fn: running Python between fork and exec in a process
+    with gRPC threads is unsafe, and without one the parent can spawn with vfork."""
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if parent and os.getppid() != parent:  # the parent died before the prctl took hold
+        os._exit(1)
 
 
 class Worker:
-    def __init__(self, directory: Path, env: dict[str, str] | None = None,
-                 preexec: Callable[[], None] | None = None) -> None:
+    def __init__(self, directory: Path, env: dict[str, str] | None = None) -> None:
         self.directory = directory
         self.env = env
-        self.preexec = preexec
         self.proc: asyncio.subprocess.Process | None = None
         self.busy = False
         try:
@@ -157,10 +161,11 @@ class Worker:
             self.label = directory.name
 
     async def start(self) -> None:
+        env = dict(self.env if self.env is not None else os.environ)
+        env["MICROSWARM_WORKER_PARENT"] = str(os.getpid())
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "microcores._worker", str(self.directory),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self.env,
-            preexec_fn=self._preexec, limit=MAX_PIPE_MESSAGE)
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, limit=MAX_PIPE_MESSAGE)
         try:
             msg = await asyncio.wait_for(self._recv(), START_TIMEOUT)
         except (asyncio.TimeoutError, WorkerCrashed) as exc:
@@ -169,11 +174,6 @@ class Worker:
         if msg.get("t") != "ready":
             self.kill()
             raise WorkerCrashed(f"worker for {self.label} failed to load: {msg.get('error')}")
-
-    def _preexec(self) -> None:
-        _die_with_parent()
-        if self.preexec is not None:
-            self.preexec()
 
     @property
     def alive(self) -> bool:
@@ -270,12 +270,10 @@ def describe_exit(rc: int | None) -> str:
 class WorkerPool:
     """Up to `size` workers for one package version; idle ones are reused."""
 
-    def __init__(self, directory: Path, size: int, env: dict[str, str] | None = None,
-                 preexec: Callable[[], None] | None = None) -> None:
+    def __init__(self, directory: Path, size: int, env: dict[str, str] | None = None) -> None:
         self.directory = directory
         self.size = max(1, size)
         self.env = env
-        self.preexec = preexec
         self._idle: list[Worker] = []
         self._count = 0
         self._sem = asyncio.Semaphore(self.size)
@@ -289,7 +287,7 @@ class WorkerPool:
     async def _spawn(self) -> Worker:
         self._count += 1
         try:
-            w = Worker(self.directory, self.env, self.preexec)
+            w = Worker(self.directory, self.env)
             await w.start()
             return w
         except BaseException:

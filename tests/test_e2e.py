@@ -221,7 +221,7 @@ async def _rogue_session(addr: str, token: str, attack: str) -> pb.Refusal:
                                                                 join_mac=join_mac(tok.secret, th))))
         chan = agent_channel(hello.suite, *derive_keys(eph, hello.ephemeral, th))
         beat = pb.ToCoordinator(heartbeat=pb.Heartbeat(slots=1)).SerializeToString()
-        (counter, ct, more), = chan.seal(beat)
+        (counter, ct, more), = chan.seal(len(beat).to_bytes(4, "big") + beat)  # a batch of one
         if attack == "tampered":
             ct = ct[:-1] + bytes([ct[-1] ^ 0x55])
             await call.write(pb.LinkFrame(sealed=pb.Sealed(counter=counter, ciphertext=ct, more=more)))

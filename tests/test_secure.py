@@ -124,3 +124,27 @@ def test_message_size_is_bounded():
     a.max_message = 100
     with pytest.raises(TooLarge):
         a.seal(b"x" * 101)
+
+
+def test_batches_split_back_into_their_messages():
+    import asyncio
+
+    from microcores._secure import collect, split
+    from protos import microswarm_pb2 as pb
+
+    q: asyncio.Queue = asyncio.Queue()
+    msgs = [pb.Ping(seq=i) for i in range(5)]
+    for m in msgs[1:]:
+        q.put_nowait(m)
+    q.put_nowait(None)
+    plaintext, stop = collect(msgs[0], q)
+    assert stop and q.empty()
+    assert [pb.Ping.FromString(bytes(p)).seq for p in split(plaintext)] == [0, 1, 2, 3, 4]
+
+
+def test_malformed_batch_is_a_protocol_error():
+    from microcores._secure import split
+    with pytest.raises(ProtocolError, match="runs past the end"):
+        split(b"\x00\x00\x00\x09abc")
+    with pytest.raises(ProtocolError, match="truncated"):
+        split(b"\x00\x00")
