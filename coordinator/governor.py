@@ -71,7 +71,7 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(text: str | int | float) -> int:
+def parse_size(text: str | float) -> int:
     """A memory size in bytes: ``"2GiB"``, ``"512MiB"``, ``"1G"`` (JVM style: 1024-based), ``"1.5g"``,
     ``"500MB"`` (SI: 1000-based), or plain bytes ``"1073741824"``. Case-insensitive."""
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
@@ -305,6 +305,9 @@ class HeapGovernor:
         self.collection_cpu_s_total = 0.0
         self.last_collection_ms = 0.0
         self.collections_deferred = 0
+        self.returned_bytes = 0                 # RSS given back by collections, summed
+        self.kept_bytes = 0                     # evicted bytes the allocator kept (see collect)
+        self._freed_since_collection = 0
         self._next_collection_at = -math.inf
         self._last_collection_end = -math.inf
         self.evictions = 0
@@ -329,6 +332,7 @@ class HeapGovernor:
 
     def collect(self) -> int:
         """Run one collection now and re-measure; returns heap usage after it."""
+        before = int(self._reader())
         t0 = time.perf_counter()
         c0 = time.thread_time()
         self._collector()
@@ -340,8 +344,20 @@ class HeapGovernor:
         self.collection_s_total += wall
         self.collection_cpu_s_total += cpu
         self.last_collection_ms = wall * 1000.0
+        self.returned_bytes += max(0, before - after)
         self.heap_after_collection = after
-        self.non_cache_bytes = max(0, after - accounted)
+        # Everything that is not the cache, garbage the allocator kept included. Memory the cache
+        # freed by evicting that the collection could not return (an allocator without
+        # malloc_trim, fragmentation) is not counted as non-cache: it is reusable, and counting it
+        # would make the next eviction free the same bytes again, and again, until the cache is
+        # empty. At most the bytes evicted (so far unreturned) are credited this way.
+        raw = max(0, after - accounted)
+        pending = self._freed_since_collection + self.kept_bytes
+        kept = min(pending, max(0, raw - self.non_cache_bytes))
+        self.kept_bytes = kept
+        self._freed_since_collection = 0
+        self.non_cache_bytes = raw - kept
+        self._observe(after)
         end = self._clock()
         self._last_collection_end = end
         share = self.settings.collection_share_max
@@ -389,7 +405,6 @@ class HeapGovernor:
         if heap > trigger:
             if self._may_collect(now, urgent=heap >= s.critical_bytes):
                 heap = self.collect()
-                self._observe(heap)
                 decision = "collect"
             else:
                 self.collections_deferred += 1
@@ -399,10 +414,12 @@ class HeapGovernor:
         if need > 0:
             n, b = cache.purge_expired()
             self.expired_purged += n
+            self._freed_since_collection += b
             need -= b
             if need > 0:
                 n, b = cache.evict_lru(min(need, s.burst_bytes))
                 if n:
+                    self._freed_since_collection += b
                     self.evictions += n
                     self.evicted_bytes += b
                     self.eviction_bursts += 1
@@ -429,7 +446,8 @@ class HeapGovernor:
 
     def reset_extremes(self) -> None:
         """Restart the min/max heap window (the experiment calls this after pre-population)."""
-        self.heap_min = self.heap_max = self.heap_bytes
+        heap = int(self._reader())
+        self.heap_bytes = self.heap_min = self.heap_max = heap
 
     # ------------------------------------------------------------------ thread
 
@@ -478,6 +496,8 @@ class HeapGovernor:
             "collection_cpu_ms_total": round(self.collection_cpu_s_total * 1000.0, 3),
             "last_collection_ms": round(self.last_collection_ms, 3),
             "collections_deferred": self.collections_deferred,
+            "collection_returned_bytes": self.returned_bytes,
+            "allocator_kept_bytes": self.kept_bytes,
             "evictions": self.evictions,
             "evicted_bytes": self.evicted_bytes,
             "eviction_bursts": self.eviction_bursts,
