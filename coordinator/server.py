@@ -29,6 +29,8 @@ log = logging.getLogger("microswarm.coordinator")
 
 MAX_CLIENT_MESSAGE = _codec.MAX_PAYLOAD + (1 << 20)
 LINK_MAX_MESSAGE = 2 * 1024 * 1024
+MAX_STREAM_IN_FLIGHT = 4096
+STREAM_BATCH_BYTES = 1 << 20
 
 
 @dataclass
@@ -226,6 +228,60 @@ class ClientService(pbg.CoordinatorServicer):
         client = dict(context.invocation_metadata()).get("x-client", "") or "anonymous"
         request.ClearField("chain")  # only the coordinator sets the chain of nested calls
         return await self.c.dispatcher.call(request, client=client, address=context.peer())
+
+    async def CallStream(self, request_iterator: Any, context: aio.ServicerContext) -> None:
+        """Calls multiplexed on one stream; replies are batched in completion order."""
+        client = dict(context.invocation_metadata()).get("x-client", "") or "anonymous"
+        peer = context.peer()
+        outbox: asyncio.Queue[tuple[int, pb.CallReply] | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(cid: int, req: pb.CallRequest) -> None:
+            req.ClearField("chain")
+            outbox.put_nowait((cid, await self.c.dispatcher.call(req, client=client, address=peer)))
+
+        async def sender() -> None:
+            while True:
+                item = await outbox.get()
+                batch = pb.ReplyBatch()
+                size = 0
+                while item is not None:
+                    cid, reply = item
+                    batch.ids.append(cid)
+                    batch.replies.append(reply)
+                    size += len(reply.result) + 64
+                    if size > STREAM_BATCH_BYTES or outbox.empty():
+                        break
+                    item = outbox.get_nowait()
+                if batch.ids:
+                    await context.write(batch)
+                if item is None:
+                    return
+
+        send_task = asyncio.create_task(sender())
+        try:
+            while True:
+                batch = await context.read()
+                if not isinstance(batch, pb.CallBatch):
+                    break
+                for cid, req in zip(batch.ids, batch.calls):
+                    if len(tasks) >= MAX_STREAM_IN_FLIGHT:
+                        outbox.put_nowait((cid, pb.CallReply(status="error", service=req.service,
+                                                             executed_by="coordinator", error=pb.Error(
+                            code="unavailable", message=f"more than {MAX_STREAM_IN_FLIGHT} calls in flight "
+                                                        "on one stream; wait for some answers"))))
+                        continue
+                    t = asyncio.create_task(one(cid, req))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+            while tasks:  # the client finished sending: answer everything it asked
+                await asyncio.wait(list(tasks))
+            outbox.put_nowait(None)  # type: ignore[arg-type]
+            await send_task
+        finally:
+            send_task.cancel()
+            for t in tasks:
+                t.cancel()
 
     async def Status(self, request: pb.StatusRequest, context: aio.ServicerContext) -> pb.StatusReply:
         return self.c.status(request.recent_calls)

@@ -148,6 +148,17 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _widen_pipe(stream: Any) -> None:
+    """Linux: 1 MiB pipe buffers instead of 64 KiB, so a large payload crosses in few loop turns."""
+    try:
+        import fcntl
+        transport = getattr(stream, "transport", None) or getattr(stream, "_transport", None)
+        fd = transport.get_extra_info("pipe").fileno()
+        fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ
+    except (OSError, AttributeError, ImportError, ValueError):
+        pass
+
+
 class Worker:
     def __init__(self, directory: Path, env: dict[str, str] | None = None) -> None:
         self.directory = directory
@@ -166,6 +177,8 @@ class Worker:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "microcores._worker", str(self.directory),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, limit=MAX_PIPE_MESSAGE)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            _widen_pipe(stream)
         try:
             msg = await asyncio.wait_for(self._recv(), START_TIMEOUT)
         except (asyncio.TimeoutError, WorkerCrashed) as exc:

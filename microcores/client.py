@@ -9,6 +9,7 @@ the whole answer (who ran it, how long it took, whether it came from the cache).
 """
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
 import os
@@ -160,30 +161,95 @@ class Client:
 
 
 class AsyncClient:
-    """The asyncio twin of Client, for many calls in flight."""
+    """The asyncio twin of Client, for many calls in flight.
+
+    By default its calls share one multiplexed stream (`CallStream`), batched both ways: far
+    cheaper per call than one RPC each when many are in flight. `multiplex=False` uses `Call`.
+    """
 
     def __init__(self, coordinator: str | None = None, *, client_name: str | None = None,
-                 bearer: str | None = None) -> None:
+                 bearer: str | None = None, multiplex: bool = True) -> None:
         self.target = coordinator or default_coordinator()
         self._channel = aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._stub = pbg.CoordinatorStub(self._channel)
         self._metadata = [("x-client", client_name or default_client_name())]
         if bearer:
             self._metadata.append(("authorization", f"Bearer {bearer}"))
+        self.multiplex = multiplex
+        self._stream: asyncio.Task[None] | None = None
+        self._call: Any = None
+        self._pending: dict[int, asyncio.Future[pb.CallReply]] = {}
+        self._next_id = 0
 
     async def envelope(self, service: str, data: Any = None, *, timeout: float | None = None,
                        encoding: int = pb.MSGPACK) -> Envelope:
         req = _request(service, {} if data is None else data, encoding, timeout)
+        if not self.multiplex:
+            try:
+                reply = await self._stub.Call(req, timeout=(timeout + 5) if timeout else None,
+                                              metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise _unavailable(exc, self.target) from None
+            return Envelope.from_reply(reply)
+        if self._stream is None or self._stream.done():
+            self._open_stream()
+        self._next_id += 1
+        cid = self._next_id
+        fut: asyncio.Future[pb.CallReply] = asyncio.get_running_loop().create_future()
+        self._pending[cid] = fut
+        self._queue.put_nowait((cid, req))
         try:
-            reply = await self._stub.Call(req, timeout=(timeout + 5) if timeout else None, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise _unavailable(exc, self.target) from None
+            reply = await asyncio.wait_for(fut, (timeout + 5) if timeout else None)
+        finally:
+            self._pending.pop(cid, None)
         return Envelope.from_reply(reply)
+
+    def _open_stream(self) -> None:
+        self._queue = asyncio.Queue()
+        call = self._stub.CallStream(metadata=self._metadata)
+        self._call = call
+
+        async def writer() -> None:
+            while True:
+                cid, req = await self._queue.get()
+                batch = pb.CallBatch()
+                size = 0
+                while True:
+                    batch.ids.append(cid)
+                    batch.calls.append(req)
+                    size += len(req.input) + 64
+                    if size > (1 << 20) or self._queue.empty():
+                        break
+                    cid, req = self._queue.get_nowait()
+                await call.write(batch)
+
+        async def reader() -> None:
+            try:
+                while True:
+                    batch = await call.read()
+                    if not isinstance(batch, pb.ReplyBatch):
+                        raise ConnectionError("the coordinator closed the call stream")
+                    for cid, reply in zip(batch.ids, batch.replies):
+                        fut = self._pending.get(cid)
+                        if fut is not None and not fut.done():
+                            fut.set_result(reply)
+            except (grpc.RpcError, ConnectionError) as exc:
+                err = _unavailable(exc, self.target) if isinstance(exc, grpc.RpcError) else Unavailable(str(exc))
+                for fut in self._pending.values():
+                    if not fut.done():
+                        fut.set_exception(err)
+            finally:
+                w.cancel()
+
+        w = asyncio.get_running_loop().create_task(writer())
+        self._stream = asyncio.get_running_loop().create_task(reader())
 
     async def call(self, service: str, data: Any = None, *, timeout: float | None = None) -> Any:
         return (await self.envelope(service, data, timeout=timeout)).unwrap()
 
     async def close(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncClient":

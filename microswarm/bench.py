@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Any
@@ -32,10 +33,11 @@ async def _latency(addr: str, n: int) -> tuple[list[float], dict[str, int]]:
     from microcores.client import AsyncClient
     by: dict[str, int] = {}
     lat: list[float] = []
+    base = random.random() * 1e9  # fresh inputs on every run: nothing comes from the cache
     async with AsyncClient(addr, client_name="bench") as c:
         for i in range(n):
             t0 = time.perf_counter()
-            env = await c.envelope("math.compute", {"a": i + 0.5, "b": 1.0, "op": "add"})
+            env = await c.envelope("math.compute", {"a": base + i, "b": 1.0, "op": "add"})
             lat.append((time.perf_counter() - t0) * 1000)
             if not env.ok:
                 raise RuntimeError(f"latency call failed: {env.error}")
@@ -48,13 +50,14 @@ async def _throughput(addr: str, seconds: float, in_flight: int) -> tuple[float,
     by: dict[str, int] = {}
     done = 0
     stop = time.perf_counter() + seconds
-    counter = iter(range(10**12))
+    base = random.random() * 1e9
+    counter = iter(range(10**15))
 
     async with AsyncClient(addr, client_name="bench") as c:
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < stop:
-                env = await c.envelope("math.compute", {"a": float(next(counter)), "b": 2.0, "op": "mul"})
+                env = await c.envelope("math.compute", {"a": base + next(counter), "b": 2.0, "op": "mul"})
                 if not env.ok:
                     raise RuntimeError(f"throughput call failed: {env.error}")
                 by[env.executed_by] = by.get(env.executed_by, 0) + 1
@@ -80,6 +83,17 @@ async def _payload(addr: str, size: int, rounds: int) -> tuple[float, list[float
     return size / med / 1e6, times
 
 
+async def _measure(addr: str, n_lat: int, tp_s: float, quick: bool) -> tuple[Any, ...]:
+    """Every phase in one event loop: grpc.aio channels must not outlive their loop."""
+    await _latency(addr, 50)  # warm up: workers started, connections open
+    lat, lat_by = await _latency(addr, n_lat)
+    await _throughput(addr, 1.0, 64)
+    cps, tp_by = await _throughput(addr, tp_s, 64)
+    mb100k, _ = await _payload(addr, 100_000, 50 if quick else 200)
+    mb10m, _ = await _payload(addr, 10_000_000, 5 if quick else 15)
+    return lat, lat_by, cps, tp_by, mb100k, mb10m
+
+
 def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str | None = None) -> int:
     cluster = None
     try:
@@ -91,16 +105,8 @@ def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str
             addr = coordinator
         n_lat = 300 if quick else 2000
         tp_s = 3.0 if quick else 8.0
-        with console.status("warming up…"):
-            asyncio.run(_latency(addr, 50))
-        with console.status(f"latency: {n_lat} sequential calls…"):
-            lat, lat_by = asyncio.run(_latency(addr, n_lat))
-        with console.status(f"throughput: 64 calls in flight for {tp_s:.0f} s…"):
-            cps, tp_by = asyncio.run(_throughput(addr, tp_s, 64))
-        with console.status("payloads: 100 KB round trips…"):
-            mb100k, _ = asyncio.run(_payload(addr, 100_000, 50 if quick else 200))
-        with console.status("payloads: 10 MB round trips…"):
-            mb10m, _ = asyncio.run(_payload(addr, 10_000_000, 5 if quick else 15))
+        with console.status("measuring: latency, throughput, payloads…"):
+            lat, lat_by, cps, tp_by, mb100k, mb10m = asyncio.run(_measure(addr, n_lat, tp_s, quick))
     finally:
         if cluster is not None:
             cluster.stop()

@@ -64,6 +64,22 @@ class CallReply(_message.Message):
     version: str
     def __init__(self, status: _Optional[str] = ..., result: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., executed_by: _Optional[str] = ..., attempts: _Optional[int] = ..., process_time_ms: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., service: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
+class CallBatch(_message.Message):
+    __slots__ = ("ids", "calls")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    calls: _containers.RepeatedCompositeFieldContainer[CallRequest]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., calls: _Optional[_Iterable[_Union[CallRequest, _Mapping]]] = ...) -> None: ...
+
+class ReplyBatch(_message.Message):
+    __slots__ = ("ids", "replies")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    replies: _containers.RepeatedCompositeFieldContainer[CallReply]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., replies: _Optional[_Iterable[_Union[CallReply, _Mapping]]] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ("recent_calls",)
     RECENT_CALLS_FIELD_NUMBER: _ClassVar[int]

@@ -41,6 +41,11 @@ class CoordinatorStub:
                 request_serializer=microswarm__pb2.CallRequest.SerializeToString,
                 response_deserializer=microswarm__pb2.CallReply.FromString,
                 _registered_method=True)
+        self.CallStream = channel.stream_stream(
+                '/microswarm.v1.Coordinator/CallStream',
+                request_serializer=microswarm__pb2.CallBatch.SerializeToString,
+                response_deserializer=microswarm__pb2.ReplyBatch.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/microswarm.v1.Coordinator/Status',
                 request_serializer=microswarm__pb2.StatusRequest.SerializeToString,
@@ -65,6 +70,14 @@ class CoordinatorServicer:
 
     def Call(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CallStream(self, request_iterator, context):
+        """Many calls multiplexed on one stream, for clients with many calls in flight: each side
+        sends batches of whatever it has queued, and replies come back in completion order.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -95,6 +108,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Call,
                     request_deserializer=microswarm__pb2.CallRequest.FromString,
                     response_serializer=microswarm__pb2.CallReply.SerializeToString,
+            ),
+            'CallStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.CallStream,
+                    request_deserializer=microswarm__pb2.CallBatch.FromString,
+                    response_serializer=microswarm__pb2.ReplyBatch.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -141,6 +159,33 @@ class Coordinator:
             '/microswarm.v1.Coordinator/Call',
             microswarm__pb2.CallRequest.SerializeToString,
             microswarm__pb2.CallReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CallStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/microswarm.v1.Coordinator/CallStream',
+            microswarm__pb2.CallBatch.SerializeToString,
+            microswarm__pb2.ReplyBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -271,3 +271,16 @@ def test_package_with_parent_path_is_refused(cluster):
 def test_publish_needs_the_admin_credential(cluster, tmp_path):
     with pytest.raises(Exception, match="admin credential"):
         publish(str(DATA / "versioned.py"), coordinator=cluster.addr, state_dir=str(tmp_path))
+
+
+def test_multiplexed_stream_answers_every_call_exactly_once(cluster):
+    from microcores.client import AsyncClient
+
+    async def many() -> list:
+        async with AsyncClient(cluster.addr) as c:
+            return await asyncio.gather(*(c.envelope("math.compute", {"a": i, "b": 1000, "op": "sub"})
+                                          for i in range(300)))
+
+    envs = asyncio.run(many())
+    assert [e.result["result"] for e in envs] == [i - 1000.0 for i in range(300)]
+    assert all(e.ok for e in envs)
