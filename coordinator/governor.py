@@ -308,6 +308,7 @@ class HeapGovernor:
         self.returned_bytes = 0                 # RSS given back by collections, summed
         self.kept_bytes = 0                     # evicted bytes the allocator kept (see collect)
         self._freed_since_collection = 0
+        self._evicting = False
         self._next_collection_at = -math.inf
         self._last_collection_end = -math.inf
         self.evictions = 0
@@ -333,11 +334,12 @@ class HeapGovernor:
     def collect(self) -> int:
         """Run one collection now and re-measure; returns heap usage after it."""
         before = int(self._reader())
-        t0 = time.perf_counter()
+        t0 = self._clock()
         c0 = time.thread_time()
         self._collector()
         cpu = time.thread_time() - c0
-        wall = time.perf_counter() - t0
+        end = self._clock()
+        wall = end - t0
         after = int(self._reader())
         accounted = self.cache.accounted_bytes
         self.collections += 1
@@ -358,24 +360,32 @@ class HeapGovernor:
         self._freed_since_collection = 0
         self.non_cache_bytes = raw - kept
         self._observe(after)
-        end = self._clock()
         self._last_collection_end = end
         share = self.settings.collection_share_max
         self._next_collection_at = end + max(self.settings.interval_s, wall * (1.0 / share - 1.0))
         return after
 
     def eviction_need(self, heap: int) -> int:
-        """Bytes to evict now, per ``govern_on`` (0: none)."""
+        """Bytes to evict now (0: none). Eviction starts when the governed level is above the
+        eviction threshold and goes on, burst by burst, until it is at or under the threshold minus
+        the hysteresis. The level is RSS (``rss``), the live estimate (``live``), or the smaller of
+        the two (``both``: both must be over)."""
         s = self.settings
-        target = s.eviction_bytes - s.hysteresis_bytes
         if s.govern_on == "rss":
-            return heap - target if heap > s.eviction_bytes else 0
-        live = self.live_estimate()
-        if s.govern_on == "live":
-            return live - target if live > s.eviction_bytes else 0
-        if heap <= s.eviction_bytes:
+            level = heap
+        elif s.govern_on == "live":
+            level = self.live_estimate()
+        else:
+            level = min(heap, self.live_estimate())
+        if level > s.eviction_bytes:
+            self._evicting = True
+        if not self._evicting:
             return 0
-        return max(0, min(heap, live) - target)
+        need = level - (s.eviction_bytes - s.hysteresis_bytes)
+        if need <= 0:
+            self._evicting = False
+            return 0
+        return need
 
     def tick(self) -> str:
         """One sampling step. Returns the decision: "ok", "collect", "evict" or "critical"."""
