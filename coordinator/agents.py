@@ -63,6 +63,7 @@ class AgentSession:
     coordinator: "Coordinator"
     state: str = "joining"
     holdings: set[str] = field(default_factory=set)   # digests installed and ready
+    install_failed: set[str] = field(default_factory=set)
     jobs: dict[str, JobRecord] = field(default_factory=dict)
     connected_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
@@ -83,6 +84,11 @@ class AgentSession:
         if self.heartbeat.paused:
             return 0
         return self.slots - len(self.jobs)
+
+    def installing(self, digest: str) -> bool:
+        """Connected, told to hold `digest`, and neither done nor failed installing it yet."""
+        return (not self.closed and self.state != "suspect" and digest not in self.holdings
+                and digest not in self.install_failed)
 
     def dispatchable(self, digest: str) -> bool:
         return self.state == "ready" and digest in self.holdings and self.free > 0 and not self.closed
@@ -288,11 +294,15 @@ class AgentLinkService:
             ref = msg.installed.ref
             if msg.installed.ok:
                 s.holdings.add(ref.digest)
+                s.install_failed.discard(ref.digest)
+                self.c.holdings_changed()
                 if s.state == "joining":
                     s.state = "ready"
                 log.info("agent %s holds %s@%s", s.agent_id, ref.name, ref.version)
             else:
                 s.holdings.discard(ref.digest)
+                s.install_failed.add(ref.digest)
+                self.c.holdings_changed()
                 log.warning("agent %s could not install %s@%s: %s", s.agent_id, ref.name, ref.version,
                             msg.installed.error)
             if s.state == "joining" and not self.c.holdings_for(s).packages:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("microswarm.dispatch")
 
 MAX_DEPTH = 8
+INSTALL_WAIT_S = 5.0  # how long a call waits for an agent that is installing its package
 
 
 class Strategy:
@@ -165,6 +166,13 @@ class Dispatcher:
                        deadline: float) -> tuple[bytes, str, int]:
         attempts = 0
         cands = self.candidates(entry.digest)
+        wait_until = min(time.monotonic() + INSTALL_WAIT_S, deadline - 1.0)
+        while not cands and time.monotonic() < wait_until and any(
+                a.installing(entry.digest) for a in self.c.agents.values()):
+            # An agent is installing this package right now (just published, or just joined):
+            # it will hold it in a moment, and the coordinator's own slots are the last resort.
+            await self.c.wait_holdings(wait_until - time.monotonic())
+            cands = self.candidates(entry.digest)
         if cands:
             agent = self.strategy.pick(cands)
             attempts += 1

@@ -67,6 +67,7 @@ class Coordinator:
         self.port = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = asyncio.Event()
+        self._holdings_event = asyncio.Event()
 
     # ------------------------------------------------------------ agents
 
@@ -79,6 +80,17 @@ class Coordinator:
         agent.holdings &= {r.digest for r in refs}
         return pb.Holdings(packages=refs)
 
+    def holdings_changed(self) -> None:
+        """Wake calls waiting for an agent to finish installing a package."""
+        self._holdings_event.set()
+        self._holdings_event = asyncio.Event()
+
+    async def wait_holdings(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._holdings_event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
     def drop_agent(self, agent: AgentSession, reason: str) -> None:
         if agent.closed:
             return
@@ -87,6 +99,7 @@ class Coordinator:
             del self.agents[agent.agent_id]
         agent.fail_all(reason)
         agent.outbox.put_nowait(None)
+        self.holdings_changed()
         log.info("agent %s removed: %s", agent.agent_id, reason)
 
     def suspect(self, agent: AgentSession, why: str) -> None:

@@ -117,6 +117,39 @@ def cmd_publish(a: argparse.Namespace) -> int:
     for r in replies:
         what = "unchanged" if r.unchanged else f"revision {r.revision}"
         out.print(f"published [bold]{r.name}[/]@{r.version} ({what}, digest {r.digest[:12]})")
+    if a.wait > 0:
+        return _wait_rollout(a, {r.name: r.digest for r in replies})
+    return 0
+
+
+def _wait_rollout(a: argparse.Namespace, digests: dict[str, str]) -> int:
+    """Show the new versions reaching the connected agents; calls go to agents once they hold them."""
+    from rich.progress import Progress
+
+    from microcores.client import Client
+    from microcores.errors import MicroError
+
+    deadline = time.monotonic() + a.wait
+    with Client(a.coordinator) as c, Progress(console=err, transient=True) as progress:
+        task = progress.add_task("rolling out to agents", total=None)
+        while True:
+            try:
+                st = c.status(recent_calls=0)
+            except MicroError as exc:
+                err.print(f"[yellow]warning:[/] could not follow the rollout: {exc.message}")
+                return 0
+            ready = [ag for ag in st.agents if ag.state != "suspect"]
+            labels = {f"{s.name}@{s.version}" for s in st.services if digests.get(s.name) == s.digest}
+            done = sum(1 for ag in ready if labels <= set(ag.packages))
+            progress.update(task, total=max(1, len(ready)), completed=done)
+            if done >= len(ready):
+                break
+            if time.monotonic() > deadline:
+                err.print(f"[yellow]rollout not finished after {a.wait:g} s: {done}/{len(ready)} agents hold "
+                          "the new version; calls run on the coordinator until they do[/]")
+                return 0
+            time.sleep(0.2)
+    out.print(f"rolled out to {done} agent{'s' if done != 1 else ''}")
     return 0
 
 
@@ -304,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pu = sub.add_parser("publish", help="publish every MicroCore subclass in a file or package")
     pu.add_argument("path")
+    pu.add_argument("--wait", type=float, default=60.0, metavar="S",
+                    help="wait up to S seconds for the connected agents to install it (0: do not wait)")
     _client_args(pu)
     pu.set_defaults(func=cmd_publish)
 
