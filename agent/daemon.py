@@ -73,6 +73,7 @@ class Link:
     coordinator_key: bytes
     outbox: asyncio.Queue[pb.ToCoordinator | None] = field(default_factory=asyncio.Queue)
     pending: list[pb.ToAgent] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def send(self, msg: pb.ToCoordinator) -> None:
         self.outbox.put_nowait(msg)
@@ -111,7 +112,8 @@ class Agent:
                 started = time.monotonic()
                 try:
                     await self._session()
-                    if self.stop_event.is_set():
+                    if self.draining:
+                        await self.stop_event.wait()
                         break
                     log.warning("link to the coordinator ended; reconnecting")
                 except AgentRefused as r:
@@ -121,6 +123,9 @@ class Agent:
                         return 2
                     log.warning("refused (%s): %s; retrying", r.code, r.message)
                 except (grpc.RpcError, ConnectionError, ProtocolError, OSError) as exc:
+                    if self.draining:
+                        await self.stop_event.wait()
+                        break
                     detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
                     log.warning("cannot reach the coordinator at %s: %s", self.config.coordinator, detail)
                 if time.monotonic() - started > 10:
@@ -144,14 +149,22 @@ class Agent:
         asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
-        if self.link:
-            self.link.send(self._heartbeat())  # paused: the coordinator sends no more jobs
+        """Leave without losing a job: say so, keep serving until the coordinator closes the link.
+
+        Jobs may be on the wire when we decide to stop; the coordinator stops dispatching on
+        `Leaving` and closes the stream only once every job it sent us is answered."""
         deadline = time.monotonic() + self.config.drain_s
+        link = self.link
+        if link is not None:
+            link.send(self._heartbeat())  # paused
+            link.send(pb.ToCoordinator(leaving=pb.Leaving(reason="agent stopping (SIGTERM)")))
+            try:
+                await asyncio.wait_for(link.closed.wait(), self.config.drain_s)
+            except asyncio.TimeoutError:
+                log.warning("the coordinator did not release this agent within %.0f s; leaving anyway",
+                            self.config.drain_s)
         while self.jobs and time.monotonic() < deadline:
             await asyncio.wait(list(self.jobs.values()), timeout=max(0.01, deadline - time.monotonic()))
-        if self.link:
-            self.link.send(pb.ToCoordinator(leaving=pb.Leaving(reason="agent stopping (SIGTERM)")))
-            self.link.send(None)  # type: ignore[arg-type]
         self.stop_event.set()
 
     # ------------------------------------------------------------ one session
@@ -168,6 +181,7 @@ class Agent:
                 await self._receive(link)
             finally:
                 self.link = None
+                link.closed.set()
                 beat.cancel()
                 sender.cancel()
                 for fut in self.nested.values():

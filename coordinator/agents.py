@@ -87,7 +87,7 @@ class AgentSession:
 
     def installing(self, digest: str) -> bool:
         """Connected, told to hold `digest`, and neither done nor failed installing it yet."""
-        return (not self.closed and self.state != "suspect" and digest not in self.holdings
+        return (not self.closed and self.state in ("joining", "ready") and digest not in self.holdings
                 and digest not in self.install_failed)
 
     def dispatchable(self, digest: str) -> bool:
@@ -229,6 +229,8 @@ class AgentLinkService:
                     msg.ParseFromString(piece)
                     left = self._handle(s, msg) or left
                 if left:
+                    s.state = "leaving"  # no new jobs; close once every job sent is answered
+                if s.state == "leaving" and all(r.future.done() for r in s.jobs.values()):
                     reason = "agent left"
                     break
         except MicroError as exc:

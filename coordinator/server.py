@@ -103,7 +103,7 @@ class Coordinator:
         log.info("agent %s removed: %s", agent.agent_id, reason)
 
     def suspect(self, agent: AgentSession, why: str) -> None:
-        if agent.state != "suspect" and not agent.closed:
+        if agent.state in ("joining", "ready") and not agent.closed:
             agent.state = "suspect"
             agent.ping_seq += 1
             agent.send(pb.ToAgent(ping=pb.Ping(seq=agent.ping_seq)))
