@@ -9,7 +9,6 @@ goodbye and exits 0; when the coordinator goes away it reconnects with backoff.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import random

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from microcores import __version__
 from microcores._secure import (MAX_FRAME, PROTOCOL, Channel, check_len, collect, coordinator_channel, derive_keys,
                                 hello_transcript, join_mac, new_ephemeral, sign, split, verify)
 from microcores.errors import MicroError, ProtocolError

@@ -4,7 +4,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from . import _codec
-from .errors import DeadlineExceeded, MicroError, ServiceFailed, Unavailable, from_code
+from .errors import DeadlineExceeded, MicroError, Unavailable, from_code
 
 log = logging.getLogger("microswarm.worker")
 

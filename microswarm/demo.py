@@ -54,7 +54,6 @@ def run_demo(agents: int = 2) -> int:
         table = Table(title="one call to every service", title_justify="left")
         for col in ("service", "input", "result", "executed by", "ms"):
             table.add_column(col)
-        from microcores import _codec
         for service, data in CALLS:
             payload = dict(data)
             if service == "demo.echo_bytes":

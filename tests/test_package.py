@@ -2,14 +2,13 @@
 import io
 import json
 import stat
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from microcores._package import (Package, build, build_from_files, extract, load_service, parse_manifest, sha256,
+from microcores._package import (Package, build, extract, load_service, parse_manifest, sha256,
                                  sign, verify_signature)
 from microcores._secure import public_bytes
 from microcores.errors import PackageError
