@@ -284,3 +284,19 @@ def test_multiplexed_stream_answers_every_call_exactly_once(cluster):
     envs = asyncio.run(many())
     assert [e.result["result"] for e in envs] == [i - 1000.0 for i in range(300)]
     assert all(e.ok for e in envs)
+
+
+def test_coordinator_restart_keeps_identity_and_packages_and_agents_reconnect(fresh_cluster):
+    c = fresh_cluster
+    publish(str(DATA / "versioned.py"), coordinator=c.addr, state_dir=str(c.state))
+    token_before = c.token
+    c.coordinator.send_signal(signal.SIGTERM)
+    assert c.coordinator.wait(30) == 0
+    c.start_coordinator()  # same state directory, same address
+    assert c.token == token_before  # same key, same join secret: agents keep their tokens
+    c.wait_agents_ready(["agent1", "agent2"], timeout=60)  # they reconnected by themselves
+    with c.client() as client:
+        env = client.envelope("tests.versioned", {"x": 4})
+        assert env.ok and env.result == {"y": 4, "version": "1"}
+        assert env.executed_by in ("agent1", "agent2")
+    assert all(p.poll() is None for p in c.agents.values())
