@@ -258,7 +258,7 @@ class Agent:
                 await link.call.done_writing()
                 return
             plaintext, stop = collect(msg, link.outbox)
-            for counter, ct, more in link.channel.seal(plaintext):
+            for counter, ct, more in link.channel.seal_iter(plaintext):
                 await link.call.write(pb.LinkFrame(sealed=pb.Sealed(counter=counter, ciphertext=ct, more=more)))
             if stop:
                 await link.call.done_writing()

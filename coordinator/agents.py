@@ -259,7 +259,7 @@ class AgentLinkService:
                 if msg is None:
                     return
                 plaintext, stop = collect(msg, s.outbox)
-                for counter, ct, more in s.channel.seal(plaintext):
+                for counter, ct, more in s.channel.seal_iter(plaintext):
                     await context.write(pb.LinkFrame(sealed=pb.Sealed(counter=counter, ciphertext=ct, more=more)))
                 if stop:
                     return

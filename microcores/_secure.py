@@ -20,7 +20,7 @@ import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 import asyncio
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -209,9 +209,14 @@ class Channel:
 
     def seal(self, message: bytes) -> list[tuple[int, bytes, bool]]:
         """Encrypt one message as (counter, ciphertext, more) frames, none over max_frame."""
+        return list(self.seal_iter(message))
+
+    def seal_iter(self, message: bytes) -> Iterator[tuple[int, bytes, bool]]:
+        """Frames one at a time, so a large message is on the wire while the rest is sealed.
+
+        Consume it whole before sealing anything else: counters are taken as frames are made."""
         if len(message) > self.max_message:
             raise TooLarge(f"message of {len(message)} bytes exceeds the limit of {self.max_message}")
-        out = []
         view = memoryview(message)
         n = max(1, -(-len(message) // self.max_frame))
         for i in range(n):
@@ -219,9 +224,7 @@ class Channel:
             more = i < n - 1
             c = self.send_counter
             self.send_counter += 1
-            ct = self._send.encrypt(self._nonce(c), piece, self._send_label + (b"\1" if more else b"\0"))
-            out.append((c, ct, more))
-        return out
+            yield c, self._send.encrypt(self._nonce(c), piece, self._send_label + (b"\1" if more else b"\0")), more
 
     def open(self, counter: int, ciphertext: bytes, more: bool) -> bytes | None:
         """Decrypt the next frame; the whole message once its last piece arrives, else None."""
