@@ -14,6 +14,7 @@ import grpc
 from grpc import aio
 
 from microcores import _codec
+from microcores._chunks import Assembler, pieces
 from microcores.errors import MicroError, PackageError
 from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
@@ -267,16 +268,22 @@ class ClientService(pbg.CoordinatorServicer):
                         break
                     item = outbox.get_nowait()
                 if batch.ids:
-                    await context.write(batch)
+                    for chunk in pieces(batch.SerializeToString()):
+                        await context.write(chunk)
                 if item is None:
                     return
 
         send_task = asyncio.create_task(sender())
+        assembler = Assembler()
         try:
             while True:
-                batch = await context.read()
-                if not isinstance(batch, pb.CallBatch):
+                chunk = await context.read()
+                if not isinstance(chunk, pb.StreamChunk):
                     break
+                data = assembler.feed(chunk)
+                if data is None:
+                    continue
+                batch = pb.CallBatch.FromString(data)
                 for cid, req in zip(batch.ids, batch.calls):
                     if len(tasks) >= MAX_STREAM_IN_FLIGHT:
                         outbox.put_nowait((cid, pb.CallReply(status="error", service=req.service,

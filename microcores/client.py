@@ -24,6 +24,7 @@ from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
 
 from . import _codec
+from ._chunks import Assembler, pieces
 from .errors import MicroError, Unavailable, from_code
 
 DEFAULT_COORDINATOR = "127.0.0.1:7070"
@@ -221,14 +222,20 @@ class AsyncClient:
                     if size > (1 << 20) or self._queue.empty():
                         break
                     cid, req = self._queue.get_nowait()
-                await call.write(batch)
+                for chunk in pieces(batch.SerializeToString()):
+                    await call.write(chunk)
 
         async def reader() -> None:
+            assembler = Assembler()
             try:
                 while True:
-                    batch = await call.read()
-                    if not isinstance(batch, pb.ReplyBatch):
+                    chunk = await call.read()
+                    if not isinstance(chunk, pb.StreamChunk):
                         raise ConnectionError("the coordinator closed the call stream")
+                    data = assembler.feed(chunk)
+                    if data is None:
+                        continue
+                    batch = pb.ReplyBatch.FromString(data)
                     for cid, reply in zip(batch.ids, batch.replies):
                         fut = self._pending.get(cid)
                         if fut is not None and not fut.done():

@@ -43,8 +43,8 @@ class CoordinatorStub:
                 _registered_method=True)
         self.CallStream = channel.stream_stream(
                 '/microswarm.v1.Coordinator/CallStream',
-                request_serializer=microswarm__pb2.CallBatch.SerializeToString,
-                response_deserializer=microswarm__pb2.ReplyBatch.FromString,
+                request_serializer=microswarm__pb2.StreamChunk.SerializeToString,
+                response_deserializer=microswarm__pb2.StreamChunk.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/microswarm.v1.Coordinator/Status',
@@ -76,7 +76,9 @@ class CoordinatorServicer:
 
     def CallStream(self, request_iterator, context):
         """Many calls multiplexed on one stream, for clients with many calls in flight: each side
-        sends batches of whatever it has queued, and replies come back in completion order.
+        sends batches of whatever it has queued (a CallBatch up, a ReplyBatch down), serialized and
+        cut into StreamChunk pieces of at most 1 MiB, so a large payload flows instead of waiting
+        for one huge message. Replies come back in completion order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,8 +113,8 @@ def add_CoordinatorServicer_to_server(servicer, server):
             ),
             'CallStream': grpc.stream_stream_rpc_method_handler(
                     servicer.CallStream,
-                    request_deserializer=microswarm__pb2.CallBatch.FromString,
-                    response_serializer=microswarm__pb2.ReplyBatch.SerializeToString,
+                    request_deserializer=microswarm__pb2.StreamChunk.FromString,
+                    response_serializer=microswarm__pb2.StreamChunk.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -184,8 +186,8 @@ class Coordinator:
             request_iterator,
             target,
             '/microswarm.v1.Coordinator/CallStream',
-            microswarm__pb2.CallBatch.SerializeToString,
-            microswarm__pb2.ReplyBatch.FromString,
+            microswarm__pb2.StreamChunk.SerializeToString,
+            microswarm__pb2.StreamChunk.FromString,
             options,
             channel_credentials,
             insecure,
