@@ -61,6 +61,31 @@ class CoordinatorStub:
                 request_serializer=microswarm__pb2.CacheStatsRequest.SerializeToString,
                 response_deserializer=microswarm__pb2.CacheStatsReply.FromString,
                 _registered_method=True)
+        self.Token = channel.unary_unary(
+                '/microswarm.v1.Coordinator/Token',
+                request_serializer=microswarm__pb2.TokenRequest.SerializeToString,
+                response_deserializer=microswarm__pb2.TokenReply.FromString,
+                _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/microswarm.v1.Coordinator/Revoke',
+                request_serializer=microswarm__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=microswarm__pb2.RevokeReply.FromString,
+                _registered_method=True)
+        self.CreateClient = channel.unary_unary(
+                '/microswarm.v1.Coordinator/CreateClient',
+                request_serializer=microswarm__pb2.CreateClientRequest.SerializeToString,
+                response_deserializer=microswarm__pb2.CreateClientReply.FromString,
+                _registered_method=True)
+        self.ListClients = channel.unary_unary(
+                '/microswarm.v1.Coordinator/ListClients',
+                request_serializer=microswarm__pb2.ListClientsRequest.SerializeToString,
+                response_deserializer=microswarm__pb2.ListClientsReply.FromString,
+                _registered_method=True)
+        self.RevokeClient = channel.unary_unary(
+                '/microswarm.v1.Coordinator/RevokeClient',
+                request_serializer=microswarm__pb2.RevokeClientRequest.SerializeToString,
+                response_deserializer=microswarm__pb2.RevokeClientReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -103,6 +128,42 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Token(self, request, context):
+        """OAuth 2.0 over gRPC (the HTTP gateway has the same at POST /oauth/token and /oauth/revoke).
+        Token: client_credentials (client id and secret; or, with an empty client id, the operator's
+        admin credential in metadata `authorization: Admin ...`) or refresh_token. Refusals are gRPC
+        statuses: UNAUTHENTICATED (invalid_client), INVALID_ARGUMENT (invalid_grant, invalid_scope, ...),
+        the details starting with the OAuth error code.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Revoke(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateClient(self, request, context):
+        """Operator only (admin credential in metadata): the clients of the gateway.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListClients(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeClient(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +191,31 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.CacheStats,
                     request_deserializer=microswarm__pb2.CacheStatsRequest.FromString,
                     response_serializer=microswarm__pb2.CacheStatsReply.SerializeToString,
+            ),
+            'Token': grpc.unary_unary_rpc_method_handler(
+                    servicer.Token,
+                    request_deserializer=microswarm__pb2.TokenRequest.FromString,
+                    response_serializer=microswarm__pb2.TokenReply.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=microswarm__pb2.RevokeRequest.FromString,
+                    response_serializer=microswarm__pb2.RevokeReply.SerializeToString,
+            ),
+            'CreateClient': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateClient,
+                    request_deserializer=microswarm__pb2.CreateClientRequest.FromString,
+                    response_serializer=microswarm__pb2.CreateClientReply.SerializeToString,
+            ),
+            'ListClients': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClients,
+                    request_deserializer=microswarm__pb2.ListClientsRequest.FromString,
+                    response_serializer=microswarm__pb2.ListClientsReply.SerializeToString,
+            ),
+            'RevokeClient': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeClient,
+                    request_deserializer=microswarm__pb2.RevokeClientRequest.FromString,
+                    response_serializer=microswarm__pb2.RevokeClientReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +355,141 @@ class Coordinator:
             '/microswarm.v1.Coordinator/CacheStats',
             microswarm__pb2.CacheStatsRequest.SerializeToString,
             microswarm__pb2.CacheStatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Token(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/microswarm.v1.Coordinator/Token',
+            microswarm__pb2.TokenRequest.SerializeToString,
+            microswarm__pb2.TokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/microswarm.v1.Coordinator/Revoke',
+            microswarm__pb2.RevokeRequest.SerializeToString,
+            microswarm__pb2.RevokeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateClient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/microswarm.v1.Coordinator/CreateClient',
+            microswarm__pb2.CreateClientRequest.SerializeToString,
+            microswarm__pb2.CreateClientReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/microswarm.v1.Coordinator/ListClients',
+            microswarm__pb2.ListClientsRequest.SerializeToString,
+            microswarm__pb2.ListClientsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeClient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/microswarm.v1.Coordinator/RevokeClient',
+            microswarm__pb2.RevokeClientRequest.SerializeToString,
+            microswarm__pb2.RevokeClientReply.FromString,
             options,
             channel_credentials,
             insecure,
