@@ -20,6 +20,8 @@ from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
 
 from .agents import AgentLinkService, AgentSession
+from .auth import ACCESS_TTL_S, Auth, AuthError
+from .auth_grpc import TokenService, auth_refusal, caller_label
 from .calllog import CallLog
 from .dispatch import Dispatcher
 from .local import LocalRunner
@@ -44,6 +46,8 @@ class CoordinatorConfig:
     fallback_slots: int = 0          # 0: one per CPU
     drain_s: float = 30.0
     cache: bool = True
+    http: str = ""                   # HOST:PORT of the HTTP/JSON gateway; empty: no gateway
+    token_ttl_s: float = ACCESS_TTL_S  # lifetime of access tokens
 
 
 class Coordinator:
@@ -51,6 +55,7 @@ class Coordinator:
         self.config = config
         self.state = StateDir(config.state_dir)
         self.state.admin_token(create=True)
+        self.auth = Auth(self.state.path, access_ttl=config.token_ttl_s)
         if not self.state.join_secrets():
             self.state.add_join_secret()
         self.registry = Registry(self.state)
@@ -69,6 +74,10 @@ class Coordinator:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = asyncio.Event()
         self._holdings_event = asyncio.Event()
+        self.gateway: Any = None  # the HTTP app: add routes with gateway.add_route() before start()
+        if config.http:
+            from .gateway import Gateway
+            self.gateway = Gateway(self, config.http)
 
     # ------------------------------------------------------------ agents
 
@@ -187,8 +196,11 @@ class Coordinator:
         self.port = self.server.add_insecure_port(self.config.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}: the address is in use or invalid")
+        if self.gateway is not None:  # before gRPC answers: a cluster that answers serves HTTP too
+            await self.gateway.start()
         await self.server.start()
         self._tasks.append(asyncio.create_task(self._liveness()))
+        self._tasks.append(asyncio.create_task(self.auth.run_housekeeping()))
         log.info("coordinator %s listening on %s with %d services", self.state.fingerprint.hex()[:16],
                  self.config.listen, len(self.registry.services))
 
@@ -214,6 +226,8 @@ class Coordinator:
             await asyncio.sleep(0.05)
         for a in list(self.agents.values()):
             self.drop_agent(a, "coordinator shutting down")
+        if self.gateway is not None:
+            await self.gateway.stop()
         if self.server is not None:
             await self.server.stop(grace=1.0)
         for t in self._tasks:
@@ -222,6 +236,7 @@ class Coordinator:
         if self.governor is not None:
             self.governor.stop()
         self.calllog.close()
+        self.auth.close()
 
     async def run_forever(self) -> None:
         await self.start()
@@ -229,28 +244,43 @@ class Coordinator:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         print(f"coordinator listening on {self.config.listen} (state {self.state.path})", flush=True)
+        if self.gateway is not None:
+            print(f"HTTP gateway on {self.gateway.url} (docs at {self.gateway.url}/docs)", flush=True)
         await self._stopping.wait()
         log.info("stopping: draining %d in-flight calls", self.dispatcher.in_flight)
         await self.stop()
 
 
-class ClientService(pbg.CoordinatorServicer):
+class ClientService(TokenService, pbg.CoordinatorServicer):
     def __init__(self, c: Coordinator) -> None:
         self.c = c
 
     async def Call(self, request: pb.CallRequest, context: aio.ServicerContext) -> pb.CallReply:
-        client = dict(context.invocation_metadata()).get("x-client", "") or "anonymous"
+        md = dict(context.invocation_metadata())
         request.ClearField("chain")  # only the coordinator sets the chain of nested calls
-        return await self.c.dispatcher.call(request, client=client, address=context.peer())
+        try:  # every call needs a bearer token whose scope covers the service
+            token = self.c.auth.authorize(md.get("authorization"), request.service)
+        except AuthError as exc:
+            return auth_refusal(self.c, request.service, exc, client=md.get("x-client", ""), address=context.peer())
+        return await self.c.dispatcher.call(request, client=caller_label(token, md.get("x-client", "")),
+                                            address=context.peer())
 
     async def CallStream(self, request_iterator: Any, context: aio.ServicerContext) -> None:
         """Calls multiplexed on one stream; replies are batched in completion order."""
-        client = dict(context.invocation_metadata()).get("x-client", "") or "anonymous"
+        md = dict(context.invocation_metadata())
         peer = context.peer()
+        token: Any = None
+        refusal: AuthError | None = None
+        client = md.get("x-client", "")
+        try:  # the stream's token, checked again (expiry, revocation, scope) for each call
+            token = self.c.auth.verify(md.get("authorization"))
+            client = caller_label(token, md.get("x-client", ""))
+        except AuthError as exc:
+            refusal = exc
         outbox: asyncio.Queue[tuple[int, pb.CallReply] | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
-        async def one(cid: int, req: pb.CallRequest) -> None:
+        async def one(cid: int, req: pb.CallRequest, client: str) -> None:
             req.ClearField("chain")
             outbox.put_nowait((cid, await self.c.dispatcher.call(req, client=client, address=peer)))
 
@@ -284,6 +314,12 @@ class ClientService(pbg.CoordinatorServicer):
                 if data is None:
                     continue
                 batch = pb.CallBatch.FromString(data)
+                if batch.authorization:  # the client renewed its token
+                    try:
+                        token = self.c.auth.verify(batch.authorization)
+                        client = caller_label(token, md.get("x-client", ""))
+                    except AuthError as exc:
+                        token, refusal = None, exc
                 for cid, req in zip(batch.ids, batch.calls):
                     if len(tasks) >= MAX_STREAM_IN_FLIGHT:
                         outbox.put_nowait((cid, pb.CallReply(status="error", service=req.service,
@@ -291,7 +327,14 @@ class ClientService(pbg.CoordinatorServicer):
                             code="unavailable", message=f"more than {MAX_STREAM_IN_FLIGHT} calls in flight "
                                                         "on one stream; wait for some answers"))))
                         continue
-                    t = asyncio.create_task(one(cid, req))
+                    try:
+                        if token is None:
+                            raise refusal or AuthError("missing_token", "no bearer token", 401)
+                        self.c.auth.check(token, req.service)
+                    except AuthError as exc:
+                        outbox.put_nowait((cid, auth_refusal(self.c, req.service, exc, client=client, address=peer)))
+                        continue
+                    t = asyncio.create_task(one(cid, req, client))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
             while tasks:  # the client finished sending: answer everything it asked

@@ -1,8 +1,13 @@
 """Calling services from Python: `Client` (blocking) and `AsyncClient` (asyncio), and `publish`.
 
     from microcores import Client
-    with Client("127.0.0.1:7070") as c:
+    with Client("127.0.0.1:7070", client_id="msc_...", client_secret="...") as c:
         c.call("math.compute", {"a": 2, "b": 3, "op": "mul"})   # {'result': 6.0}
+
+Every call carries a bearer token, which the client gets and renews by itself over gRPC:
+with `client_id` and `client_secret` (or MICROSWARM_CLIENT_ID and MICROSWARM_CLIENT_SECRET),
+or else with the operator's admin credential found in the coordinator's state directory
+(`state_dir`, MICROSWARM_STATE_DIR, or the default one), as the CLI and the demo do.
 
 `call` returns the result or raises the MicroError the envelope carries; `envelope` returns
 the whole answer (who ran it, how long it took, whether it came from the cache).
@@ -13,6 +18,8 @@ import asyncio
 import getpass
 import json
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +32,7 @@ from protos import microswarm_pb2_grpc as pbg
 
 from . import _codec
 from ._chunks import Assembler, pieces
-from .errors import MicroError, Unavailable, from_code
+from .errors import MicroError, Unauthorized, Unavailable, from_code
 
 DEFAULT_COORDINATOR = "127.0.0.1:7070"
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", _codec.MAX_PAYLOAD + (1 << 20)),
@@ -115,23 +122,128 @@ def _unavailable(exc: grpc.RpcError, target: str) -> MicroError:
     return from_code("unavailable" if code is None else code.name.lower(), details or str(exc))
 
 
+def default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.environ.get("MICROSWARM_STATE_DIR") or os.path.join(base, "microswarm")
+
+
+REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
+
+
+class _Tokens:
+    """Where a client's bearer tokens come from, and the current one.
+
+    A fixed `bearer` is used as it is. Otherwise: the client's id and secret, or the operator's
+    admin credential from the state directory; the access token is renewed a little before it
+    expires (with the refresh token when there is one) and at once when a call is refused as
+    unauthenticated (refused calls were never dispatched, so the call is simply sent again)."""
+
+    def __init__(self, client_id: str | None, client_secret: str | None, bearer: str | None,
+                 state_dir: str | os.PathLike[str] | None, scope: str | None) -> None:
+        self.static = bearer
+        self.client_id = client_id or (None if bearer else os.environ.get("MICROSWARM_CLIENT_ID"))
+        self.client_secret = client_secret or (os.environ.get("MICROSWARM_CLIENT_SECRET", "")
+                                               if self.client_id else "")
+        self.scope = scope or ""
+        self.admin: str | None = None
+        if not bearer and not self.client_id:
+            try:
+                self.admin = admin_credential(state_dir or default_state_dir())
+            except PermissionError:
+                pass
+        self.access: str | None = bearer
+        self.refresh = ""
+        self.renew_at = float("inf") if bearer else 0.0
+        self.lock = threading.Lock()
+
+    @property
+    def can_mint(self) -> bool:
+        return bool(self.client_id or self.admin)
+
+    def valid(self) -> str | None:
+        if self.access and time.monotonic() < self.renew_at:
+            return self.access
+        return None
+
+    def requests(self) -> list[tuple[pb.TokenRequest, list[tuple[str, str]]]]:
+        out: list[tuple[pb.TokenRequest, list[tuple[str, str]]]] = []
+        if self.refresh and self.client_id:
+            out.append((pb.TokenRequest(grant_type="refresh_token", client_id=self.client_id,
+                                        client_secret=self.client_secret, refresh_token=self.refresh), []))
+        if self.client_id:
+            out.append((pb.TokenRequest(grant_type="client_credentials", client_id=self.client_id,
+                                        client_secret=self.client_secret, scope=self.scope), []))
+        elif self.admin:
+            out.append((pb.TokenRequest(grant_type="client_credentials"), [("authorization", f"Admin {self.admin}")]))
+        return out
+
+    def accept(self, reply: pb.TokenReply) -> str:
+        ttl = reply.expires_in or 3600.0
+        self.access, self.refresh = reply.access_token, reply.refresh_token
+        self.renew_at = time.monotonic() + ttl - min(60.0, ttl / 10)
+        return reply.access_token
+
+    def invalidate(self) -> None:
+        if self.static is None:
+            self.renew_at = 0.0
+
+    def no_token(self, exc: grpc.RpcError | None) -> MicroError:
+        why = exc.details() if exc is not None and hasattr(exc, "details") else ""
+        return Unauthorized(f"could not get a token from the coordinator: {why or 'refused'}")
+
+
+def _refused_unauthenticated(reply: pb.CallReply) -> bool:
+    return reply.status == "error" and reply.error.code == "unauthenticated"
+
+
 class Client:
     def __init__(self, coordinator: str | None = None, *, client_name: str | None = None,
-                 bearer: str | None = None) -> None:
+                 bearer: str | None = None, client_id: str | None = None, client_secret: str | None = None,
+                 state_dir: str | os.PathLike[str] | None = None, scope: str | None = None) -> None:
         self.target = coordinator or default_coordinator()
         self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._stub = pbg.CoordinatorStub(self._channel)
         self._metadata = [("x-client", client_name or default_client_name())]
-        if bearer:
-            self._metadata.append(("authorization", f"Bearer {bearer}"))
+        self._tokens = _Tokens(client_id, client_secret, bearer, state_dir, scope)
+
+    def token(self) -> str | None:
+        """A valid access token (fetched or renewed when needed); None when there are no credentials."""
+        tok = self._tokens.valid()
+        if tok or not self._tokens.can_mint:
+            return tok or self._tokens.access
+        with self._tokens.lock:
+            tok = self._tokens.valid()
+            if tok:
+                return tok
+            last: grpc.RpcError | None = None
+            for req, md in self._tokens.requests():
+                try:
+                    return self._tokens.accept(self._stub.Token(req, metadata=md, timeout=15))
+                except grpc.RpcError as exc:
+                    if exc.code() not in REFUSED:
+                        raise _unavailable(exc, self.target) from None
+                    last = exc
+                    if req.grant_type == "refresh_token":
+                        self._tokens.refresh = ""
+            raise self._tokens.no_token(last)
+
+    def _call_metadata(self) -> list[tuple[str, str]]:
+        tok = self.token()
+        return self._metadata + [("authorization", f"Bearer {tok}")] if tok else self._metadata
 
     def envelope(self, service: str, data: Any = None, *, timeout: float | None = None,
                  encoding: int = pb.MSGPACK) -> Envelope:
         req = _request(service, {} if data is None else data, encoding, timeout)
-        try:
-            reply = self._stub.Call(req, timeout=(timeout + 5) if timeout else None, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise _unavailable(exc, self.target) from None
+        for attempt in (1, 2):
+            try:
+                reply = self._stub.Call(req, timeout=(timeout + 5) if timeout else None,
+                                        metadata=self._call_metadata())
+            except grpc.RpcError as exc:
+                raise _unavailable(exc, self.target) from None
+            if attempt == 1 and _refused_unauthenticated(reply) and self._tokens.can_mint:
+                self._tokens.invalidate()  # expired or revoked under us: a new token, once
+                continue
+            break
         return Envelope.from_reply(reply)
 
     def call(self, service: str, data: Any = None, *, timeout: float | None = None) -> Any:
@@ -169,45 +281,81 @@ class AsyncClient:
     """
 
     def __init__(self, coordinator: str | None = None, *, client_name: str | None = None,
-                 bearer: str | None = None, multiplex: bool = True) -> None:
+                 bearer: str | None = None, multiplex: bool = True, client_id: str | None = None,
+                 client_secret: str | None = None, state_dir: str | os.PathLike[str] | None = None,
+                 scope: str | None = None) -> None:
         self.target = coordinator or default_coordinator()
         self._channel = aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._stub = pbg.CoordinatorStub(self._channel)
         self._metadata = [("x-client", client_name or default_client_name())]
-        if bearer:
-            self._metadata.append(("authorization", f"Bearer {bearer}"))
+        self._tokens = _Tokens(client_id, client_secret, bearer, state_dir, scope)
+        self._token_lock: asyncio.Lock | None = None
+        self._sent_token: str | None = None
         self.multiplex = multiplex
         self._stream: asyncio.Task[None] | None = None
         self._call: Any = None
         self._pending: dict[int, asyncio.Future[pb.CallReply]] = {}
         self._next_id = 0
 
+    async def token(self) -> str | None:
+        """A valid access token (fetched or renewed when needed); None when there are no credentials."""
+        tok = self._tokens.valid()
+        if tok or not self._tokens.can_mint:
+            return tok or self._tokens.access
+        if self._token_lock is None:
+            self._token_lock = asyncio.Lock()
+        async with self._token_lock:
+            tok = self._tokens.valid()
+            if tok:
+                return tok
+            last: grpc.RpcError | None = None
+            for req, md in self._tokens.requests():
+                try:
+                    return self._tokens.accept(await self._stub.Token(req, metadata=md, timeout=15))
+                except grpc.RpcError as exc:
+                    if exc.code() not in REFUSED:
+                        raise _unavailable(exc, self.target) from None
+                    last = exc
+                    if req.grant_type == "refresh_token":
+                        self._tokens.refresh = ""
+            raise self._tokens.no_token(last)
+
     async def envelope(self, service: str, data: Any = None, *, timeout: float | None = None,
                        encoding: int = pb.MSGPACK) -> Envelope:
         req = _request(service, {} if data is None else data, encoding, timeout)
+        for attempt in (1, 2):
+            reply = await self._one(req, timeout)
+            if attempt == 1 and _refused_unauthenticated(reply) and self._tokens.can_mint:
+                self._tokens.invalidate()  # expired or revoked under us: a new token, once
+                continue
+            break
+        return Envelope.from_reply(reply)
+
+    async def _one(self, req: pb.CallRequest, timeout: float | None) -> pb.CallReply:
+        tok = await self.token()
         if not self.multiplex:
+            md = self._metadata + [("authorization", f"Bearer {tok}")] if tok else self._metadata
             try:
-                reply = await self._stub.Call(req, timeout=(timeout + 5) if timeout else None,
-                                              metadata=self._metadata)
+                return await self._stub.Call(req, timeout=(timeout + 5) if timeout else None, metadata=md)
             except grpc.RpcError as exc:
                 raise _unavailable(exc, self.target) from None
-            return Envelope.from_reply(reply)
         if self._stream is None or self._stream.done():
-            self._open_stream()
+            self._open_stream(tok)
         self._next_id += 1
         cid = self._next_id
         fut: asyncio.Future[pb.CallReply] = asyncio.get_running_loop().create_future()
         self._pending[cid] = fut
         self._queue.put_nowait((cid, req))
         try:
-            reply = await asyncio.wait_for(fut, (timeout + 5) if timeout else None)
+            return await asyncio.wait_for(fut, (timeout + 5) if timeout else None)
         finally:
             self._pending.pop(cid, None)
-        return Envelope.from_reply(reply)
 
-    def _open_stream(self) -> None:
+    def _open_stream(self, tok: str | None) -> None:
         self._queue = asyncio.Queue()
-        call = self._stub.CallStream(metadata=self._metadata)
+        self._sent_token = tok
+        md = self._metadata + [("authorization", f"Bearer {tok}")] if tok else self._metadata
+        call = self._stub.CallStream(metadata=md)
         self._call = call
 
         async def writer() -> None:
@@ -222,6 +370,9 @@ class AsyncClient:
                     if size > (1 << 20) or self._queue.empty():
                         break
                     cid, req = self._queue.get_nowait()
+                if self._tokens.access != self._sent_token and self._tokens.access:
+                    self._sent_token = self._tokens.access  # renewed: the stream takes the new token
+                    batch.authorization = f"Bearer {self._sent_token}"
                 for chunk in pieces(batch.SerializeToString()):
                     await call.write(chunk)
 

@@ -158,8 +158,13 @@ def validation_error(exc: ValidationError) -> InvalidInput:
             msg = f"input is not valid JSON: {ctx.get('error', e.get('msg'))}"
         elif kind in ("model_type", "model_attributes_type", "dict_type") and field == "input":
             msg = "input must be a JSON object with the service's fields"
-        elif kind == "missing" or (kind == "string_too_short" and ctx.get("min_length") == 1):
-            msg = f"{field} cannot be empty"
+        elif kind == "missing" or (kind == "string_too_short" and ctx.get("min_length") == 1) or (
+                field != "input" and (e.get("input") is None or e.get("input") == "")):
+            msg = f"{field} cannot be empty"  # absent, null or "" where a value is needed
+        elif kind == "int_from_float":
+            msg = f"{field} must be an integer"
+        elif kind.startswith("date_from_datetime"):
+            msg = f"{field} must be a date in YYYY-MM-DD format"
         elif kind.endswith("_parsing") or kind.endswith("_type"):
             base = kind.rsplit("_", 1)[0]
             if base.startswith(("date", "time")):

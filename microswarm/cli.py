@@ -53,7 +53,7 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
     _setup_logging(a.log_level, a.log_format)
     cfg = CoordinatorConfig(listen=a.listen, state_dir=a.state_dir or _state_default(), dispatch=a.dispatch,
                             heartbeat_s=a.heartbeat, liveness_s=a.liveness, fallback_slots=a.fallback_slots,
-                            drain_s=a.drain, cache=not a.no_cache)
+                            drain_s=a.drain, cache=not a.no_cache, http=a.http or "", token_ttl_s=a.token_ttl)
     try:
         from coordinator.governor import GovernorSettings
         cfg.governor = GovernorSettings.from_options(a.max_heap, a.eviction_threshold, a.soft_target,  # type: ignore[attr-defined]
@@ -159,7 +159,8 @@ def cmd_call(a: argparse.Namespace) -> int:
     from protos import microswarm_pb2 as pb
 
     try:
-        with Client(a.coordinator, client_name=f"cli:{os.environ.get('USER', 'user')}") as c:
+        with Client(a.coordinator, client_name=f"cli:{os.environ.get('USER', 'user')}",
+                    state_dir=a.state_dir) as c:
             env = c.envelope(a.service, a.input.encode(), timeout=a.timeout, encoding=pb.JSON)
     except MicroError as exc:
         if a.json:
@@ -177,6 +178,89 @@ def cmd_call(a: argparse.Namespace) -> int:
         e = env.error or {}
         err.print(f"[red]{e.get('code')}:[/] {e.get('message')}")
     return 0 if env.ok else 1
+
+
+# ---------------------------------------------------------------- gateway clients
+
+def _admin_stub(a: argparse.Namespace) -> tuple[Any, Any, list[tuple[str, str]]]:
+    import grpc
+
+    from microcores.client import CHANNEL_OPTIONS, admin_credential
+    from protos import microswarm_pb2_grpc as pbg
+
+    md = [("authorization", f"Admin {admin_credential(a.state_dir)}")]
+    channel = grpc.insecure_channel(a.coordinator, options=CHANNEL_OPTIONS)
+    return channel, pbg.CoordinatorStub(channel), md
+
+
+def _admin_rpc(a: argparse.Namespace, method: str, request: Any) -> Any:
+    """An operator RPC on the running coordinator, with the admin credential of its state dir."""
+    import grpc
+
+    try:
+        channel, stub, md = _admin_stub(a)
+    except PermissionError as exc:
+        raise SystemExit(_fail(str(exc)))
+    with channel:
+        try:
+            return getattr(stub, method)(request, metadata=md, timeout=15)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise SystemExit(_fail(f"cannot reach the coordinator at {a.coordinator}: is it running? "
+                                       "(clients are managed by the running coordinator; set --coordinator "
+                                       "or MICROSWARM_COORDINATOR)"))
+            raise SystemExit(_fail(exc.details() or str(exc.code())))
+
+
+def _fail(message: str) -> int:
+    err.print(f"[red]error:[/] {message}")
+    return 1
+
+
+def _client_row(ci: Any) -> dict[str, Any]:
+    return {"client_id": ci.client_id, "name": ci.name, "scopes": list(ci.scopes), "created": ci.created,
+            "revoked": ci.revoked or None}
+
+
+def cmd_clients_create(a: argparse.Namespace) -> int:
+    from protos import microswarm_pb2 as pb
+
+    r = _admin_rpc(a, "CreateClient", pb.CreateClientRequest(name=a.name, scopes=a.scope or []))
+    if a.json:
+        print(json.dumps({**_client_row(r.client), "client_secret": r.client_secret}))
+        return 0
+    err.print(f"client [bold]{r.client.name}[/] created, scopes {' '.join(r.client.scopes)}. "
+              "The secret is shown this once: keep it safe.")
+    print(f"client_id:     {r.client.client_id}")
+    print(f"client_secret: {r.client_secret}")
+    return 0
+
+
+def cmd_clients_list(a: argparse.Namespace) -> int:
+    from protos import microswarm_pb2 as pb
+
+    r = _admin_rpc(a, "ListClients", pb.ListClientsRequest())
+    rows = [_client_row(c) for c in r.clients if a.all or not c.revoked]
+    if a.json:
+        print(json.dumps(rows))
+        return 0
+    t = Table(title=f"clients ({len(rows)})", title_justify="left")
+    for col in ("client id", "name", "scopes", "created", "state"):
+        t.add_column(col)
+    for c in rows:
+        t.add_row(c["client_id"], c["name"], " ".join(c["scopes"]),
+                  datetime.fromtimestamp(c["created"]).strftime("%Y-%m-%d %H:%M"),
+                  "[red]revoked[/]" if c["revoked"] else "active")
+    out.print(t)
+    return 0
+
+
+def cmd_clients_revoke(a: argparse.Namespace) -> int:
+    from protos import microswarm_pb2 as pb
+
+    r = _admin_rpc(a, "RevokeClient", pb.RevokeClientRequest(client=a.client))
+    out.print(f"client {r.client.client_id} ({r.client.name}) revoked: its tokens stopped working")
+    return 0
 
 
 def status_dict(reply: Any) -> dict[str, Any]:
@@ -312,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="percent of max heap above which the governor collects (like SoftMaxHeapSize)")
     st.add_argument("--critical-threshold", type=float, default=None, metavar="PCT",
                     help="percent of max heap above which the cache admits nothing new")
+    st.add_argument("--http", default=os.environ.get("MICROSWARM_HTTP"), metavar="HOST:PORT",
+                    help="also serve the HTTP/JSON gateway (OAuth 2.0, /v1/..., /openapi.json, /docs) here")
+    st.add_argument("--token-ttl", type=float, default=3600.0, metavar="S", help="lifetime of access tokens")
     st.add_argument("--log-level", default="info")
     st.add_argument("--log-format", default="text", choices=["text", "json"])
     st.set_defaults(func=cmd_coordinator_start)
@@ -364,6 +451,25 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--json", action="store_true")
     _client_args(cs)
     cs.set_defaults(func=cmd_cache_stats)
+
+    cl = sub.add_parser("clients", help="clients of the gateway: credentials for calling services")
+    clsub = cl.add_subparsers(dest="action", required=True)
+    cc_ = clsub.add_parser("create", help="create a client; prints its id and secret once")
+    cc_.add_argument("name")
+    cc_.add_argument("--scope", action="append", metavar="PATTERN",
+                     help="services it may call, a glob over names (repeatable; default: '*')")
+    cc_.add_argument("--json", action="store_true", help="one JSON object with client_id and client_secret")
+    _client_args(cc_)
+    cc_.set_defaults(func=cmd_clients_create)
+    cls_ = clsub.add_parser("list", help="the clients (never their secrets)")
+    cls_.add_argument("--all", action="store_true", help="revoked ones too")
+    cls_.add_argument("--json", action="store_true")
+    _client_args(cls_)
+    cls_.set_defaults(func=cmd_clients_list)
+    clr = clsub.add_parser("revoke", help="revoke a client and every token it holds")
+    clr.add_argument("client", help="client id or name")
+    _client_args(clr)
+    clr.set_defaults(func=cmd_clients_revoke)
 
     de = sub.add_parser("demo", help="a coordinator and two agents on loopback, serving real calls")
     de.add_argument("--agents", type=int, default=2)

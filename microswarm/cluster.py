@@ -37,11 +37,12 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
 class LocalCluster:
     def __init__(self, agents: int = 2, slots: int = 2, workdir: str | None = None,
                  coordinator_args: list[str] | None = None, agent_args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, http: bool = False) -> None:
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="microswarm-"))
         self.state = self.dir / "state"
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
+        self.http_port = free_port() if http else 0  # the HTTP gateway (--http), when asked for
         self.n_agents = agents
         self.slots = slots
         self.coordinator_args = coordinator_args or []
@@ -64,12 +65,28 @@ class LocalCluster:
         return subprocess.Popen([sys.executable, "-m", "microswarm.cli", *args], stdout=f, stderr=subprocess.STDOUT,
                                 env=self.env(), start_new_session=True)
 
-    def client(self) -> Any:
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def client(self, **kwargs: Any) -> Any:
+        """A Client of this cluster: the operator's, through the admin credential, unless given others."""
         from microcores.client import Client
-        return Client(self.addr, client_name="cluster")
+        kwargs.setdefault("client_name", "cluster")
+        if not {"client_id", "bearer"} & kwargs.keys():
+            kwargs.setdefault("state_dir", str(self.state))
+        return Client(self.addr, **kwargs)
+
+    def async_client(self, **kwargs: Any) -> Any:
+        from microcores.client import AsyncClient
+        kwargs.setdefault("client_name", "cluster")
+        if not {"client_id", "bearer"} & kwargs.keys():
+            kwargs.setdefault("state_dir", str(self.state))
+        return AsyncClient(self.addr, **kwargs)
 
     def start_coordinator(self, timeout: float = 30) -> None:
         self.coordinator = self._spawn(["coordinator", "start", "--listen", self.addr, "--state-dir", str(self.state),
+                                        *(["--http", f"127.0.0.1:{self.http_port}"] if self.http_port else []),
                                         *self.coordinator_args], "coordinator.log")
         from microcores.errors import MicroError
         with self.client() as c:

@@ -73,12 +73,14 @@ class StreamChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class CallBatch(_message.Message):
-    __slots__ = ("ids", "calls")
+    __slots__ = ("ids", "calls", "authorization")
     IDS_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     calls: _containers.RepeatedCompositeFieldContainer[CallRequest]
-    def __init__(self, ids: _Optional[_Iterable[int]] = ..., calls: _Optional[_Iterable[_Union[CallRequest, _Mapping]]] = ...) -> None: ...
+    authorization: str
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., calls: _Optional[_Iterable[_Union[CallRequest, _Mapping]]] = ..., authorization: _Optional[str] = ...) -> None: ...
 
 class ReplyBatch(_message.Message):
     __slots__ = ("ids", "replies")

@@ -277,7 +277,7 @@ def test_multiplexed_stream_answers_every_call_exactly_once(cluster):
     from microcores.client import AsyncClient
 
     async def many() -> list:
-        async with AsyncClient(cluster.addr) as c:
+        async with AsyncClient(cluster.addr, state_dir=cluster.state) as c:
             return await asyncio.gather(*(c.envelope("math.compute", {"a": i, "b": 1000, "op": "sub"})
                                           for i in range(300)))
 
