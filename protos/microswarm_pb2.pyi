@@ -97,7 +97,7 @@ class StatusRequest(_message.Message):
     def __init__(self, recent_calls: _Optional[int] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "address", "packages", "slots", "running", "last_heartbeat_s", "state", "connected_s", "jobs_done", "jobs_failed", "cpu_percent", "rss_bytes")
+    __slots__ = ("agent_id", "address", "packages", "slots", "running", "last_heartbeat_s", "state", "connected_s", "jobs_done", "jobs_failed", "cpu_percent", "rss_bytes", "mode", "load1", "jobs_cpu_percent", "jobs_rss_bytes", "others_cpu_percent", "limit_stops")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PACKAGES_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,12 @@ class AgentInfo(_message.Message):
     JOBS_FAILED_FIELD_NUMBER: _ClassVar[int]
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    LOAD1_FIELD_NUMBER: _ClassVar[int]
+    JOBS_CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    JOBS_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OTHERS_CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_STOPS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     address: str
     packages: _containers.RepeatedScalarFieldContainer[str]
@@ -122,7 +128,13 @@ class AgentInfo(_message.Message):
     jobs_failed: int
     cpu_percent: float
     rss_bytes: int
-    def __init__(self, agent_id: _Optional[str] = ..., address: _Optional[str] = ..., packages: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., running: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., state: _Optional[str] = ..., connected_s: _Optional[float] = ..., jobs_done: _Optional[int] = ..., jobs_failed: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+    mode: str
+    load1: float
+    jobs_cpu_percent: float
+    jobs_rss_bytes: int
+    others_cpu_percent: float
+    limit_stops: int
+    def __init__(self, agent_id: _Optional[str] = ..., address: _Optional[str] = ..., packages: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., running: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., state: _Optional[str] = ..., connected_s: _Optional[float] = ..., jobs_done: _Optional[int] = ..., jobs_failed: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., load1: _Optional[float] = ..., jobs_cpu_percent: _Optional[float] = ..., jobs_rss_bytes: _Optional[int] = ..., others_cpu_percent: _Optional[float] = ..., limit_stops: _Optional[int] = ...) -> None: ...
 
 class ServiceInfo(_message.Message):
     __slots__ = ("name", "version", "digest", "pure", "idempotent", "timeout_s", "builtin", "agents", "revision", "description")
@@ -493,20 +505,30 @@ class ToAgent(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., holdings: _Optional[_Union[Holdings, _Mapping]] = ..., package: _Optional[_Union[PackageData, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., nested_reply: _Optional[_Union[CallReply, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., nested_id: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("running", "slots", "cpu_percent", "rss_bytes", "load1", "paused")
+    __slots__ = ("running", "slots", "cpu_percent", "rss_bytes", "load1", "paused", "mode", "jobs_cpu_percent", "jobs_rss_bytes", "others_cpu_percent", "limit_stops")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD1_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    JOBS_CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    JOBS_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OTHERS_CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_STOPS_FIELD_NUMBER: _ClassVar[int]
     running: int
     slots: int
     cpu_percent: float
     rss_bytes: int
     load1: float
     paused: bool
-    def __init__(self, running: _Optional[int] = ..., slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., load1: _Optional[float] = ..., paused: _Optional[bool] = ...) -> None: ...
+    mode: str
+    jobs_cpu_percent: float
+    jobs_rss_bytes: int
+    others_cpu_percent: float
+    limit_stops: int
+    def __init__(self, running: _Optional[int] = ..., slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., load1: _Optional[float] = ..., paused: _Optional[bool] = ..., mode: _Optional[str] = ..., jobs_cpu_percent: _Optional[float] = ..., jobs_rss_bytes: _Optional[int] = ..., others_cpu_percent: _Optional[float] = ..., limit_stops: _Optional[int] = ...) -> None: ...
 
 class Fetch(_message.Message):
     __slots__ = ("ref",)
