@@ -54,8 +54,9 @@ from .cache import ResultCache
 
 log = logging.getLogger("microswarm.governor")
 
-#: Default soft target, percent of max heap. Chosen from docs/cache_experiment.md: see docs/cache.md.
-DEFAULT_SOFT_TARGET_PCT = 50.0
+#: Default soft target: the eviction threshold minus this many points of max heap (55% with the
+#: default threshold of 60%). Chosen from docs/cache_experiment.md, see docs/cache.md.
+DEFAULT_EVICTION_HEADROOM_PCT = 5.0
 #: Default max heap: this fraction of the machine's (or the container's) memory, as the JVM's
 #: default MaxRAMPercentage of 25%.
 DEFAULT_MAX_HEAP_FRACTION = 0.25
@@ -115,6 +116,12 @@ def machine_memory_bytes() -> int:
     return total
 
 
+def default_soft_target(eviction_threshold_pct: float) -> float:
+    """The default soft target for an eviction threshold: DEFAULT_EVICTION_HEADROOM_PCT below it
+    (half the threshold if that is higher, for tiny thresholds)."""
+    return max(eviction_threshold_pct - DEFAULT_EVICTION_HEADROOM_PCT, eviction_threshold_pct / 2)
+
+
 @dataclass
 class GovernorSettings:
     """The governor's knobs. Percentages are of ``max_heap_bytes``.
@@ -126,13 +133,14 @@ class GovernorSettings:
 
     max_heap_bytes: int
     eviction_threshold_pct: float = 60.0
-    soft_target_pct: float | None = None        # None: DEFAULT_SOFT_TARGET_PCT (capped at eviction)
+    soft_target_pct: float | None = None        # None: eviction - DEFAULT_EVICTION_HEADROOM_PCT
     critical_threshold_pct: float = 90.0
     interval_s: float = 0.1
     govern_on: str = "both"
     hysteresis_pct: float = 2.0                 # evict down to eviction - this; re-admit below critical - this
     burst_pct: float = 2.0                      # at most this much of max heap evicted per tick
     collection_share_max: float = 0.25          # at most this share of wall time spent collecting
+    min_reclaim_pct: float = 1.0                # collect only if RSS - live estimate is at least this
     allow_soft_above_eviction: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -140,12 +148,12 @@ class GovernorSettings:
                 or self.max_heap_bytes <= 0:
             raise ValueError(f"max_heap_bytes must be a positive number of bytes, not {self.max_heap_bytes!r}")
         for name in ("eviction_threshold_pct", "critical_threshold_pct", "interval_s", "hysteresis_pct",
-                     "burst_pct", "collection_share_max"):
+                     "burst_pct", "collection_share_max", "min_reclaim_pct"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a number, not {v!r}")
         if self.soft_target_pct is None:
-            self.soft_target_pct = min(DEFAULT_SOFT_TARGET_PCT, float(self.eviction_threshold_pct))
+            self.soft_target_pct = default_soft_target(float(self.eviction_threshold_pct))
         soft, ev, crit = self.soft_target_pct, self.eviction_threshold_pct, self.critical_threshold_pct
         if isinstance(soft, bool) or not isinstance(soft, (int, float)) or not math.isfinite(soft):
             raise ValueError(f"soft_target_pct must be a number, not {soft!r}")
@@ -169,6 +177,8 @@ class GovernorSettings:
             raise ValueError(f"hysteresis_pct must be between 0 and eviction_threshold_pct, not {self.hysteresis_pct}")
         if not 0 < self.burst_pct <= 100:
             raise ValueError(f"burst_pct must be in (0, 100], not {self.burst_pct}")
+        if not 0 <= self.min_reclaim_pct < 100:
+            raise ValueError(f"min_reclaim_pct must be in [0, 100), not {self.min_reclaim_pct}")
         if not 0 < self.collection_share_max <= 1:
             raise ValueError(f"collection_share_max must be in (0, 1], not {self.collection_share_max}")
 
@@ -191,6 +201,10 @@ class GovernorSettings:
     @property
     def hysteresis_bytes(self) -> int:
         return self._pct(self.hysteresis_pct)
+
+    @property
+    def min_reclaim_bytes(self) -> int:
+        return self._pct(self.min_reclaim_pct)
 
     @property
     def burst_bytes(self) -> int:
@@ -305,6 +319,7 @@ class HeapGovernor:
         self.collection_cpu_s_total = 0.0
         self.last_collection_ms = 0.0
         self.collections_deferred = 0
+        self.collections_skipped = 0            # above the soft target, but too little garbage
         self.returned_bytes = 0                 # RSS given back by collections, summed
         self.kept_bytes = 0                     # evicted bytes the allocator kept (see collect)
         self._freed_since_collection = 0
@@ -409,11 +424,21 @@ class HeapGovernor:
         now = self._clock()
         decision = "ok"
 
-        # Collect above the soft target; unless we emulate GemFire+ZGC ("rss"), above the eviction
-        # threshold too: when the excess is garbage that is the only way down.
-        trigger = s.soft_bytes if s.govern_on == "rss" else min(s.soft_bytes, s.eviction_bytes)
+        # Collect above the soft target. Unless we emulate GemFire+ZGC ("rss"): also above the
+        # eviction threshold (when the excess is garbage, collecting is the only way down), and
+        # only when the garbage it could return (RSS - live estimate) is at least min_reclaim_pct:
+        # with a live set above the soft target, collecting again and again would return nothing.
+        urgent = heap >= s.critical_bytes
+        if s.govern_on == "rss":
+            trigger, worth = s.soft_bytes, True
+        else:
+            trigger = min(s.soft_bytes, s.eviction_bytes)
+            worth = (urgent or self.heap_after_collection is None      # nothing measured yet
+                     or heap - self.live_estimate() >= s.min_reclaim_bytes)
         if heap > trigger:
-            if self._may_collect(now, urgent=heap >= s.critical_bytes):
+            if not worth:
+                self.collections_skipped += 1
+            elif self._may_collect(now, urgent=urgent):
                 heap = self.collect()
                 decision = "collect"
             else:
@@ -506,6 +531,7 @@ class HeapGovernor:
             "collection_cpu_ms_total": round(self.collection_cpu_s_total * 1000.0, 3),
             "last_collection_ms": round(self.last_collection_ms, 3),
             "collections_deferred": self.collections_deferred,
+            "collections_skipped": self.collections_skipped,
             "collection_returned_bytes": self.returned_bytes,
             "allocator_kept_bytes": self.kept_bytes,
             "evictions": self.evictions,
@@ -548,5 +574,5 @@ def combined_stats(cache: ResultCache, governor: HeapGovernor | None) -> dict[st
     return out
 
 
-__all__ = ["DEFAULT_SOFT_TARGET_PCT", "GovernorSettings", "HeapGovernor", "ResultCache", "StatmReader",
-           "combined_stats", "default_collector", "machine_memory_bytes", "parse_size"]
+__all__ = ["DEFAULT_EVICTION_HEADROOM_PCT", "GovernorSettings", "HeapGovernor", "ResultCache", "StatmReader",
+           "combined_stats", "default_collector", "default_soft_target", "machine_memory_bytes", "parse_size"]

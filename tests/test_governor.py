@@ -14,7 +14,6 @@ import pytest
 
 from coordinator.cache import ENTRY_OVERHEAD, ResultCache
 from coordinator.governor import (
-    DEFAULT_SOFT_TARGET_PCT,
     GovernorSettings,
     HeapGovernor,
     StatmReader,
@@ -78,6 +77,7 @@ def make(entries: int = 300, *, non_cache: int = 100_000, garbage: int = 0, trim
     cache = ResultCache(clock=clock)
     fill(cache, entries)
     mem = Memory(cache, clock, non_cache=non_cache, garbage=garbage, trim=trim, cost_s=cost_s)
+    kw.setdefault("soft_target_pct", 50.0)             # round numbers: soft 50%, eviction 60%, critical 90%
     settings = GovernorSettings(max_heap_bytes=M, **kw)  # type: ignore[arg-type]
     gov = HeapGovernor(cache, settings, mem.rss, collector=mem.collect, clock=clock)
     return cache, mem, clock, gov
@@ -118,12 +118,11 @@ def test_settings_validation_names_the_setting(kwargs: dict, named: str) -> None
 
 def test_settings_defaults_and_from_options() -> None:
     s = GovernorSettings(max_heap_bytes=M)
-    assert (s.eviction_threshold_pct, s.soft_target_pct, s.critical_threshold_pct) == \
-        (60.0, DEFAULT_SOFT_TARGET_PCT, 90.0)
-    assert s.soft_target_pct <= s.eviction_threshold_pct
-    assert (s.soft_bytes, s.eviction_bytes, s.critical_bytes) == (M * DEFAULT_SOFT_TARGET_PCT // 100, 600_000, 900_000)
-    # A lower eviction threshold pulls the default soft target down with it.
-    assert GovernorSettings(max_heap_bytes=M, eviction_threshold_pct=40).soft_target_pct == 40
+    assert (s.eviction_threshold_pct, s.soft_target_pct, s.critical_threshold_pct) == (60.0, 55.0, 90.0)
+    assert (s.soft_bytes, s.eviction_bytes, s.critical_bytes) == (550_000, 600_000, 900_000)
+    # The default soft target follows the eviction threshold, 5 points below it.
+    assert GovernorSettings(max_heap_bytes=M, eviction_threshold_pct=80).soft_target_pct == 75
+    assert GovernorSettings(max_heap_bytes=M, eviction_threshold_pct=6).soft_target_pct == 3
     # The red zone stays reachable for the experiment only.
     assert GovernorSettings(max_heap_bytes=M, soft_target_pct=70, allow_soft_above_eviction=True).soft_bytes == 700_000
 
@@ -178,6 +177,22 @@ def test_above_the_soft_target_it_collects_rate_limited() -> None:
     clock.t += 0.1
     assert gov.tick() == "collect" and gov.collections == 2
     assert cache.entries == 300 and gov.evictions == 0
+
+
+def test_a_live_set_above_the_soft_target_does_not_make_it_collect_in_vain() -> None:
+    """Negative collection headroom (the paper's orange zone): collections cannot get RSS under the
+    soft target, so after the first one the governor waits until there is at least 1% of max heap
+    of garbage to return instead of collecting on every tick."""
+    cache, mem, clock, gov = make(450)                 # live 55% > soft 50%
+    assert gov.tick() == "collect"                      # first measurement
+    for _ in range(10):
+        mem.garbage += 500                             # a trickle: 5k in all, under 1% (10k)
+        clock.t += 0.5
+        assert gov.tick() == "ok"
+    assert gov.collections == 1 and gov.stats()["collections_skipped"] == 10
+    mem.garbage += 6_000
+    clock.t += 0.5
+    assert gov.tick() == "collect" and gov.stats()["collection_returned_bytes"] == 11_000
 
 
 def test_garbage_above_the_eviction_threshold_is_collected_never_evicted() -> None:
