@@ -99,6 +99,7 @@ class Gateway:
         r.add_route("GET", "/healthz", self.healthz)
         r.add_route("POST", "/v1/{group}/{function}", self.call)
         r.add_route("GET", "/v1/{group}/{function}", self.call)
+        r.add_route("*", "/v1/{group}/{function}", self.wrong_method)
         r.add_route("*", "/v1/{tail:.*}", self.no_such_path)
 
     # ------------------------------------------------------------ for other parts
@@ -168,7 +169,7 @@ class Gateway:
                             headers=h)
 
     def _query_input(self, service: str, request: web.Request) -> bytes:
-        """GET: the query parameters as the input object; empty values count as absent."""
+        """GET: the query parameters as the input object (strings, which the model converts)."""
         if service not in self._scalars:
             entry = self.c.registry.services.get(service)
             if entry is None:
@@ -184,8 +185,7 @@ class Gateway:
             values = q.getall(key)
             if len(values) > 1:
                 raise ValueError(f"{key} is given more than once")
-            if values[0] != "":
-                data[key] = values[0]
+            data[key] = values[0]
         return json.dumps(data).encode()
 
     async def call(self, request: web.Request) -> web.Response:
@@ -193,12 +193,14 @@ class Gateway:
         group, function = request.match_info["group"], request.match_info["function"]
         service = f"{group}.{function}"
         address = self._address(request)
+        client = "anonymous"
         try:
-            token = self.c.auth.authorize(request.headers.get("Authorization"), service)
+            token = self.c.auth.verify(request.headers.get("Authorization"))
+            client = caller_label(token, request.headers.get("X-Client", ""))
+            self.c.auth.check(token, service)
         except AuthError as exc:
-            reply = auth_refusal(self.c, service, exc, client="", address=address, t0=t0)
+            reply = auth_refusal(self.c, service, exc, client=client, address=address, t0=t0)
             return self._respond(reply, t0, {"WWW-Authenticate": exc.www_authenticate()})
-        client = caller_label(token, request.headers.get("X-Client", ""))
         if not NAME_RE.match(service):
             reply = refuse(self.c, service, "unknown_service", f"no service named {service!r}: names look like "
                            "group.function, in lower case", client=client, address=address, t0=t0)
@@ -223,6 +225,16 @@ class Gateway:
         req = pb.CallRequest(service=service, input=raw if raw.strip() else b"{}", encoding=pb.JSON)
         reply = await self.c.dispatcher.call(req, client=client, address=address)
         return self._respond(reply, t0)
+
+    async def wrong_method(self, request: web.Request) -> web.Response:
+        t0 = time.perf_counter()
+        service = f"{request.match_info['group']}.{request.match_info['function']}"
+        entry = self.c.registry.services.get(service)
+        get = entry is not None and openapi.scalar_fields(entry.cls.input_model) is not None
+        reply = pb.CallReply(status="error", executed_by="coordinator", service=service, error=pb.Error(
+            code="method_not_allowed", message=f"{request.method} is not how services are called: POST a JSON "
+                                               "body" + (", or GET with query parameters" if get else "")))
+        return self._respond(reply, t0, {"Allow": "GET, POST" if get else "POST"})
 
     async def no_such_path(self, request: web.Request) -> web.Response:
         t0 = time.perf_counter()

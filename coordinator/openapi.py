@@ -123,7 +123,7 @@ def build(entries: Iterable[Any], *, title: str = "microswarm", version: str = "
     paths: dict[str, Any] = {}
     scopes: dict[str, str] = {"*": "every service"}
     tags: dict[str, str] = {}
-    errors = _error_responses([400, 401, 403, 404, 413, 422, 500, 502, 503, 504])
+    errors = _error_responses([400, 401, 403, 404, 405, 413, 422, 500, 502, 503, 504])
     for e in entries:
         cls = e.cls
         group, function = e.name.split(".", 1)

@@ -258,12 +258,14 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
     async def Call(self, request: pb.CallRequest, context: aio.ServicerContext) -> pb.CallReply:
         md = dict(context.invocation_metadata())
         request.ClearField("chain")  # only the coordinator sets the chain of nested calls
+        client = "anonymous"
         try:  # every call needs a bearer token whose scope covers the service
-            token = self.c.auth.authorize(md.get("authorization"), request.service)
+            token = self.c.auth.verify(md.get("authorization"))
+            client = caller_label(token, md.get("x-client", ""))
+            self.c.auth.check(token, request.service)
         except AuthError as exc:
-            return auth_refusal(self.c, request.service, exc, client=md.get("x-client", ""), address=context.peer())
-        return await self.c.dispatcher.call(request, client=caller_label(token, md.get("x-client", "")),
-                                            address=context.peer())
+            return auth_refusal(self.c, request.service, exc, client=client, address=context.peer())
+        return await self.c.dispatcher.call(request, client=client, address=context.peer())
 
     async def CallStream(self, request_iterator: Any, context: aio.ServicerContext) -> None:
         """Calls multiplexed on one stream; replies are batched in completion order."""
@@ -271,7 +273,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
         peer = context.peer()
         token: Any = None
         refusal: AuthError | None = None
-        client = md.get("x-client", "")
+        client = "anonymous"
         try:  # the stream's token, checked again (expiry, revocation, scope) for each call
             token = self.c.auth.verify(md.get("authorization"))
             client = caller_label(token, md.get("x-client", ""))
@@ -319,7 +321,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
                         token = self.c.auth.verify(batch.authorization)
                         client = caller_label(token, md.get("x-client", ""))
                     except AuthError as exc:
-                        token, refusal = None, exc
+                        token, refusal, client = None, exc, "anonymous"
                 for cid, req in zip(batch.ids, batch.calls):
                     if len(tasks) >= MAX_STREAM_IN_FLIGHT:
                         outbox.put_nowait((cid, pb.CallReply(status="error", service=req.service,
