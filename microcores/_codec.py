@@ -24,7 +24,24 @@ _packer_opts = {"default": _default, "use_bin_type": True, "datetime": False}
 
 
 def pack(value: Any) -> bytes:
-    return msgpack.packb(value, **_packer_opts)
+    try:
+        return msgpack.packb(value, **_packer_opts)
+    except OverflowError:  # an int beyond 64 bits, which a model's plain `int` lets through
+        where = _big_int(value) or "a number"
+        raise InvalidInput(f"{where} is out of range: integers must fit in 64 bits",
+                           field=where if where != "a number" else "") from None
+
+
+def _big_int(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first integer msgpack cannot carry (the slow path of an error only)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return path or "input" if not -(1 << 63) <= value < (1 << 64) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = _big_int(v, f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
 
 
 def canonical(value: Any) -> bytes:
