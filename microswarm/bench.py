@@ -1,7 +1,10 @@
 """`microswarm bench`: latency, throughput and payload figures through the real client path.
 
 Starts its own coordinator and two agents on loopback (or measures `--coordinator`), prints a
-table, and as its last line one JSON object: p50_ms, p99_ms, calls_per_s, mb_s_100k, mb_s_10m.
+table, and as its last line one JSON object: p50_ms, p99_ms, calls_per_s, mb_s_100k, mb_s_10m,
+and for the HTTP gateway gateway_overhead_p50_ms, gateway_overhead_p99_ms (an HTTP call minus the
+same call over gRPC, interleaved) and http_calls_per_s (its own cluster's gateway, or the one at
+MICROSWARM_GATEWAY_URL when measuring `--coordinator`).
 Latency uses math.compute with a fresh input each call, so no answer comes from the cache.
 MB/s counts payload bytes per second of echo round trips (each trip carries them both ways).
 """
@@ -22,6 +25,7 @@ from rich.table import Table
 from .cluster import LocalCluster
 
 console = Console(stderr=True)
+_STATE_DIR: str | None = None  # where the clients find the operator's credential (None: the default)
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -34,7 +38,7 @@ async def _latency(addr: str, n: int) -> tuple[list[float], dict[str, int]]:
     by: dict[str, int] = {}
     lat: list[float] = []
     base = random.random() * 1e9  # fresh inputs on every run: nothing comes from the cache
-    async with AsyncClient(addr, client_name="bench") as c:
+    async with AsyncClient(addr, client_name="bench", state_dir=_STATE_DIR) as c:
         for i in range(n):
             t0 = time.perf_counter()
             env = await c.envelope("math.compute", {"a": base + i, "b": 1.0, "op": "add"})
@@ -53,7 +57,7 @@ async def _throughput(addr: str, seconds: float, in_flight: int) -> tuple[float,
     base = random.random() * 1e9
     counter = iter(range(10**15))
 
-    async with AsyncClient(addr, client_name="bench") as c:
+    async with AsyncClient(addr, client_name="bench", state_dir=_STATE_DIR) as c:
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < stop:
@@ -72,7 +76,7 @@ async def _payload(addr: str, size: int, rounds: int) -> tuple[float, list[float
     from microcores.client import AsyncClient
     data = os.urandom(size)
     times = []
-    async with AsyncClient(addr, client_name="bench") as c:
+    async with AsyncClient(addr, client_name="bench", state_dir=_STATE_DIR) as c:
         for _ in range(rounds):
             t0 = time.perf_counter()
             env = await c.envelope("demo.echo_bytes", {"data": data}, timeout=60)
@@ -83,7 +87,60 @@ async def _payload(addr: str, size: int, rounds: int) -> tuple[float, list[float
     return size / med / 1e6, times
 
 
-async def _measure(addr: str, n_lat: int, tp_s: float, quick: bool) -> tuple[Any, ...]:
+async def _gateway(addr: str, http_url: str, n: int, seconds: float, in_flight: int) -> dict[str, Any]:
+    """The same trivial call over HTTP (keep-alive) and over gRPC (unary Call), interleaved so that
+    both see the same machine; then HTTP calls per second with `in_flight` connections."""
+    import aiohttp
+
+    from microcores.client import AsyncClient
+    base = random.random() * 1e9
+    http_ms: list[float] = []
+    grpc_ms: list[float] = []
+    async with AsyncClient(addr, client_name="bench", state_dir=_STATE_DIR, multiplex=False) as c:
+        headers = {"Authorization": f"Bearer {await c.token()}", "Content-Type": "application/json"}
+        url = http_url + "/v1/math/compute"
+        conn = aiohttp.TCPConnector(limit=in_flight, force_close=False)
+        async with aiohttp.ClientSession(connector=conn, headers=headers) as http:
+            async def over_http(i: float) -> None:
+                async with http.post(url, data=json.dumps({"a": base + i, "b": 1.0, "op": "add"})) as r:
+                    body = await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"HTTP gateway call failed: {r.status} {body[:200]!r}")
+
+            async def over_grpc(i: float) -> None:
+                env = await c.envelope("math.compute", {"a": base + i, "b": 1.0, "op": "add"})
+                if not env.ok:
+                    raise RuntimeError(f"gRPC call failed: {env.error}")
+
+            for i in range(100):  # warm up both paths
+                await over_http(-i - 1)
+                await over_grpc(-i - 1e6)
+            for i in range(n):
+                for fn, out, x in ((over_http, http_ms, 2 * i), (over_grpc, grpc_ms, 2 * i + 1)):
+                    t0 = time.perf_counter()
+                    await fn(x + 0.5)
+                    out.append((time.perf_counter() - t0) * 1000)
+            done = 0
+            counter = iter(range(10**9, 10**15))
+            stop = time.perf_counter() + seconds
+
+            async def worker() -> None:
+                nonlocal done
+                while time.perf_counter() < stop:
+                    await over_http(next(counter))
+                    done += 1
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(in_flight)))
+            cps = done / (time.perf_counter() - t0)
+    return {"gateway_overhead_p50_ms": round(statistics.median(http_ms) - statistics.median(grpc_ms), 3),
+            "gateway_overhead_p99_ms": round(_pct(http_ms, 99) - _pct(grpc_ms, 99), 3),
+            "http_p50_ms": round(statistics.median(http_ms), 3), "http_p99_ms": round(_pct(http_ms, 99), 3),
+            "grpc_unary_p50_ms": round(statistics.median(grpc_ms), 3),
+            "grpc_unary_p99_ms": round(_pct(grpc_ms, 99), 3),
+            "http_calls_per_s": round(cps, 1)}
+
+
+async def _measure(addr: str, n_lat: int, tp_s: float, quick: bool, http_url: str | None = None) -> tuple[Any, ...]:
     """Every phase in one event loop: grpc.aio channels must not outlive their loop."""
     await _latency(addr, 50)  # warm up: workers started, connections open
     lat, lat_by = await _latency(addr, n_lat)
@@ -91,22 +148,25 @@ async def _measure(addr: str, n_lat: int, tp_s: float, quick: bool) -> tuple[Any
     cps, tp_by = await _throughput(addr, tp_s, 64)
     mb100k, _ = await _payload(addr, 100_000, 50 if quick else 200)
     mb10m, _ = await _payload(addr, 10_000_000, 5 if quick else 15)
-    return lat, lat_by, cps, tp_by, mb100k, mb10m
+    gw = await _gateway(addr, http_url, n_lat // 2, tp_s / 2, 64) if http_url else {}
+    return lat, lat_by, cps, tp_by, mb100k, mb10m, gw
 
 
 def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str | None = None) -> int:
+    global _STATE_DIR
     cluster = None
+    http_url = os.environ.get("MICROSWARM_GATEWAY_URL") or None
     try:
         if coordinator is None:
             with console.status("starting a coordinator and two agents on loopback…"):
-                cluster = LocalCluster(agents=2, slots=2).start()
-            addr = cluster.addr
+                cluster = LocalCluster(agents=2, slots=2, http=True).start()
+            addr, http_url, _STATE_DIR = cluster.addr, cluster.http_url, str(cluster.state)
         else:
             addr = coordinator
         n_lat = 300 if quick else 2000
         tp_s = 3.0 if quick else 8.0
         with console.status("measuring: latency, throughput, payloads…"):
-            lat, lat_by, cps, tp_by, mb100k, mb10m = asyncio.run(_measure(addr, n_lat, tp_s, quick))
+            lat, lat_by, cps, tp_by, mb100k, mb10m, gw = asyncio.run(_measure(addr, n_lat, tp_s, quick, http_url))
     finally:
         if cluster is not None:
             cluster.stop()
@@ -119,6 +179,7 @@ def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str
         "mb_s_10m": round(mb10m, 1),
         "remote_share": round(remote / len(lat), 3),
         "throughput_executed_by": tp_by,
+        **gw,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
     }
     t = Table(title="microswarm bench", title_justify="left")
@@ -131,6 +192,10 @@ def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str
     t.add_row("echo 100 KB", f"{result['mb_s_100k']:.0f} MB/s", "")
     t.add_row("echo 10 MB", f"{result['mb_s_10m']:.0f} MB/s", ">= 200 MB/s")
     t.add_row("latency calls run by an agent", f"{result['remote_share']:.0%}", "100%")
+    if gw:
+        t.add_row("HTTP gateway overhead p50 (vs gRPC unary)", f"{gw['gateway_overhead_p50_ms']:.2f} ms", "< 2 ms")
+        t.add_row("HTTP gateway overhead p99", f"{gw['gateway_overhead_p99_ms']:.2f} ms", "")
+        t.add_row("HTTP calls/s, 64 connections", f"{gw['http_calls_per_s']:.0f}", "")
     Console().print(t)
     line = json.dumps(result)
     if out_path:
