@@ -7,6 +7,8 @@ default needs no server. Layout:
     admin.token             the operator's credential for publishing
     registry.json           published services and their versions, newest last
     packages/<digest>/      manifest.json, manifest.sig, archive.zip, files/ (extracted)
+    clients.json            the gateway's clients, secrets as salted hashes (coordinator/auth.py)
+    tokens.jsonl            a journal of token hashes, scopes and expiries (never the tokens)
 """
 from __future__ import annotations
 
