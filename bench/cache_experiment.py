@@ -165,6 +165,8 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
         "collection_wall_s": round(gs["collection_ms_total"] / 1000.0, 3),
         "mean_collection_ms": round(gs["collection_ms_total"] / gs["collections"], 2) if gs["collections"] else 0.0,
         "collections_deferred": gs["collections_deferred"],
+        "collections_skipped": gs["collections_skipped"],
+        "collection_returned_bytes": gs["collection_returned_bytes"],
         "process_cpu_s": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 3),
         "sampling_cpu_ms": gs["sampling_cpu_ms"],
         "series": series,

@@ -183,7 +183,7 @@ def test_a_live_set_above_the_soft_target_does_not_make_it_collect_in_vain() -> 
     """Negative collection headroom (the paper's orange zone): collections cannot get RSS under the
     soft target, so after the first one the governor waits until there is at least 1% of max heap
     of garbage to return instead of collecting on every tick."""
-    cache, mem, clock, gov = make(450)                 # live 55% > soft 50%
+    _, mem, clock, gov = make(450)                 # live 55% > soft 50%
     assert gov.tick() == "collect"                      # first measurement
     for _ in range(10):
         mem.garbage += 500                             # a trickle: 5k in all, under 1% (10k)
