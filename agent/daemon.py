@@ -5,6 +5,10 @@ coordinator's key against the one pinned by its token, then serves jobs over one
 stream until told to stop. Packages are verified and run in isolated worker processes, one
 pool per package version. On SIGTERM it takes no new jobs, finishes the running ones, says
 goodbye and exits 0; when the coordinator goes away it reconnects with backoff.
+
+With `--discover` it finds the coordinator on the LAN (zeroconf), among the advertisements whose
+key fingerprint is the one its token pins; the handshake still proves the key. The volunteer's
+limits, idle-only mode and pause/resume live in `agent.volunteer`.
 """
 from __future__ import annotations
 
@@ -30,10 +34,12 @@ from microcores._package import Package, extract, verify_signature
 from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, check_len, collect, derive_keys,
                                 fingerprint, hello_transcript, join_mac, new_ephemeral, public_bytes, sign, split,
                                 verify)
-from microcores._worker import WorkerCrashed, WorkerPool
+from microcores._worker import LimitExceeded, WorkerCrashed, WorkerPool
 from microcores.errors import MicroError, PackageError, ProtocolError, from_code
 from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
+
+from .volunteer import ControlServer, Monitor, VolunteerSettings, socket_path
 
 log = logging.getLogger("microswarm.agent")
 
@@ -63,6 +69,10 @@ class AgentConfig:
     state_dir: str = ""
     drain_s: float = 60.0
     max_backoff_s: float = 30.0
+    discover: bool = False           # find the coordinator on the LAN instead of `coordinator`
+    discover_timeout_s: float = 10.0
+    volunteer: VolunteerSettings = field(default_factory=VolunteerSettings)
+    control_socket: bool = True      # `microswarm agent pause|resume` through <state_dir>/agent.sock
 
 
 @dataclass
@@ -98,6 +108,85 @@ class Agent:
         self.heartbeat_s = 1.0
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)
+        self.volunteer = config.volunteer
+        self.volunteer.check()  # ValueError with a clear message
+        self.paused = False      # by the owner: `microswarm agent pause`, SIGUSR1
+        self.limit_stops = 0
+        self.address = config.coordinator
+        self._joined = False
+        self.monitor = Monitor(self.volunteer, self._workers, self._owner_changed)
+        self.control: ControlServer | None = None
+        self._log_filter = _AgentLogContext(self.agent_id)
+
+    # ------------------------------------------------------------ volunteer controls
+
+    @property
+    def mode(self) -> str:
+        if self.draining:
+            return "draining"
+        if self.paused:
+            return "paused"
+        if self.monitor.owner_busy:
+            return "owner_busy"
+        return "active"
+
+    def _workers(self) -> list[tuple[Any, bool]]:
+        return [(w, w in pool.busy) for pool in self.pools.values() for w in pool.workers()]
+
+    def _hand_back(self, reason: str, why: str) -> int:
+        """Stop every running job; each goes back to the coordinator as an agent fault naming `reason`."""
+        self.monitor.release()
+        n = 0
+        for pool in self.pools.values():
+            for w in list(pool.busy):
+                w.stop(f"{reason}: {why}")
+                n += 1
+        if n:
+            log.info("handed %d running job(s) back to the coordinator: %s", n, why)
+        return n
+
+    def _mode_changed(self) -> None:
+        if self.link is not None:
+            self.link.send(self._heartbeat())
+
+    def _owner_changed(self, busy: bool) -> None:
+        if busy:
+            self._hand_back("owner_busy", "the machine's owner came back (--idle-only)")
+        self._mode_changed()
+
+    def pause(self, finish: bool = False) -> dict[str, Any]:
+        was = self.paused
+        self.paused = True
+        handed = 0 if finish else self._hand_back("paused", "the agent was paused by its owner")
+        if not was:
+            log.info("paused: taking no new jobs%s", "" if finish else f" ({handed} handed back)")
+        self._mode_changed()
+        return {"ok": True, "mode": self.mode, "handed_back": handed}
+
+    def resume(self) -> dict[str, Any]:
+        if self.paused:
+            log.info("resumed: taking jobs%s", " once the machine is idle" if self.monitor.owner_busy else "")
+        self.paused = False
+        self._mode_changed()
+        return {"ok": True, "mode": self.mode}
+
+    def status(self) -> dict[str, Any]:
+        return {"ok": True, "agent_id": self.agent_id, "coordinator": self.address, "connected": self.link is not None,
+                "mode": self.mode, "slots": self.config.slots, "running": len(self.jobs),
+                "packages": len(self.pools), "limit_stops": self.limit_stops,
+                "jobs_cpu_percent": round(self.monitor.jobs_cpu_percent, 1), "jobs_rss_bytes": self.monitor.jobs_rss,
+                "others_cpu_percent": round(self.monitor.others_cpu_percent, 1),
+                "throttled_s": round(self.monitor.throttled_s, 2), "settings": self.volunteer.describe()}
+
+    def _control(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("command")
+        if cmd == "pause":
+            return self.pause(finish=bool(req.get("finish")))
+        if cmd == "resume":
+            return self.resume()
+        if cmd == "status":
+            return self.status()
+        return {"ok": False, "error": f"unknown command {cmd!r}: use pause, resume or status"}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -105,12 +194,27 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._begin_stop)
+        loop.add_signal_handler(signal.SIGUSR1, self.pause)
+        loop.add_signal_handler(signal.SIGUSR2, self.resume)
+        for h in logging.getLogger().handlers:
+            h.addFilter(self._log_filter)
+        monitor = asyncio.create_task(self.monitor.run())
+        if self.config.control_socket:
+            self.control = ControlServer(socket_path(self.config.state_dir), self._control)
+            try:
+                await self.control.start()
+            except OSError as exc:
+                log.warning("no control socket at %s: %s; use SIGUSR1/SIGUSR2", self.control.path, exc)
+                self.control = None
+        if self.volunteer.idle_only:
+            log.info("idle-only: taking jobs once others use under %.0f%% of the CPU for %.0f s",
+                     self.volunteer.idle_threshold, self.volunteer.idle_wait)
         backoff = 0.5
         try:
             while not self.stop_event.is_set():
                 started = time.monotonic()
                 try:
-                    await self._session()
+                    await self._connect()
                     if self.draining:
                         await self.stop_event.wait()
                         break
@@ -126,7 +230,7 @@ class Agent:
                         await self.stop_event.wait()
                         break
                     detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-                    log.warning("cannot reach the coordinator at %s: %s", self.config.coordinator, detail)
+                    log.warning("cannot reach the coordinator at %s: %s", self.address or "(not found)", detail)
                 if time.monotonic() - started > 10:
                     backoff = 0.5
                 delay = backoff * (0.5 + random.random())
@@ -138,7 +242,13 @@ class Agent:
                 backoff = min(self.config.max_backoff_s, backoff * 2)
             return 0
         finally:
+            monitor.cancel()
+            self.monitor.release()
+            if self.control is not None:
+                await self.control.close()
             await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
+            for h in logging.getLogger().handlers:
+                h.removeFilter(self._log_filter)
 
     def _begin_stop(self) -> None:
         if self.draining:
@@ -168,8 +278,53 @@ class Agent:
 
     # ------------------------------------------------------------ one session
 
-    async def _session(self) -> None:
-        async with aio.insecure_channel(self.config.coordinator, options=LINK_OPTIONS) as channel:
+    async def _targets(self) -> list[str]:
+        """Where to dial: the configured address, or what LAN discovery finds for this token's key."""
+        if not self.config.discover:
+            return [self.config.coordinator]
+        from microcores._discovery import browse
+
+        self.address = ""
+        matching, others = await browse(self.config.discover_timeout_s, self.token.fingerprint_hex)
+        if not matching:
+            if others:
+                raise ConnectionError(
+                    f"LAN discovery found {len(others)} coordinator(s) "
+                    f"({', '.join(a.fingerprint[:16] + ' at ' + a.targets[0] for a in others)}), none with the key "
+                    f"this token pins ({self.token.fingerprint_hex[:16]})")
+            raise ConnectionError(f"LAN discovery found no coordinator in {self.config.discover_timeout_s:.0f} s")
+        targets = [t for ad in matching for t in ad.targets]
+        log.info("LAN discovery: coordinator %s at %s", self.token.fingerprint_hex[:16], ", ".join(targets))
+        return targets
+
+    async def _connect(self) -> None:
+        """One session with the first target that answers; a spoofed address is skipped only if
+        a later one proves the pinned key, else its key mismatch is the answer."""
+        targets = await self._targets()
+        last: BaseException | None = None
+        for target in targets:
+            self.address = target
+            self._joined = False
+            try:
+                await self._session(target)
+                return
+            except AgentRefused as r:
+                if r.code != "coordinator_key_mismatch" or self._joined:
+                    raise
+                if self.config.discover:
+                    r.message += " (found by LAN discovery: a spoofed or stale advertisement)"
+                last = r
+            except (grpc.RpcError, ConnectionError, ProtocolError, OSError) as exc:
+                if self._joined:
+                    raise
+                last = exc
+            if len(targets) > 1:
+                log.warning("could not join %s: %s", target, last)
+        assert last is not None
+        raise last
+
+    async def _session(self, address: str) -> None:
+        async with aio.insecure_channel(address, options=LINK_OPTIONS) as channel:
             stub = pbg.AgentLinkStub(channel)
             call = stub.Connect()
             link = await self._handshake(call)
@@ -212,7 +367,7 @@ class Agent:
         presented = fingerprint(ch.coordinator_key)
         if presented != self.token.fingerprint:
             raise AgentRefused("coordinator_key_mismatch",
-                               f"the coordinator at {self.config.coordinator} presented key "
+                               f"the coordinator at {self.address} presented key "
                                f"{presented.hex()[:16]}, but the token pins {self.token.fingerprint_hex[:16]}: "
                                "wrong coordinator, a spoofed one, or an old token")
         t = hello_transcript(PROTOCOL, self.agent_id, my_key, eph_pub, nonce, self.config.slots)
@@ -230,9 +385,10 @@ class Agent:
         if welcome.WhichOneof("kind") != "welcome":
             raise AgentRefused("protocol_error", f"expected Welcome, got {welcome.WhichOneof('kind')}")
         self.heartbeat_s = welcome.welcome.heartbeat_s or 1.0
-        log.info("joined coordinator %s as %s with %d slots", welcome.welcome.coordinator_id[:16],
-                 self.agent_id, self.config.slots)
-        print(f"agent {self.agent_id} joined {self.config.coordinator}", flush=True)
+        self._joined = True
+        log.info("joined coordinator %s at %s as %s with %d slots", welcome.welcome.coordinator_id[:16],
+                 self.address, self.agent_id, self.config.slots)
+        print(f"agent {self.agent_id} joined {self.address}", flush=True)
         return link
 
     async def _next(self, link: Link) -> list[pb.ToAgent]:
@@ -274,9 +430,13 @@ class Agent:
             load1 = os.getloadavg()[0]
         except OSError:
             load1 = 0.0
+        mode = self.mode
+        m = self.monitor
         return pb.ToCoordinator(heartbeat=pb.Heartbeat(
             running=len(self.jobs), slots=self.config.slots, cpu_percent=self._proc.cpu_percent(None),
-            rss_bytes=self._proc.memory_info().rss, load1=load1, paused=self.draining))
+            rss_bytes=self._proc.memory_info().rss, load1=load1, paused=mode != "active", mode=mode,
+            jobs_cpu_percent=m.jobs_cpu_percent, jobs_rss_bytes=m.jobs_rss,
+            others_cpu_percent=m.others_cpu_percent, limit_stops=self.limit_stops))
 
     async def _receive(self, link: Link) -> None:
         batch, link.pending = link.pending, []
@@ -348,7 +508,7 @@ class Agent:
 
     async def _activate(self, link: Link, ref: pb.PackageRef) -> None:
         if ref.digest not in self.pools:
-            pool = WorkerPool(self.packages_dir / ref.digest, self.config.slots)
+            pool = WorkerPool(self.packages_dir / ref.digest, self.config.slots, env=self.volunteer.worker_env())
             try:
                 await pool.warm()
             except WorkerCrashed as exc:
@@ -368,7 +528,10 @@ class Agent:
     async def _run_job(self, link: Link, job: pb.Job) -> None:
         result = pb.JobResult(job_id=job.job_id)
         pool = self.pools.get(job.digest)
+        ctx = {"job": job.job_id, "service": job.service}
         try:
+            if self.mode in ("paused", "owner_busy"):  # it was on the wire when we stopped taking jobs
+                raise LimitExceeded(self.mode, f"{self.mode}: this agent takes no jobs now")
             if pool is None:
                 raise WorkerCrashed(f"package {job.digest[:12]} for {job.service} is not installed here")
             if len(self.jobs) > self.config.slots:
@@ -380,15 +543,23 @@ class Agent:
                 e = outcome.error
                 result.error.CopyFrom(pb.Error(code=e.get("code", "service_error"), message=e.get("message", ""),
                                                field=e.get("field", "")))
+        except LimitExceeded as exc:  # the agent stays up; the coordinator runs the job itself
+            result.ok, result.agent_fault = False, True
+            result.error.CopyFrom(pb.Error(code=exc.limit, message=str(exc)))
+            if exc.limit not in ("paused", "owner_busy"):
+                self.limit_stops += 1
+            log.warning("job %s (%s) stopped: %s", job.job_id, job.service, exc, extra={**ctx, "limit": exc.limit})
         except WorkerCrashed as exc:
             result.ok, result.agent_fault = False, True
             result.error.CopyFrom(pb.Error(code="agent_fault", message=str(exc)))
-            log.warning("job %s (%s) failed on this agent: %s", job.job_id, job.service, exc)
+            log.warning("job %s (%s) failed on this agent: %s", job.job_id, job.service, exc, extra=ctx)
         except MicroError as exc:
             result.ok = False
             result.error.CopyFrom(pb.Error(code=exc.code, message=exc.message, field=exc.field))
         except asyncio.CancelledError:
             return
+        log.debug("job %s (%s): %s", job.job_id, job.service, "ok" if result.ok else result.error.code,
+                  extra={**ctx, "outcome": "ok" if result.ok else result.error.code, "run_ms": round(result.run_ms, 3)})
         link.send(pb.ToCoordinator(result=result))
 
     async def _nested_call(self, link: Link, job: pb.Job, service: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -406,3 +577,16 @@ class Agent:
         if reply.status != "ok":
             raise from_code(reply.error.code, reply.error.message, reply.error.field)
         return _codec.unpack(reply.result)
+
+
+class _AgentLogContext(logging.Filter):
+    """Adds this agent's id to every log record (a field of its own in --log-format json)."""
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__()
+        self.agent_id = agent_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "agent"):
+            record.agent = self.agent_id
+        return True

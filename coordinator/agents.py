@@ -8,6 +8,7 @@ ends, when it fails with AgentLost so that dispatch can take over.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import itertools
 import logging
@@ -73,6 +74,7 @@ class AgentSession:
     closed: bool = False
     ping_seq: int = 0
     nested_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    join_secret: bytes = b""  # sha256 of the join secret it proved: SIGHUP drops it if revoked
 
     @property
     def running(self) -> int:
@@ -121,7 +123,12 @@ class AgentSession:
                             running=self.running, last_heartbeat_s=time.monotonic() - self.last_seen,
                             state=self.state, connected_s=time.time() - self.connected_at,
                             jobs_done=self.jobs_done, jobs_failed=self.jobs_failed,
-                            cpu_percent=self.heartbeat.cpu_percent, rss_bytes=self.heartbeat.rss_bytes)
+                            cpu_percent=self.heartbeat.cpu_percent, rss_bytes=self.heartbeat.rss_bytes,
+                            mode=self.heartbeat.mode or ("paused" if self.heartbeat.paused else "active"),
+                            load1=self.heartbeat.load1, jobs_cpu_percent=self.heartbeat.jobs_cpu_percent,
+                            jobs_rss_bytes=self.heartbeat.jobs_rss_bytes,
+                            others_cpu_percent=self.heartbeat.others_cpu_percent,
+                            limit_stops=self.heartbeat.limit_stops)
 
 
 class AgentLinkService:
@@ -183,7 +190,9 @@ class AgentLinkService:
         if frame.WhichOneof("kind") != "agent_proof":
             raise Refused("protocol_error", "expected AgentProof as the third frame")
         verify(h.agent_key, frame.agent_proof.signature, th, b"agent", "agent")
-        if not any(hmac.compare_digest(join_mac(s, th), frame.agent_proof.join_mac) for s in c.state.join_secrets()):
+        proved = next((s for s in c.state.join_secrets()
+                       if hmac.compare_digest(join_mac(s, th), frame.agent_proof.join_mac)), None)
+        if proved is None:
             raise Refused("bad_join_secret", "join secret not accepted: get a current token with "
                           "`microswarm coordinator token` on the coordinator")
         existing = c.agents.get(h.agent_id)
@@ -196,12 +205,14 @@ class AgentLinkService:
         k_a2c, k_c2a = derive_keys(eph, h.ephemeral, th)
         session = AgentSession(h.agent_id, bytes(h.agent_key), address, h.slots, h.hostname,
                                coordinator_channel(SUITE, k_a2c, k_c2a), c)
+        session.join_secret = hashlib.sha256(proved).digest()
         c.agents[h.agent_id] = session
         return session
 
     async def _serve(self, s: AgentSession, context: Any) -> None:
         c = self.c
-        log.info("agent %s joined from %s with %d slots", s.agent_id, s.address, s.slots)
+        log.info("agent %s joined from %s with %d slots", s.agent_id, s.address, s.slots,
+                 extra={"agent": s.agent_id})
         s.send(pb.ToAgent(welcome=pb.Welcome(agent_id=s.agent_id, heartbeat_s=c.heartbeat_s,
                                              liveness_s=c.liveness_s, max_frame=MAX_FRAME,
                                              coordinator_id=c.state.fingerprint.hex())))

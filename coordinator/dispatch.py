@@ -106,6 +106,12 @@ class Dispatcher:
                           reply.executed_by or "-", reply.status == "ok", reply.process_time_ms,
                           reply.error.code if reply.status != "ok" else "", reply.attempts, reply.cache_hit)
         self.c.calllog.add(entry)
+        if log.isEnabledFor(logging.DEBUG):  # one event per call: --log-level debug --log-format json
+            log.debug("call %s by %s: %s, run by %s in %.1f ms", entry.service, entry.client,
+                      "ok" if entry.success else entry.error_code, entry.executed_by, entry.ms,
+                      extra={"event": "call", "client": entry.client, "service": entry.service,
+                             "executed_by": entry.executed_by, "outcome": "ok" if entry.success else entry.error_code,
+                             "ms": round(entry.ms, 3), "attempts": entry.attempts, "address": entry.address})
         for observer in self.observers:
             observer(entry, reply)
         return reply
@@ -182,10 +188,12 @@ class Dispatcher:
             try:
                 res = await agent.run_job(job, remaining)
             except AgentLost as exc:
-                log.warning("%s on agent %s lost (%s); the coordinator takes over", entry.name, agent.agent_id, exc)
+                log.warning("%s on agent %s lost (%s); the coordinator takes over", entry.name, agent.agent_id, exc,
+                            extra={"agent": agent.agent_id, "job": job.job_id, "service": entry.name})
                 self.c.suspect(agent, f"lost job {job.job_id}")
             except asyncio.TimeoutError:
-                log.warning("%s on agent %s timed out", entry.name, agent.agent_id)
+                log.warning("%s on agent %s timed out", entry.name, agent.agent_id,
+                            extra={"agent": agent.agent_id, "job": job.job_id, "service": entry.name})
                 self.c.suspect(agent, f"job {job.job_id} timed out")
             else:
                 if res.ok:
@@ -193,7 +201,8 @@ class Dispatcher:
                 if not res.agent_fault:
                     raise from_code(res.error.code, res.error.message, res.error.field)
                 log.warning("agent %s failed %s: %s; the coordinator takes over", agent.agent_id, entry.name,
-                            res.error.message)
+                            res.error.message, extra={"agent": agent.agent_id, "job": job.job_id,
+                                                      "service": entry.name, "error_code": res.error.code})
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(f"{entry.name} did not finish within its deadline "

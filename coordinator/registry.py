@@ -77,6 +77,34 @@ class Registry:
                 log.error("could not restore published package %s (%s): %s", rec.get("name"),
                           rec.get("digest", "?")[:12], exc)
 
+    def reload(self) -> list[str]:
+        """Re-read registry.json (SIGHUP): records new to this process are loaded, records gone
+        from the file are unpublished (a built-in they replaced comes back). Returns the names
+        whose current version changed."""
+        before = {n: e.digest for n, e in self.services.items()}
+        records = self.state.read_registry()
+        keep = {d: e for d, e in self.by_digest.items() if e.builtin}
+        old = self.by_digest
+        self.services, self.by_digest = {}, {}
+        for e in keep.values():
+            self._add(e)
+        for rec in records:
+            try:
+                entry = old.get(rec["digest"])
+                if entry is None or entry.builtin:
+                    pkg = self.state.load_package(rec["digest"])
+                    entry = ServiceEntry(self._load_class(pkg), pkg, int(rec["revision"]), False,
+                                         float(rec["published_at"]))
+                    log.info("reload: %s revision %d (digest %s) is new", entry.label, entry.revision,
+                             entry.digest[:12])
+                self._add(entry)
+            except (OSError, PackageError, KeyError, ValueError, ImportError) as exc:
+                log.error("reload: could not load published package %s (%s): %s", rec.get("name"),
+                          str(rec.get("digest", "?"))[:12], exc)
+        self._published = records
+        after = {n: e.digest for n, e in self.services.items()}
+        return sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+
     def _load_class(self, pkg: Package) -> type[MicroCore[Any, Any]]:
         d = self.state.store_package(pkg)
         return load_service(d / "files", pkg.info, namespace=f"_msw_{pkg.digest[:16]}")

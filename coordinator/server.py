@@ -48,6 +48,7 @@ class CoordinatorConfig:
     cache: bool = True
     http: str = ""                   # HOST:PORT of the HTTP/JSON gateway; empty: no gateway
     token_ttl_s: float = ACCESS_TTL_S  # lifetime of access tokens
+    advertise: bool | None = None    # zeroconf on the LAN; None: unless listening on loopback
 
 
 class Coordinator:
@@ -110,14 +111,14 @@ class Coordinator:
         agent.fail_all(reason)
         agent.outbox.put_nowait(None)
         self.holdings_changed()
-        log.info("agent %s removed: %s", agent.agent_id, reason)
+        log.info("agent %s removed: %s", agent.agent_id, reason, extra={"agent": agent.agent_id})
 
     def suspect(self, agent: AgentSession, why: str) -> None:
         if agent.state in ("joining", "ready") and not agent.closed:
             agent.state = "suspect"
             agent.ping_seq += 1
             agent.send(pb.ToAgent(ping=pb.Ping(seq=agent.ping_seq)))
-            log.warning("agent %s suspect: %s", agent.agent_id, why)
+            log.warning("agent %s suspect: %s", agent.agent_id, why, extra={"agent": agent.agent_id})
 
     async def _liveness(self) -> None:
         """Silent past half the window: suspect (no new jobs) and pinged; past the window: removed."""
@@ -199,6 +200,7 @@ class Coordinator:
         if self.gateway is not None:  # before gRPC answers: a cluster that answers serves HTTP too
             await self.gateway.start()
         await self.server.start()
+        await self._advertise()
         self._tasks.append(asyncio.create_task(self._liveness()))
         self._tasks.append(asyncio.create_task(self.auth.run_housekeeping()))
         log.info("coordinator %s listening on %s with %d services", self.state.fingerprint.hex()[:16],
@@ -218,9 +220,62 @@ class Coordinator:
         self.governor = HeapGovernor(self.cache, settings)
         self.governor.start()
 
+    async def _advertise(self) -> None:
+        """Zeroconf: `_microswarm._tcp.local.` with the port and the key fingerprint (see _discovery)."""
+        from microcores._discovery import Advertiser, should_advertise
+        from microcores._secure import PROTOCOL
+
+        self.advertiser: Any = None
+        if not should_advertise(self.config.listen, self.config.advertise):
+            return
+        fp = self.state.fingerprint.hex()
+        try:
+            self.advertiser = Advertiser(self.config.listen, self.port, fp, fp[:16], PROTOCOL)
+            await self.advertiser.start()
+        except (OSError, ValueError) as exc:
+            log.warning("not advertising on the LAN: %s", exc)
+            self.advertiser = None
+
+    def reload(self) -> dict[str, Any]:
+        """SIGHUP: re-read what can change under a running coordinator.
+
+        Published packages (registry.json: versions published by another process, restored, or
+        removed), join secrets (agents that joined with a secret no longer listed are dropped,
+        and their reconnection is refused), and the gateway's client list (auth's reload hook)."""
+        import hashlib
+
+        changed = self.registry.reload()
+        if changed:
+            self._broadcast_holdings()
+            self.holdings_changed()
+        current = {hashlib.sha256(s).digest() for s in self.state.join_secrets()}
+        revoked = [a for a in list(self.agents.values())
+                   if getattr(a, "join_secret", b"") and a.join_secret not in current]
+        for a in revoked:
+            self.drop_agent(a, "its join secret was revoked")
+        clients = -1
+        hook = getattr(self.auth, "reload", None) or getattr(self.auth, "load", None)
+        if hook is not None:
+            hook()
+            clients = len(getattr(self.auth, "clients", {}))
+        summary = {"services_changed": changed, "agents_dropped": [a.agent_id for a in revoked],
+                   "join_secrets": len(current), "clients": clients}
+        log.info("reloaded: %d service(s) changed%s, %d join secret(s), %d agent(s) dropped%s",
+                 len(changed), f" ({', '.join(changed)})" if changed else "", len(current), len(revoked),
+                 f", {clients} client(s)" if clients >= 0 else "", extra={"event": "reload"})
+        return summary
+
+    def _on_sighup(self) -> None:
+        try:
+            self.reload()
+        except Exception as exc:  # a damaged file: keep serving what is loaded, and say why
+            log.error("reload failed, keeping the current state: %s", exc)
+
     async def stop(self, drain_s: float | None = None) -> None:
         """Stop taking calls, let in-flight ones finish within the drain deadline, then close."""
         self.dispatcher.accepting = False
+        if getattr(self, "advertiser", None) is not None:  # agents looking now must not find us
+            await self.advertiser.close()
         deadline = time.monotonic() + (self.config.drain_s if drain_s is None else drain_s)
         while self.dispatcher.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -243,6 +298,7 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         print(f"coordinator listening on {self.config.listen} (state {self.state.path})", flush=True)
         if self.gateway is not None:
             print(f"HTTP gateway on {self.gateway.url} (docs at {self.gateway.url}/docs)", flush=True)

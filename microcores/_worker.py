@@ -79,6 +79,7 @@ def worker_main(directory: str) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(int(os.environ.get("MICROSWARM_WORKER_PARENT", "0")))
+    _restrict_self()
 
     fin = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
     fout = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
@@ -91,6 +92,14 @@ def worker_main(directory: str) -> int:
     except BaseException as exc:  # report any load failure to the parent, then stop
         _send(fout, {"t": "fatal", "error": f"{type(exc).__name__}: {exc}"})
         return 1
+    if os.environ.get("MICROSWARM_LOG_FORMAT") == "json":
+        sys.stderr = sys.stdout = _JsonLines(sys.stderr, {"logger": "microswarm.worker", "service": cls.name})
+    max_as = int(os.environ.get("MICROSWARM_JOB_MAX_AS", "0") or 0)
+    if max_as > 0:  # after loading the service: the limit is for what jobs allocate
+        _set_limit("RLIMIT_AS", max_as)
+    job_cpu = int(os.environ.get("MICROSWARM_JOB_CPU_S", "0") or 0)
+    if job_cpu > 0:
+        _set_limit("RLIMIT_CORE", 0)  # SIGXCPU dumps core by default
     _send(fout, {"t": "ready", "service": cls.name, "pid": os.getpid()})
     while True:
         try:
@@ -100,6 +109,10 @@ def worker_main(directory: str) -> int:
         if msg.get("t") != "job":
             continue
         job_id = msg["id"]
+        if job_cpu > 0:  # RLIMIT_CPU counts the process's whole life: this job may add job_cpu seconds
+            _job_cpu_limit(job_cpu)
+        if isinstance(sys.stderr, _JsonLines):
+            sys.stderr.context["job"] = job_id
         token = current_caller.set(_PipeCaller(fin, fout, job_id))
         t0 = time.perf_counter()
         try:
@@ -107,6 +120,11 @@ def worker_main(directory: str) -> int:
             reply = {"t": "result", "id": job_id, "ok": True, "output": _codec.pack(out)}
         except MicroError as exc:
             reply = {"t": "result", "id": job_id, "ok": False, "error": exc.to_dict()}
+        except MemoryError:
+            limit = f" of {max_as / 2**20:.0f} MiB" if max_as else ""
+            reply = {"t": "result", "id": job_id, "ok": False, "limit": "memory_limit",
+                     "error": {"code": "memory_limit",
+                               "message": f"memory_limit: the job ran out of memory (address-space limit{limit})"}}
         except Exception as exc:
             traceback.print_exc()
             reply = {"t": "result", "id": job_id, "ok": False,
@@ -117,6 +135,68 @@ def worker_main(directory: str) -> int:
         _send(fout, reply)
 
 
+def _set_limit(name: str, soft: int, hard: int | None = None) -> None:
+    try:
+        import resource
+        res = getattr(resource, name)
+        cur_soft, cur_hard = resource.getrlimit(res)
+        if hard is None:
+            hard = cur_hard
+        if cur_hard != resource.RLIM_INFINITY:
+            soft = min(soft, cur_hard)
+            hard = min(hard, cur_hard)
+        resource.setrlimit(res, (soft, hard))
+    except (ImportError, AttributeError, ValueError, OSError) as exc:
+        print(f"microswarm worker: could not set {name}: {exc}", file=sys.stderr)
+
+
+def _job_cpu_limit(seconds: int) -> None:
+    """RLIMIT_CPU so that this job gets `seconds` of CPU (the limit counts whole seconds of the
+    process's life: the job gets N +- 0.5 s). Past it the kernel sends SIGXCPU, which ends the
+    worker (the parent reports `cpu_time_limit`)."""
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    _set_limit("RLIMIT_CPU", round(ru.ru_utime + ru.ru_stime + seconds))
+
+
+def _restrict_self() -> None:
+    """No new privileges for job code (setuid binaries gain nothing), and the priority the parent asks."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    except (OSError, AttributeError):
+        pass
+    nice = int(os.environ.get("MICROSWARM_WORKER_NICE", "0") or 0)
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+
+
+class _JsonLines:
+    """stderr of a worker in JSON-log mode: each line a JSON event, like its parent's logs."""
+
+    def __init__(self, stream: Any, context: dict[str, Any]) -> None:
+        self.stream, self.context, self._buf = stream, dict(context), ""
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            if line.strip():
+                event = {"ts": time.time(), "level": "info", **self.context, "pid": os.getpid(), "msg": line}
+                self.stream.write(json.dumps(event) + "\n")
+        self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 # ---------------------------------------------------------------- the parent side
 
 NestedHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -124,6 +204,15 @@ NestedHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 class WorkerCrashed(Exception):
     """The worker process died or broke protocol: an agent fault, not the service's answer."""
+
+
+class LimitExceeded(WorkerCrashed):
+    """The job was stopped for breaking a limit (`cpu_time_limit`, `memory_limit`) or handed back
+    (`paused`, `owner_busy`): the agent stays up and the coordinator may run the job itself."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 @dataclass
@@ -165,6 +254,7 @@ class Worker:
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.busy = False
+        self.stop_reason = ""  # set by stop(): why the parent ended this worker mid-job
         try:
             m = json.loads((directory / ".manifest.json").read_bytes())
             self.label = f"{m['name']}@{m['version']}"
@@ -202,6 +292,12 @@ class Worker:
             return _codec.unpack(await self.proc.stdout.readexactly(n), limit=MAX_PIPE_MESSAGE)
         except (asyncio.IncompleteReadError, ConnectionError):
             rc = await self._exit_code()
+            if self.stop_reason:
+                raise LimitExceeded(self.stop_reason.split(":")[0], self.stop_reason) from None
+            if rc == -getattr(signal, "SIGXCPU", -1):
+                cpu = (self.env if self.env is not None else os.environ).get("MICROSWARM_JOB_CPU_S", "?")
+                raise LimitExceeded("cpu_time_limit", f"cpu_time_limit: the job used up its CPU time ({cpu} s "
+                                    "of RLIMIT_CPU); its worker was stopped") from None
             raise WorkerCrashed(f"worker process exited ({describe_exit(rc)})") from None
         except MicroError as exc:
             raise WorkerCrashed(f"worker broke protocol: {exc}") from None
@@ -231,6 +327,9 @@ class Worker:
                     msg = await self._recv()
                     kind = msg.get("t")
                     if kind == "result":
+                        if msg.get("limit"):
+                            err = msg.get("error") or {}
+                            raise LimitExceeded(str(msg["limit"]), str(err.get("message", msg["limit"])))
                         return JobOutcome(bool(msg.get("ok")), msg.get("output", b""), msg.get("error") or {},
                                           float(msg.get("run_ms", 0.0)))
                     if kind == "call":
@@ -257,8 +356,21 @@ class Worker:
             except ProcessLookupError:
                 pass
 
+    def stop(self, reason: str) -> None:
+        """End this worker mid-job; its job fails with LimitExceeded(reason's first word)."""
+        self.stop_reason = reason
+        self.kill()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
     async def close(self) -> None:
         if self.proc and self.proc.returncode is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)  # it may be held by a CPU throttle
+            except (ProcessLookupError, PermissionError):
+                pass
             try:
                 assert self.proc.stdin
                 self.proc.stdin.close()
@@ -288,6 +400,7 @@ class WorkerPool:
         self.size = max(1, size)
         self.env = env
         self._idle: list[Worker] = []
+        self.busy: set[Worker] = set()  # workers running a job now
         self._count = 0
         self._sem = asyncio.Semaphore(self.size)
         self._closed = False
@@ -313,16 +426,21 @@ class WorkerPool:
         async with self._sem:
             w = self._idle.pop() if self._idle else await self._spawn()
             ok = False
+            self.busy.add(w)
             try:
                 outcome = await w.run(job_id, input_bytes, timeout_s, nested)
                 ok = True
                 return outcome
             finally:
+                self.busy.discard(w)
                 if ok and w.alive and not self._closed:
                     self._idle.append(w)
                 else:
                     self._count -= 1
                     w.kill() if not ok else await w.close()
+
+    def workers(self) -> list[Worker]:
+        return [*self._idle, *self.busy]
 
     async def close(self) -> None:
         self._closed = True

@@ -37,10 +37,8 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
     if fmt == "json":
-        from microswarm.logs import JsonFormatter
-        h = logging.StreamHandler()
-        h.setFormatter(JsonFormatter())
-        logging.basicConfig(level=level.upper(), handlers=[h])
+        from microswarm.logs import setup_json_logging
+        setup_json_logging(level)
     else:
         logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
@@ -54,6 +52,7 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
     cfg = CoordinatorConfig(listen=a.listen, state_dir=a.state_dir or _state_default(), dispatch=a.dispatch,
                             heartbeat_s=a.heartbeat, liveness_s=a.liveness, fallback_slots=a.fallback_slots,
                             drain_s=a.drain, cache=not a.no_cache, http=a.http or "", token_ttl_s=a.token_ttl)
+    cfg.advertise = a.advertise
     try:
         from coordinator.governor import GovernorSettings
         cfg.governor = GovernorSettings.from_options(a.max_heap, a.eviction_threshold, a.soft_target,  # type: ignore[attr-defined]
@@ -93,14 +92,50 @@ def cmd_agent_start(a: argparse.Namespace) -> int:
         err.print("[red]error:[/] no join token: pass --token or set MICROSWARM_TOKEN "
                   "(get one with `microswarm coordinator token` on the coordinator)")
         return 2
+    from agent.volunteer import VolunteerSettings, parse_size
+    try:
+        vol = VolunteerSettings(max_cpu=float(a.max_cpu or 0), max_memory=parse_size(a.max_memory or 0),
+                                max_job_cpu=int(a.max_job_cpu or 0), idle_only=bool(a.idle_only),
+                                idle_threshold=float(a.idle_threshold), idle_wait=float(a.idle_wait))
+    except ValueError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return 2
+    if a.discover and a.coordinator_given:
+        err.print("[red]error:[/] give either --coordinator or --discover, not both")
+        return 2
     cfg = AgentConfig(coordinator=a.coordinator or _coordinator_default(), token=token, slots=a.slots,
-                      agent_id=a.id or "", state_dir=a.state_dir or _state_default(), drain_s=a.drain)
+                      agent_id=a.id or "", state_dir=a.state_dir or _state_default(), drain_s=a.drain,
+                      discover=bool(a.discover), discover_timeout_s=float(a.discover_timeout), volunteer=vol)
     try:
         agent = Agent(cfg)
     except ValueError as exc:
         err.print(f"[red]error:[/] {exc}")
         return 2
     return asyncio.run(agent.run())
+
+
+def cmd_agent_control(a: argparse.Namespace) -> int:
+    """pause / resume / status of the agent running on this machine with this state directory."""
+    from agent.volunteer import control
+
+    state_dir = a.state_dir or _state_default()
+    args = {"finish": True} if getattr(a, "finish", False) else {}
+    try:
+        reply = control(state_dir, a.action, **args)
+    except (ConnectionError, OSError, ValueError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return 1
+    if not reply.get("ok"):
+        err.print(f"[red]error:[/] {reply.get('error')}")
+        return 1
+    if a.action == "status" or getattr(a, "json", False):
+        print(json.dumps(reply, indent=None if getattr(a, "json", False) else 1))
+    elif a.action == "pause":
+        handed = reply.get("handed_back", 0)
+        out.print(f"agent paused: it takes no new jobs{f'; {handed} running job(s) handed back' if handed else ''}")
+    else:
+        out.print(f"agent resumed (mode: {reply.get('mode')})")
+    return 0
 
 
 # ---------------------------------------------------------------- client commands
@@ -399,9 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--http", default=os.environ.get("MICROSWARM_HTTP"), metavar="HOST:PORT",
                     help="also serve the HTTP/JSON gateway (OAuth 2.0, /v1/..., /openapi.json, /docs) here")
     st.add_argument("--token-ttl", type=float, default=3600.0, metavar="S", help="lifetime of access tokens")
+    st.add_argument("--advertise", action=argparse.BooleanOptionalAction, default=None,
+                    help="advertise on the LAN with zeroconf (default: yes, unless listening on loopback)")
     st.add_argument("--log-level", default="info")
     st.add_argument("--log-format", default="text", choices=["text", "json"])
-    st.set_defaults(func=cmd_coordinator_start)
+    st.add_argument("--config", default=os.environ.get("MICROSWARM_CONFIG"), metavar="FILE",
+                    help="settings from a TOML file ([coordinator] table); flags override it")
+    st.set_defaults(func=cmd_coordinator_start, config_section="coordinator")
     tk = cosub.add_parser("token", help="print a join token for agents")
     tk.add_argument("--state-dir", default=None, metavar="DIR")
     tk.add_argument("--new", action="store_true", help="mint a new join secret instead of the default one")
@@ -418,9 +457,34 @@ def build_parser() -> argparse.ArgumentParser:
     ast.add_argument("--state-dir", default=None, metavar="DIR", help="where verified packages are kept")
     ast.add_argument("--drain", type=float, default=60.0, metavar="S",
                      help="on SIGTERM, wait this long for running jobs")
+    ast.add_argument("--discover", action="store_true",
+                     help="find the coordinator on the LAN (zeroconf) by the key its token pins")
+    ast.add_argument("--discover-timeout", type=float, default=10.0, metavar="S",
+                     help="how long each LAN search lasts")
+    ast.add_argument("--max-cpu", type=float, default=0.0, metavar="PERCENT",
+                     help="jobs use at most this share of the machine's CPU (100 = every core; 0: no limit)")
+    ast.add_argument("--max-memory", default=None, metavar="SIZE",
+                     help="memory for jobs, e.g. 2GiB: each job's address space, and all jobs' resident memory")
+    ast.add_argument("--max-job-cpu", type=int, default=0, metavar="S",
+                     help="CPU seconds one job may use (RLIMIT_CPU; 0: no limit)")
+    ast.add_argument("--idle-only", action="store_true",
+                     help="take jobs only while the rest of the machine is idle; hand them back when it is not")
+    ast.add_argument("--idle-threshold", type=float, default=25.0, metavar="PERCENT",
+                     help="with --idle-only: others using more of the CPU than this means the owner is busy")
+    ast.add_argument("--idle-wait", type=float, default=30.0, metavar="S",
+                     help="with --idle-only: seconds of idleness before taking jobs (again)")
     ast.add_argument("--log-level", default="info")
     ast.add_argument("--log-format", default="text", choices=["text", "json"])
-    ast.set_defaults(func=cmd_agent_start)
+    ast.add_argument("--config", default=os.environ.get("MICROSWARM_CONFIG"), metavar="FILE",
+                     help="settings from a TOML file ([agent] table); flags override it")
+    ast.set_defaults(func=cmd_agent_start, config_section="agent")
+    for action, text in (("pause", "stop taking jobs (running ones go back to the coordinator)"),
+                         ("resume", "take jobs again"), ("status", "the agent's mode, usage and limits (JSON)")):
+        ap = agsub.add_parser(action, help=text)
+        ap.add_argument("--state-dir", default=None, metavar="DIR", help="the running agent's --state-dir")
+        if action == "pause":
+            ap.add_argument("--finish", action="store_true", help="let the running jobs finish here")
+        ap.set_defaults(func=cmd_agent_control)
 
     pu = sub.add_parser("publish", help="publish every MicroCore subclass in a file or package")
     pu.add_argument("path")
@@ -485,7 +549,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config_section", None):
+        from microswarm.config import apply_config
+        try:
+            args = apply_config(parser, argv, args)
+        except (OSError, ValueError) as exc:
+            err.print(f"[red]error:[/] {exc}")
+            return 2
+        args.coordinator_given = getattr(args, "coordinator", None) is not None
     if getattr(args, "coordinator", None) is None and hasattr(args, "coordinator") and args.command != "bench":
         args.coordinator = _coordinator_default()
     if hasattr(args, "state_dir") and args.state_dir is None:

@@ -59,11 +59,11 @@ class LocalCluster:
         e.update(self.extra_env)
         return e
 
-    def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         f = open(self.dir / log, "ab")
         self._logs.append(f)
         return subprocess.Popen([sys.executable, "-m", "microswarm.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                                env=self.env(), start_new_session=True)
+                                env={**self.env(), **(env or {})}, start_new_session=True)
 
     @property
     def http_url(self) -> str:
@@ -102,12 +102,17 @@ class LocalCluster:
         from coordinator.state import StateDir
         self.token = StateDir(self.state).token()
 
-    def start_agent(self, agent_id: str, slots: int | None = None, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+    def start_agent(self, agent_id: str, slots: int | None = None, extra: list[str] | None = None,
+                    env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         p = self._spawn(["agent", "start", "--coordinator", self.addr, "--token", self.token, "--id", agent_id,
-                         "--slots", str(slots or self.slots), "--state-dir", str(self.dir / f"agent-{agent_id}"),
-                         *self.agent_args, *(extra or [])], f"agent-{agent_id}.log")
+                         "--slots", str(slots or self.slots), "--state-dir", str(self.agent_state(agent_id)),
+                         *self.agent_args, *(extra or [])], f"agent-{agent_id}.log", env)
         self.agents[agent_id] = p
         return p
+
+    def agent_state(self, agent_id: str) -> Path:
+        """The state directory of an agent started here (its packages and control socket)."""
+        return self.dir / f"agent-{agent_id}"
 
     def wait_agents_ready(self, ids: list[str] | None = None, timeout: float = 60) -> None:
         """Until every agent is connected and holds every current package."""
