@@ -251,7 +251,10 @@ def write_outputs(args: argparse.Namespace, results: list[dict[str, Any]]) -> No
                                 "entries", "updates"]
         r2["series"] = s[::step]
         slim.append(r2)
-    (out / "cache_experiment.json").write_text(json.dumps({"settings": meta, "scenarios": slim}, indent=1) + "\n")
+    # One scenario per line keeps the file small and still diffable.
+    body = ('{"settings": ' + json.dumps(meta) + ',\n "scenarios": [\n'
+            + ",\n".join(json.dumps(r, separators=(",", ":")) for r in slim) + "\n]}\n")
+    (out / "cache_experiment.json").write_text(body)
     (out / "cache_experiment.md").write_text(markdown(meta, results))
     plots(out, meta, results)
 
