@@ -222,8 +222,9 @@ def test_gemfire_rule_on_rss_alone_empties_the_cache_in_the_same_situation() -> 
     assert cache.entries < 30                          # 300 live entries, and the live set was 40%
 
 
-def test_live_data_above_the_threshold_is_evicted_in_bursts_down_to_the_hysteresis() -> None:
-    cache, _mem, clock, gov = make(600)                 # live 70%: genuinely over 60%
+@pytest.mark.parametrize("policy", ["both", "live"])
+def test_live_data_above_the_threshold_is_evicted_in_bursts_down_to_the_hysteresis(policy: str) -> None:
+    cache, _mem, clock, gov = make(600, govern_on=policy)   # live 70%: genuinely over 60%
     first = gov.tick()
     assert first == "evict"
     assert gov.evicted_bytes <= gov.settings.burst_bytes + ENTRY       # one burst: 2% of max
