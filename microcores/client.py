@@ -187,6 +187,14 @@ class _Tokens:
         if self.static is None:
             self.renew_at = 0.0
 
+    def explain(self, reply: pb.CallReply) -> pb.CallReply:
+        """A refusal of a client that had nothing to get a token with says where credentials come from."""
+        if _refused_unauthenticated(reply) and not self.can_mint and self.static is None:
+            reply.error.message += (" (this client has no credentials: pass client_id and client_secret, set "
+                                    "MICROSWARM_CLIENT_ID and MICROSWARM_CLIENT_SECRET, or run where the "
+                                    "coordinator's state directory is readable: --state-dir or MICROSWARM_STATE_DIR)")
+        return reply
+
     def no_token(self, exc: grpc.RpcError | None) -> MicroError:
         why = exc.details() if exc is not None and hasattr(exc, "details") else ""
         return Unauthorized(f"could not get a token from the coordinator: {why or 'refused'}")
@@ -244,7 +252,7 @@ class Client:
                 self._tokens.invalidate()  # expired or revoked under us: a new token, once
                 continue
             break
-        return Envelope.from_reply(reply)
+        return Envelope.from_reply(self._tokens.explain(reply))
 
     def call(self, service: str, data: Any = None, *, timeout: float | None = None) -> Any:
         return self.envelope(service, data, timeout=timeout).unwrap()
@@ -329,7 +337,7 @@ class AsyncClient:
                 self._tokens.invalidate()  # expired or revoked under us: a new token, once
                 continue
             break
-        return Envelope.from_reply(reply)
+        return Envelope.from_reply(self._tokens.explain(reply))
 
     async def _one(self, req: pb.CallRequest, timeout: float | None) -> pb.CallReply:
         tok = await self.token()
