@@ -224,6 +224,8 @@ class AgentLinkService:
                 frame = await context.read()
                 if frame is None or not isinstance(frame, pb.LinkFrame):
                     break
+                if s.closed:  # dropped (revoked, replaced, silent): end its stream too
+                    break
                 if frame.WhichOneof("kind") != "sealed":
                     raise ProtocolError("plaintext frame after the handshake")
                 sealed = frame.sealed

@@ -556,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args = apply_config(parser, argv, args)
         except (OSError, ValueError) as exc:
-            err.print(f"[red]error:[/] {exc}")
+            from rich.markup import escape
+            err.print(f"[red]error:[/] {escape(str(exc))}")
             return 2
         args.coordinator_given = getattr(args, "coordinator", None) is not None
     if getattr(args, "coordinator", None) is None and hasattr(args, "coordinator") and args.command != "bench":
