@@ -222,7 +222,7 @@ class Gateway:
                 reply = refuse(self.c, service, "too_large", f"the body exceeds {MAX_BODY} bytes",
                                client=client, address=address, t0=t0)
                 return self._respond(reply, t0)
-        req = pb.CallRequest(service=service, input=raw if raw.strip() else b"{}", encoding=pb.JSON)
+        req = pb.CallRequest(service=service, input=b"{}" if not raw or raw.isspace() else raw, encoding=pb.JSON)
         reply = await self.c.dispatcher.call(req, client=client, address=address)
         return self._respond(reply, t0)
 
