@@ -78,6 +78,9 @@ def worker_main(directory: str) -> int:
     # must not kill a running job while the agent drains; it ends us by closing stdin.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in ("SIGUSR1", "SIGUSR2"):  # the agent's pause/resume, when sent to its whole group
+        if hasattr(signal, sig):
+            signal.signal(getattr(signal, sig), signal.SIG_IGN)
     _die_with_parent(int(os.environ.get("MICROSWARM_WORKER_PARENT", "0")))
     _restrict_self()
 

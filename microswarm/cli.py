@@ -312,7 +312,8 @@ def status_tables(reply: Any) -> list[Table]:
     for col in ("id", "address", "state", "packages", "slots", "load", "last heartbeat", "done", "failed"):
         t.add_column(col)
     for ag in reply.agents:
-        t.add_row(ag.agent_id, ag.address, ag.state, str(len(ag.packages)), str(ag.slots),
+        state = ag.state + (f" ({ag.mode})" if ag.mode and ag.mode != "active" else "")
+        t.add_row(ag.agent_id, ag.address, state, str(len(ag.packages)), str(ag.slots),
                   f"{ag.running}/{ag.slots}", f"{ag.last_heartbeat_s:.1f} s ago", str(ag.jobs_done),
                   str(ag.jobs_failed))
     s = Table(title=f"services ({len(reply.services)})", title_justify="left")

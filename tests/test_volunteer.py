@@ -149,8 +149,8 @@ def test_memory_budget_covers_all_running_jobs_together(vc):
     """Two jobs, each under the limit alone, together over it: the larger is stopped, both answered."""
     async def two() -> list:
         async with vc.async_client() as cl:
-            return await asyncio.gather(cl.envelope("tests.memory_hog", {"mib": 140, "hold_s": 4}, timeout=60),
-                                        cl.envelope("tests.memory_hog", {"mib": 160, "hold_s": 4}, timeout=60))
+            return await asyncio.gather(cl.envelope("tests.memory_hog", {"mib": 140, "hold_s": 3}, timeout=60),
+                                        cl.envelope("tests.memory_hog", {"mib": 160, "hold_s": 3}, timeout=60))
 
     with agent(vc, "budget", "--max-memory", "300MiB", slots=2):
         envs = asyncio.run(two())
