@@ -48,7 +48,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "ki": 2**10, "m"
           "t": 10**12, "tb": 10**12, "tib": 2**40, "ti": 2**40}
 
 
-def parse_size(text: str | int | float) -> int:
+def parse_size(text: str | float) -> int:
     """'512MiB', '2G', '1.5GB', '1048576' -> bytes; ValueError with a clear message otherwise."""
     if isinstance(text, (int, float)):
         return int(text)
@@ -333,7 +333,7 @@ class ControlServer:
                 w.close()
                 log.warning("another agent answers on %s: this one has no control socket", self.path)
                 return False
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 self.path.unlink(missing_ok=True)
         old = os.umask(0o177)
         try:
@@ -352,7 +352,7 @@ class ControlServer:
                 reply = {"ok": False, "error": f"bad request: {exc}"}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
         finally:
             writer.close()

@@ -225,7 +225,7 @@ async def browse(timeout: float, fingerprint_hex: str | None = None, settle: flo
         try:
             await asyncio.wait_for(matched.wait(), timeout)
             await asyncio.sleep(min(settle, max(0.0, deadline - time.monotonic())))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     finally:
         await browser.async_cancel()

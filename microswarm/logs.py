@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 # Attributes every LogRecord has: anything else on a record came from `extra=` (or a filter).
@@ -26,7 +26,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         event: dict[str, Any] = {
             "ts": round(record.created, 6),
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             **self.static,
@@ -58,7 +58,7 @@ class JsonLines:
                 now = time.time()
                 self.target.write(json.dumps({
                     "ts": round(now, 6),
-                    "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
+                    "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
                     "level": "info", "logger": self.logger, "msg": line}, ensure_ascii=False) + "\n")
         self.target.flush()
         return len(text)

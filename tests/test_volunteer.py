@@ -14,8 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import pytest
@@ -98,7 +98,7 @@ def test_the_idle_probe_counts_other_processes_but_not_the_agents_own():
     other = _burner()    # stands for the machine's owner
     try:
         excluding = IdleProbe(lambda: [own.pid])
-        counting_all = IdleProbe(lambda: [])
+        counting_all = IdleProbe(list)
         procs = [psutil.Process(own.pid), psutil.Process(other.pid)]
         time.sleep(0.3)
         excluding.sample(), counting_all.sample()
