@@ -145,7 +145,7 @@ class Dispatcher:
                 reply.result = self._encode_result(entry, _codec.unpack(hit), req.encoding)
                 return
 
-        output, executed_by, attempts = await self._execute(entry, input_bytes, chain + [entry.name], deadline)
+        output, executed_by, attempts = await self._execute(entry, input_bytes, chain + [entry.name], deadline, reply)
         reply.executed_by, reply.attempts = executed_by, attempts
         out = entry.cls.validate_output(_codec.unpack(output))
         out_value = out.model_dump(mode="python")
@@ -169,7 +169,8 @@ class Dispatcher:
         return [a for a in self.c.agents.values() if a.dispatchable(digest)]
 
     async def _execute(self, entry: ServiceEntry, input_bytes: bytes, chain: list[str],
-                       deadline: float) -> tuple[bytes, str, int]:
+                       deadline: float, reply: pb.CallReply) -> tuple[bytes, str, int]:
+        """Run the job; an error still tells who ran it and after how many attempts (set on `reply`)."""
         attempts = 0
         cands = self.candidates(entry.digest)
         wait_until = min(time.monotonic() + INSTALL_WAIT_S, deadline - 1.0)
@@ -199,15 +200,18 @@ class Dispatcher:
                 if res.ok:
                     return res.output, agent.agent_id, attempts
                 if not res.agent_fault:
+                    reply.executed_by, reply.attempts = agent.agent_id, attempts
                     raise from_code(res.error.code, res.error.message, res.error.field)
                 log.warning("agent %s failed %s: %s; the coordinator takes over", agent.agent_id, entry.name,
                             res.error.message, extra={"agent": agent.agent_id, "job": job.job_id,
                                                       "service": entry.name, "error_code": res.error.code})
         remaining = deadline - time.monotonic()
+        reply.attempts = attempts
         if remaining <= 0:
             raise DeadlineExceeded(f"{entry.name} did not finish within its deadline "
                                    f"({attempts} attempt{'s' if attempts != 1 else ''})")
         attempts += 1
+        reply.executed_by, reply.attempts = "coordinator", attempts
         self.fallbacks += 1
         job_id = self.c.link.next_job_id()
         try:

@@ -7,6 +7,8 @@ package, so it imports only the public SDK.
 from __future__ import annotations
 
 import hashlib
+import math
+import operator
 import time
 from typing import Literal
 
@@ -25,6 +27,9 @@ class ComputeOut(BaseModel):
     result: float
 
 
+_OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}
+
+
 class Compute(MicroCore[ComputeIn, ComputeOut]):
     """Two numbers and an operation (the paper's LibraryMath)."""
 
@@ -35,16 +40,14 @@ class Compute(MicroCore[ComputeIn, ComputeOut]):
     timeout = 10.0
 
     def process(self, data: ComputeIn) -> ComputeOut:
-        if data.op == "add":
-            return ComputeOut(result=data.a + data.b)
-        if data.op == "sub":
-            return ComputeOut(result=data.a - data.b)
-        if data.op == "mul":
-            return ComputeOut(result=data.a * data.b)
-        if data.b == 0:
-            from microcores import InvalidInput
+        from microcores import InvalidInput
+
+        if data.op == "div" and data.b == 0:
             raise InvalidInput("b must not be 0 when op is div", field="b")
-        return ComputeOut(result=data.a / data.b)
+        result = _OPS[data.op](data.a, data.b)
+        if not math.isfinite(result):
+            raise InvalidInput(f"the result of {data.op} overflows a 64-bit float", field="a")
+        return ComputeOut(result=result)
 
 
 class IsPositiveIn(BaseModel):

@@ -300,3 +300,10 @@ def test_coordinator_restart_keeps_identity_and_packages_and_agents_reconnect(fr
         assert env.ok and env.result == {"y": 4, "version": "1"}
         assert env.executed_by in ("agent1", "agent2")
     assert all(p.poll() is None for p in c.agents.values())
+
+
+def test_an_error_raised_by_the_service_says_where_it_ran(cluster):
+    with cluster.client() as c:
+        env = c.envelope("math.compute", {"a": 1e308, "b": 1e308, "op": "mul"})
+    assert env.error["code"] == "invalid_input" and "overflows" in env.error["message"]
+    assert env.executed_by.startswith("agent") and env.attempts == 1
