@@ -208,9 +208,10 @@ class Monitor:
             self.stopped.clear()
 
     async def run(self) -> None:
-        period_start = time.monotonic()
-        period_cpu0: float | None = None
-        last_usage = (time.monotonic(), None)  # for the 1-second usage figures
+        period_start: float | None = None
+        period_used = 0.0                 # workers' CPU seconds in this throttle period
+        usage_t0, usage_acc = time.monotonic(), 0.0  # for the 1-second usage figures
+        last_cpu: dict[int, float] = {}   # per worker: CPU seconds at the previous tick
         last_probe = 0.0
         tick = TICK_S if self.s.max_cpu else 0.5
         try:
@@ -223,26 +224,32 @@ class Monitor:
                     if pid not in pids:
                         del self._procs[pid]
                 self.stopped &= pids
-                cpu_now = sum(self._cpu_of(pid) for pid in pids)
+                # CPU used since the last tick, per process: a worker that just appeared counts
+                # from now, not with the CPU it spent starting
+                cpu = {pid: self._cpu_of(pid) for pid in pids}
+                used = sum(max(0.0, v - last_cpu[pid]) for pid, v in cpu.items() if pid in last_cpu)
+                last_cpu = cpu
+                period_used += used
+                usage_acc += used
 
                 if self.s.max_cpu:  # duty-cycle throttle over all workers
-                    if period_cpu0 is None or now - period_start >= THROTTLE_PERIOD_S:
-                        if self.stopped:
+                    budget = self.s.max_cpu / 100.0 * self.ncpu * THROTTLE_PERIOD_S
+                    if period_start is None or now - period_start >= THROTTLE_PERIOD_S:
+                        # what the last period overspent (ticks are 50 ms apart) is owed by this one
+                        debt = 0.0 if period_start is None else min(4 * budget, max(0.0, period_used - budget))
+                        if self.stopped and period_start is not None:
                             self.throttled_s += now - period_start
-                        self.release()
-                        period_start, period_cpu0 = now, cpu_now
-                    else:
-                        budget = self.s.max_cpu / 100.0 * self.ncpu * THROTTLE_PERIOD_S
-                        if cpu_now - period_cpu0 >= budget and not self.stopped:
-                            busy = {w.pid for w, b in ws if b}
-                            self._signal(busy, signal.SIGSTOP)
-                            self.stopped |= busy
+                        period_start, period_used = now, debt
+                        if debt < budget:
+                            self.release()
+                    if period_used >= budget and not self.stopped:
+                        busy = {w.pid for w, b in ws if b}
+                        self._signal(busy, signal.SIGSTOP)
+                        self.stopped |= busy
 
-                t0, c0 = last_usage
-                if now - t0 >= 1.0:
-                    if c0 is not None:
-                        self.jobs_cpu_percent = max(0.0, 100.0 * (cpu_now - c0) / ((now - t0) * self.ncpu))
-                    last_usage = (now, cpu_now)
+                if now - usage_t0 >= 1.0:
+                    self.jobs_cpu_percent = 100.0 * usage_acc / ((now - usage_t0) * self.ncpu)
+                    usage_t0, usage_acc = now, 0.0
                     self.jobs_rss = self._rss(ws)
                     if self.s.max_memory:
                         self._check_memory([(w, b) for w, b in ws if b])
