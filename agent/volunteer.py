@@ -42,6 +42,7 @@ log = logging.getLogger("microswarm.agent")
 SOCKET_NAME = "agent.sock"
 THROTTLE_PERIOD_S = 0.5
 TICK_S = 0.05
+PROBE_S = 0.5  # the idle probe's interval; two busy readings in a row mean the owner is back
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "ki": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "mi": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "gi": 2**30,
@@ -253,7 +254,7 @@ class Monitor:
                     self.jobs_rss = self._rss(ws)
                     if self.s.max_memory:
                         self._check_memory([(w, b) for w, b in ws if b])
-                if now - last_probe >= 1.0:
+                if now - last_probe >= PROBE_S - 0.01:
                     last_probe = now
                     self._probe(now)
         finally:

@@ -118,7 +118,7 @@ def test_json_logs_are_one_event_per_line_with_ids(tmp_path):
     c = LocalCluster(agents=1, slots=1, workdir=str(tmp_path), coordinator_args=flags, agent_args=flags)
     with c, c.client() as cl, concurrent.futures.ThreadPoolExecutor(1) as pool:
         assert cl.envelope("math.compute", {"a": 1, "b": 2}).executed_by == "agent1"
-        fut = pool.submit(cl.envelope, "demo.sleep", {"seconds": 1.0})
+        fut = pool.submit(cl.envelope, "demo.sleep", {"seconds": 2.0})
         wait_for(lambda: any(a.running for a in cl.status().agents), 15, "the job to reach the agent")
         c.kill_agent("agent1", signal.SIGUSR1)  # pause: the running job is handed back
         assert fut.result(30).executed_by == "coordinator"

@@ -203,7 +203,7 @@ def test_idle_only_hands_running_work_back_when_the_owner_returns(vc, tmp_path):
                env={"MICROSWARM_IDLE_PROBE_FILE": str(reading)}):
         wait_for(lambda: agent_info(vc, "idle").mode == "active", 15, "the agent to find the machine idle")
         with vc.client() as cl, concurrent.futures.ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(cl.envelope, "demo.sleep", {"seconds": 1.5})
+            fut = pool.submit(cl.envelope, "demo.sleep", {"seconds": 3.0})
             wait_for(lambda: agent_info(vc, "idle").running, 15, "the slow job to reach the agent")
             reading.write_text("80")  # the owner is back
             env = fut.result(60)
@@ -221,7 +221,7 @@ def test_pause_and_resume(vc):
     with agent(vc, "pr", slots=2) as p:
         with vc.client() as cl, concurrent.futures.ThreadPoolExecutor(1) as pool:
             assert cl.envelope("demo.sleep", {"seconds": 0}).executed_by == "pr"
-            fut = pool.submit(cl.envelope, "demo.sleep", {"seconds": 1.5})
+            fut = pool.submit(cl.envelope, "demo.sleep", {"seconds": 3.0})
             wait_for(lambda: agent_info(vc, "pr").running, 15, "the slow job to reach the agent")
             r = control(vc, "pr", "pause")
             assert r.returncode == 0 and "paused" in r.stdout, r.stderr
