@@ -49,6 +49,7 @@ class CoordinatorConfig:
     http: str = ""                   # HOST:PORT of the HTTP/JSON gateway; empty: no gateway
     token_ttl_s: float = ACCESS_TTL_S  # lifetime of access tokens
     advertise: bool | None = None    # zeroconf on the LAN; None: unless listening on loopback
+    metrics_auth: bool = False       # /metrics needs a bearer token (off: readable, as exporters are)
 
 
 class Coordinator:
@@ -77,8 +78,13 @@ class Coordinator:
         self._holdings_event = asyncio.Event()
         self.gateway: Any = None  # the HTTP app: add routes with gateway.add_route() before start()
         if config.http:
+            from .dashboard import Dashboard
             from .gateway import Gateway
+            from .metrics import Metrics
             self.gateway = Gateway(self, config.http)
+            self.metrics = Metrics(self, require_token=config.metrics_auth)
+            self.gateway.add_route("GET", "/metrics", self.metrics.handler)
+            Dashboard(self).routes(self.gateway.add_route)
 
     # ------------------------------------------------------------ agents
 

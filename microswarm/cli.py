@@ -51,7 +51,8 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
     _setup_logging(a.log_level, a.log_format)
     cfg = CoordinatorConfig(listen=a.listen, state_dir=a.state_dir or _state_default(), dispatch=a.dispatch,
                             heartbeat_s=a.heartbeat, liveness_s=a.liveness, fallback_slots=a.fallback_slots,
-                            drain_s=a.drain, cache=not a.no_cache, http=a.http or "", token_ttl_s=a.token_ttl)
+                            drain_s=a.drain, cache=not a.no_cache, http=a.http or "", token_ttl_s=a.token_ttl,
+                            metrics_auth=a.metrics_auth)
     cfg.advertise = a.advertise
     try:
         from coordinator.governor import GovernorSettings
@@ -435,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--http", default=os.environ.get("MICROSWARM_HTTP"), metavar="HOST:PORT",
                     help="also serve the HTTP/JSON gateway (OAuth 2.0, /v1/..., /openapi.json, /docs) here")
     st.add_argument("--token-ttl", type=float, default=3600.0, metavar="S", help="lifetime of access tokens")
+    st.add_argument("--metrics-auth", action="store_true",
+                    help="/metrics needs a bearer token (by default it is readable, as exporters are)")
     st.add_argument("--advertise", action=argparse.BooleanOptionalAction, default=None,
                     help="advertise on the LAN with zeroconf (default: yes, unless listening on loopback)")
     st.add_argument("--log-level", default="info")

@@ -1,0 +1,95 @@
+"""`/metrics`: the coordinator's figures in the Prometheus text format, for operators' monitoring.
+
+Built on the official client library with a registry of our own: call counters and the latency
+histogram move in the dispatcher's per-call observer; everything else (agents, jobs in flight,
+cache, governor) is read live at scrape time, so a scrape costs nothing between scrapes.
+Labels stay bounded: services are registered names (anything else is `unknown`), agents are the
+connected ones.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from protos import microswarm_pb2 as pb
+
+from .calllog import CallEntry
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .server import Coordinator
+
+BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
+
+
+class _Live:
+    """Values read when Prometheus scrapes."""
+
+    def __init__(self, c: "Coordinator") -> None:
+        self.c = c
+
+    def collect(self) -> Iterator[Any]:
+        c = self.c
+        yield GaugeMetricFamily("microswarm_agents_connected", "Agents connected to the coordinator",
+                                value=len(c.agents))
+        running = GaugeMetricFamily("microswarm_jobs_in_flight", "Jobs running now, by where they run",
+                                    labels=["executed_by"])
+        running.add_metric(["agents"], sum(a.running for a in c.agents.values()))
+        running.add_metric(["coordinator"], c.local.running)
+        yield running
+        yield GaugeMetricFamily("microswarm_calls_in_flight", "Calls being answered now",
+                                value=c.dispatcher.in_flight)
+        slots = GaugeMetricFamily("microswarm_agent_slots", "Job slots each agent offers", labels=["agent"])
+        for a in c.agents.values():
+            slots.add_metric([a.agent_id], a.slots)
+        yield slots
+        stats = c.cache_stats()
+        if stats:
+            yield CounterMetricFamily("microswarm_cache_hits", "Result cache hits", value=stats.get("hits", 0))
+            yield CounterMetricFamily("microswarm_cache_misses", "Result cache misses", value=stats.get("misses", 0))
+            yield CounterMetricFamily("microswarm_cache_evictions", "Entries evicted by the heap governor",
+                                      value=stats.get("evictions", 0))
+            yield GaugeMetricFamily("microswarm_cache_bytes", "Bytes accounted to cached results",
+                                    value=stats.get("accounted_bytes", 0))
+            yield GaugeMetricFamily("microswarm_cache_entries", "Entries in the result cache",
+                                    value=stats.get("entries", 0))
+            heap = stats.get("heap_bytes")
+            yield GaugeMetricFamily("microswarm_governor_heap_bytes", "Coordinator memory the governor sees",
+                                    value=heap if heap is not None else 0)
+            yield CounterMetricFamily("microswarm_governor_collections", "Collections run by the governor",
+                                      value=stats.get("collections", 0) or 0)
+
+
+class Metrics:
+    def __init__(self, coordinator: "Coordinator", require_token: bool = False) -> None:
+        self.c = coordinator
+        self.require_token = require_token
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.calls = Counter("microswarm_calls", "Calls answered, by service, outcome and who ran them",
+                             ["service", "outcome", "executed_by"], registry=self.registry)
+        self.duration = Histogram("microswarm_call_duration_seconds", "Time to answer a call, by service",
+                                  ["service"], buckets=BUCKETS, registry=self.registry)
+        self.registry.register(_Live(coordinator))
+        coordinator.dispatcher.observers.append(self.observe)
+
+    def observe(self, entry: CallEntry, reply: pb.CallReply) -> None:
+        service = entry.service if entry.service in self.c.registry.services else "unknown"
+        who = entry.executed_by
+        if who not in ("coordinator", "cache", "-") and who not in self.c.agents:
+            who = "agent"  # a departed agent: keep label values bounded
+        self.calls.labels(service, "success" if entry.success else (entry.error_code or "error"), who).inc()
+        self.duration.labels(service).observe(entry.ms / 1000.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def handler(self, request: "web.Request") -> "web.Response":
+        from aiohttp import web
+
+        if self.require_token:
+            self.c.gateway.bearer(request, "*")
+        return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,111 @@
+"""The operator's dashboard: auth, its live data, and the page in a real headless browser
+(Debian's chromium driven by Playwright), which shows a call made during the test within seconds.
+The browser test saves docs/dashboard.png for the README."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import pytest
+
+from microswarm.cluster import LocalCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = next((p for p in (os.environ.get("MICROSWARM_CHROMIUM"), "/usr/bin/chromium",
+                             shutil.which("chromium"), shutil.which("chromium-browser")) if p and os.path.exists(p)),
+                None)
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = LocalCluster(agents=2, slots=2, http=True, workdir=str(tmp_path_factory.mktemp("dashboard")))
+    with c:
+        yield c
+
+
+def basic(c: LocalCluster) -> str:
+    admin = (c.state / "admin.token").read_text().strip()
+    return "Basic " + base64.b64encode(f"operator:{admin}".encode()).decode()
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_dashboard_is_the_operators_only(dash):
+    st, hdr, body = get(dash.http_url + "/dashboard")
+    assert st == 401 and hdr["WWW-Authenticate"].startswith("Basic") and b"admin.token" in body
+    st, _, _ = get(dash.http_url + "/dashboard/data", {"Authorization": "Basic " + base64.b64encode(b"x:wrong").decode()})
+    assert st == 401
+    with dash.client() as c:  # the CLI's own operator token works too
+        token = c.token()
+    st, _, _ = get(dash.http_url + "/dashboard/data", {"Authorization": f"Bearer {token}"})
+    assert st == 200
+    st, hdr, body = get(dash.http_url + "/dashboard", {"Authorization": basic(dash)})
+    assert st == 200 and b"Call log" in body and "script-src 'self'" in hdr["Content-Security-Policy"]
+
+
+def test_data_has_the_papers_call_log_columns(dash):
+    with dash.client() as c:
+        env = c.envelope("numbers.is_positive", {"n": 4})
+    st, _, body = get(dash.http_url + "/dashboard/data", {"Authorization": basic(dash)})
+    d = json.loads(body)
+    assert {a["id"] for a in d["agents"]} == {"agent1", "agent2"}
+    assert all({"running", "slots", "last_heartbeat_s"} <= a.keys() for a in d["agents"])
+    assert "numbers.is_positive" in {s["name"] for s in d["services"]}
+    row = next(x for x in d["calls"] if x["service"] == "numbers.is_positive")
+    assert row["executed_by"] == env.executed_by and row["success"] is True
+    assert row["client"] and row["time"] > 0 and ":" in row["address"]  # client, date, IP and port
+    assert "hits" in d["cache"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: `apt-get install -y chromium`")
+def test_dashboard_in_a_browser_shows_a_new_call_within_seconds(dash):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'")
+    admin = (dash.state / "admin.token").read_text().strip()
+    origin = urlparse(dash.http_url).netloc
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            ctx = browser.new_context(http_credentials={"username": "operator", "password": admin},
+                                      viewport={"width": 1280, "height": 900})
+            page = ctx.new_page()
+            problems: list[str] = []
+            foreign: list[str] = []
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("request", lambda r: foreign.append(r.url) if urlparse(r.url).netloc != origin else None)
+            page.goto(dash.http_url + "/dashboard")
+            expect = sync_api.expect
+            expect(page.locator("#agents tbody tr")).to_have_count(2, timeout=15_000)
+            expect(page.locator("#live")).not_to_have_class("stale", timeout=5_000)
+            with dash.client() as c:
+                for i in range(4):
+                    c.envelope("math.compute", {"a": 31337 + i, "b": 2, "op": "mul"})
+                c.envelope("math.compute", {"a": "not a number", "b": 2})  # a failure, shown as such
+            t0 = time.monotonic()
+            expect(page.locator("#calls tbody tr", has_text="math.compute").first).to_be_visible(timeout=5_000)
+            seen_after = time.monotonic() - t0
+            expect(page.locator("#calls tbody td.bad").first).to_contain_text("invalid_input", timeout=5_000)
+            expect(page.locator("#cache tbody")).to_contain_text("hits")
+            page.screenshot(path=str(ROOT / "docs" / "dashboard.png"), full_page=True)
+        finally:
+            browser.close()
+    assert seen_after < 5
+    assert not problems, problems
+    assert not foreign, f"the dashboard fetched from elsewhere: {foreign[:3]}"

@@ -1,0 +1,90 @@
+"""/metrics through a real coordinator with agents, parsed by the Prometheus client's own parser."""
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from typing import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from microswarm.cluster import LocalCluster
+
+FAMILIES = ["microswarm_calls", "microswarm_call_duration_seconds", "microswarm_agents_connected",
+            "microswarm_jobs_in_flight", "microswarm_cache_hits", "microswarm_cache_misses", "microswarm_cache_bytes",
+            "microswarm_cache_evictions", "microswarm_governor_heap_bytes"]
+
+
+@pytest.fixture(scope="module")
+def http_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = LocalCluster(agents=1, slots=2, http=True, workdir=str(tmp_path_factory.mktemp("metrics")))
+    with c:
+        yield c
+
+
+def scrape(c: LocalCluster, headers: dict[str, str] | None = None) -> dict[str, dict[tuple, float]]:
+    with urllib.request.urlopen(urllib.request.Request(c.http_url + "/metrics", headers=headers or {}),
+                                timeout=10) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    out: dict[str, dict[tuple, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def value(m: dict, name: str, **labels: str) -> float:
+    return sum(v for k, v in m.get(name, {}).items() if all((lk, lv) in k for lk, lv in labels.items()))
+
+
+def test_every_family_the_operators_need_is_there(http_cluster):
+    with urllib.request.urlopen(http_cluster.http_url + "/metrics", timeout=10) as r:
+        families = {f.name: f.type for f in text_string_to_metric_families(r.read().decode())}
+    for fam in FAMILIES:
+        assert fam in families, fam
+    assert families["microswarm_calls"] == "counter"
+    assert families["microswarm_call_duration_seconds"] == "histogram"
+    m = scrape(http_cluster)
+    assert value(m, "microswarm_agents_connected") == 1
+    assert value(m, "microswarm_governor_heap_bytes") > 10_000_000  # a Python process's real memory
+
+
+def test_counters_move_with_real_calls(http_cluster):
+    before = scrape(http_cluster)
+    with http_cluster.client() as c:
+        for i in range(3):
+            assert c.envelope("math.compute", {"a": 1000 + i, "b": 1, "op": "add"}).ok  # misses, run by the agent
+        assert c.envelope("math.compute", {"a": 1000, "b": 1, "op": "add"}).cache_hit  # a hit
+        assert c.envelope("math.compute", {"a": "x", "b": 1}).error["code"] == "invalid_input"
+    after = scrape(http_cluster)
+    d = lambda name, **kw: value(after, name, **kw) - value(before, name, **kw)  # noqa: E731
+    assert d("microswarm_calls_total", service="math.compute", outcome="success", executed_by="agent1") == 3
+    assert d("microswarm_calls_total", service="math.compute", outcome="success", executed_by="cache") == 1
+    assert d("microswarm_calls_total", service="math.compute", outcome="invalid_input") == 1
+    assert d("microswarm_call_duration_seconds_count", service="math.compute") == 5
+    assert d("microswarm_cache_hits_total") == 1
+    assert d("microswarm_cache_misses_total") == 3
+    assert value(after, "microswarm_cache_bytes") > 0
+
+
+def test_unknown_services_do_not_grow_the_label_set(http_cluster):
+    with http_cluster.client() as c:
+        for i in range(5):
+            c.envelope(f"nope.svc{i}", {})
+    m = scrape(http_cluster)
+    services = {dict(k).get("service") for k in m["microswarm_calls_total"]}
+    assert "unknown" in services and not any(s and s.startswith("nope.") for s in services)
+
+
+def test_metrics_can_require_a_token(tmp_path):
+    with LocalCluster(agents=0, http=True, workdir=str(tmp_path), coordinator_args=["--metrics-auth"]) as c:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            scrape(c)
+        assert e.value.code == 401 and "Bearer" in e.value.headers.get("WWW-Authenticate", "")
+        from microcores.client import Client
+        with Client(c.addr, state_dir=str(c.state)) as client:
+            token = client.token()
+        assert token
+        assert "microswarm_agents_connected" in scrape(c, {"Authorization": f"Bearer {token}"})
