@@ -4,7 +4,8 @@ Starts its own coordinator and two agents on loopback (or measures `--coordinato
 table, and as its last line one JSON object: p50_ms, p99_ms, calls_per_s, mb_s_100k, mb_s_10m,
 and for the HTTP gateway gateway_overhead_p50_ms, gateway_overhead_p99_ms (an HTTP call minus the
 same call over gRPC, interleaved) and http_calls_per_s (its own cluster's gateway, or the one at
-MICROSWARM_GATEWAY_URL when measuring `--coordinator`).
+MICROSWARM_GATEWAY_URL when measuring `--coordinator`), and observability_overhead_pct: the share
+of calls/s lost while /metrics is scraped and the dashboard's feed polled once a second.
 Latency uses math.compute with a fresh input each call, so no answer comes from the cache.
 MB/s counts payload bytes per second of echo round trips (each trip carries them both ways).
 """
@@ -140,6 +141,44 @@ async def _gateway(addr: str, http_url: str, n: int, seconds: float, in_flight: 
             "http_calls_per_s": round(cps, 1)}
 
 
+async def _observability(addr: str, http_url: str, rounds: int, seconds: float) -> dict[str, Any]:
+    """Calls/s with /metrics scraped and the dashboard's feed polled every second, against calls/s
+    without them, in interleaved rounds so the machine's drift hits both alike."""
+    import base64
+
+    import aiohttp
+
+    headers = {}
+    if _STATE_DIR:
+        admin = open(os.path.join(_STATE_DIR, "admin.token")).read().strip()
+        headers["Authorization"] = "Basic " + base64.b64encode(f"operator:{admin}".encode()).decode()
+    plain: list[float] = []
+    observed: list[float] = []
+    scrapes = 0
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async def observer(stop: asyncio.Event) -> None:
+            nonlocal scrapes
+            while not stop.is_set():
+                for path in ("/metrics", "/dashboard/data"):
+                    async with http.get(http_url + path) as r:
+                        await r.read()
+                        scrapes += r.status == 200
+                try:
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+        for _ in range(rounds):
+            plain.append((await _throughput(addr, seconds, 64))[0])
+            stop = asyncio.Event()
+            task = asyncio.create_task(observer(stop))
+            observed.append((await _throughput(addr, seconds, 64))[0])
+            stop.set()
+            await task
+    base, obs = statistics.median(plain), statistics.median(observed)
+    return {"observability_overhead_pct": round(100 * (base - obs) / base, 1),
+            "calls_per_s_observed": round(obs, 1), "observability_scrapes": scrapes}
+
+
 async def _measure(addr: str, n_lat: int, tp_s: float, quick: bool, http_url: str | None = None) -> tuple[Any, ...]:
     """Every phase in one event loop: grpc.aio channels must not outlive their loop."""
     await _latency(addr, 50)  # warm up: workers started, connections open
@@ -149,6 +188,8 @@ async def _measure(addr: str, n_lat: int, tp_s: float, quick: bool, http_url: st
     mb100k, _ = await _payload(addr, 100_000, 50 if quick else 200)
     mb10m, _ = await _payload(addr, 10_000_000, 5 if quick else 15)
     gw = await _gateway(addr, http_url, n_lat // 2, tp_s / 2, 64) if http_url else {}
+    if http_url:
+        gw.update(await _observability(addr, http_url, 2 if quick else 4, 2.0))
     return lat, lat_by, cps, tp_by, mb100k, mb10m, gw
 
 
@@ -196,6 +237,7 @@ def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str
         t.add_row("HTTP gateway overhead p50 (vs gRPC unary)", f"{gw['gateway_overhead_p50_ms']:.2f} ms", "< 2 ms")
         t.add_row("HTTP gateway overhead p99", f"{gw['gateway_overhead_p99_ms']:.2f} ms", "")
         t.add_row("HTTP calls/s, 64 connections", f"{gw['http_calls_per_s']:.0f}", "")
+        t.add_row("calls/s cost of /metrics + dashboard, each 1/s", f"{gw['observability_overhead_pct']:.1f}%", "< 5%")
     Console().print(t)
     line = json.dumps(result)
     if out_path:
