@@ -236,7 +236,7 @@ def _admin_rpc(a: argparse.Namespace, method: str, request: Any) -> Any:
     try:
         channel, stub, md = _admin_stub(a)
     except PermissionError as exc:
-        raise SystemExit(_fail(str(exc)))
+        raise SystemExit(_fail(str(exc))) from None
     with channel:
         try:
             return getattr(stub, method)(request, metadata=md, timeout=15)
@@ -244,8 +244,8 @@ def _admin_rpc(a: argparse.Namespace, method: str, request: Any) -> Any:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 raise SystemExit(_fail(f"cannot reach the coordinator at {a.coordinator}: is it running? "
                                        "(clients are managed by the running coordinator; set --coordinator "
-                                       "or MICROSWARM_COORDINATOR)"))
-            raise SystemExit(_fail(exc.details() or str(exc.code())))
+                                       "or MICROSWARM_COORDINATOR)")) from None
+            raise SystemExit(_fail(exc.details() or str(exc.code()))) from None
 
 
 def _fail(message: str) -> int:

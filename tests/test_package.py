@@ -115,14 +115,14 @@ def test_class_from_main_travels_by_value(tmp_path):
 
     from microcores import MicroCore
 
-    class I(BaseModel):
+    class Num(BaseModel):
         v: int
 
-    class Twice(MicroCore[I, I]):
+    class Twice(MicroCore[Num, Num]):
         name = "notebook.twice"
 
-        def process(self, data: I) -> I:
-            return I(v=data.v * 2)
+        def process(self, data: Num) -> Num:
+            return Num(v=data.v * 2)
 
     Twice.__module__ = "__main__"
     pkg = build(Twice)
