@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -29,6 +30,15 @@ ASSETS = {"dashboard.js": "application/javascript", "dashboard.css": "text/css"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 REALM = 'Basic realm="microswarm operator", charset="UTF-8"'
+
+
+def peer(address: str) -> dict[str, str]:
+    """The paper's "IP and port" and the way the call came: gRPC peers read `ipv4:1.2.3.4:5`,
+    `ipv6:%5B::1%5D:5` or `unix:...`, the HTTP gateway's `http:1.2.3.4:5`."""
+    scheme, sep, rest = address.partition(":")
+    if not sep or scheme not in ("ipv4", "ipv6", "http", "unix"):
+        return {"address": address, "via": ""}
+    return {"address": unquote(rest), "via": "http" if scheme == "http" else "grpc"}
 
 
 class Dashboard:
@@ -82,7 +92,10 @@ class Dashboard:
 
     async def data(self, request: web.Request) -> web.Response:
         self._operator(request)
-        return web.Response(body=json.dumps(self.snapshot(int(request.query.get("calls", "50") or 50))),
+        calls = request.query.get("calls", "50")
+        if not calls.isdigit() or len(calls) > 4:
+            raise web.HTTPBadRequest(text="calls: give a whole number of log rows, 1 to 500")
+        return web.Response(body=json.dumps(self.snapshot(int(calls))),
                             content_type="application/json", headers={"Cache-Control": "no-store"})
 
     def snapshot(self, calls: int = 50) -> dict[str, Any]:
@@ -91,7 +104,7 @@ class Dashboard:
         agents = []
         for a in sorted(c.agents.values(), key=lambda a: a.agent_id):
             info = a.info()
-            agents.append({"id": a.agent_id, "address": a.address, "state": info.state, "slots": a.slots,
+            agents.append({"id": a.agent_id, "address": peer(a.address)["address"], "state": info.state, "slots": a.slots,
                            "running": a.running, "last_heartbeat_s": round(now - a.last_seen, 2),
                            "packages": len(a.holdings), "done": a.jobs_done, "failed": a.jobs_failed,
                            "cpu_percent": round(info.cpu_percent, 1), "rss_bytes": info.rss_bytes})
@@ -100,7 +113,7 @@ class Dashboard:
             services.append({"name": e.name, "version": e.version, "revision": e.revision, "pure": e.cls.pure,
                              "builtin": e.builtin, "digest": e.digest[:12],
                              "agents": sum(1 for a in c.agents.values() if e.digest in a.holdings)})
-        log = [{"time": x.time, "client": x.client, "address": x.address, "service": x.service,
+        log = [{"time": x.time, "client": x.client, **peer(x.address), "service": x.service,
                 "executed_by": x.executed_by, "success": x.success, "ms": round(x.ms, 2),
                 "error": x.error_code} for x in reversed(c.calllog.recent(max(1, min(calls, 500))))]
         return {"coordinator": c.state.fingerprint.hex()[:16], "uptime_s": round(time.time() - c.started, 1),

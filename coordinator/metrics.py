@@ -3,8 +3,13 @@
 Built on the official client library with a registry of our own: call counters and the latency
 histogram move in the dispatcher's per-call observer; everything else (agents, jobs in flight,
 cache, governor) is read live at scrape time, so a scrape costs nothing between scrapes.
-Labels stay bounded: services are registered names (anything else is `unknown`), agents are the
-connected ones.
+Labels stay bounded: services are registered names (anything else is `unknown`); outcomes are
+`success` or an error code, the first MAX_OUTCOMES distinct codes by name and `other` after them
+(a service may raise its own codes); `executed_by` is `coordinator`, `cache`, or a connected
+agent's id. Agent ids change with every agent process, so the series of an agent that has left
+are dropped (when a new agent first answers, and at every scrape) and a call it finished after
+leaving counts as `agent`: over months of volunteers coming and going, the series stay those of
+the agents connected now.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ if TYPE_CHECKING:
 
     from .server import Coordinator
 
+MAX_OUTCOMES = 32
+FIXED_RUNNERS = frozenset({"coordinator", "cache", "-"})
 BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
 
 
@@ -74,17 +81,42 @@ class Metrics:
         self.duration = Histogram("microswarm_call_duration_seconds", "Time to answer a call, by service",
                                   ["service"], buckets=BUCKETS, registry=self.registry)
         self.registry.register(_Live(coordinator))
+        self._outcomes: set[str] = {"success"}
+        self._agent_series: dict[str, set[tuple[str, str]]] = {}  # agent id -> (service, outcome) it has
         coordinator.dispatcher.observers.append(self.observe)
 
     def observe(self, entry: CallEntry, reply: pb.CallReply) -> None:
         service = entry.service if entry.service in self.c.registry.services else "unknown"
+        outcome = "success" if entry.success else (entry.error_code or "error")
+        if outcome not in self._outcomes:
+            if len(self._outcomes) < MAX_OUTCOMES:
+                self._outcomes.add(outcome)
+            else:
+                outcome = "other"
         who = entry.executed_by
-        if who not in ("coordinator", "cache", "-") and who not in self.c.agents:
-            who = "agent"  # a departed agent: keep label values bounded
-        self.calls.labels(service, "success" if entry.success else (entry.error_code or "error"), who).inc()
+        if who not in FIXED_RUNNERS:
+            if who in self.c.agents:
+                series = self._agent_series.get(who)
+                if series is None:  # an agent's first answer: forget the agents that have left
+                    self.prune()
+                    series = self._agent_series[who] = set()
+                series.add((service, outcome))
+            else:
+                who = "agent"  # it left before its answer came back
+        self.calls.labels(service, outcome, who).inc()
         self.duration.labels(service).observe(entry.ms / 1000.0)
 
+    def prune(self) -> None:
+        """Drop the call series of agents no longer connected (ids are per agent process)."""
+        for agent_id in [a for a in self._agent_series if a not in self.c.agents]:
+            for service, outcome in self._agent_series.pop(agent_id):
+                try:
+                    self.calls.remove(service, outcome, agent_id)
+                except KeyError:
+                    pass
+
     def render(self) -> bytes:
+        self.prune()
         return generate_latest(self.registry)
 
     async def handler(self, request: "web.Request") -> "web.Response":

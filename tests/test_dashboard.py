@@ -71,6 +71,8 @@ def test_data_has_the_papers_call_log_columns(dash):
     row = next(x for x in d["calls"] if x["service"] == "numbers.is_positive")
     assert row["executed_by"] == env.executed_by and row["success"] is True
     assert row["client"] and row["time"] > 0 and ":" in row["address"]  # client, date, IP and port
+    assert row["address"].startswith("127.0.0.1:") and row["via"] == "grpc"
+    assert get(dash.http_url + "/dashboard/data?calls=lots", {"Authorization": basic(dash)})[0] == 400
     assert "hits" in d["cache"]
 
 

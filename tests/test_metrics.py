@@ -88,3 +88,51 @@ def test_metrics_can_require_a_token(tmp_path):
             token = client.token()
         assert token
         assert "microswarm_agents_connected" in scrape(c, {"Authorization": f"Bearer {token}"})
+
+
+def test_label_values_stay_bounded_as_agents_come_and_go():
+    """Agent ids change with every agent process and services may raise codes of their own:
+    months of churn must not grow the series without end."""
+    from types import SimpleNamespace
+
+    from coordinator.calllog import CallEntry
+    from coordinator.metrics import MAX_OUTCOMES, Metrics
+
+    c = SimpleNamespace(agents={}, registry=SimpleNamespace(services={"math.compute": None}),
+                        dispatcher=SimpleNamespace(observers=[], in_flight=0), local=SimpleNamespace(running=0),
+                        cache_stats=lambda: {})
+    m = Metrics(c)  # type: ignore[arg-type]
+
+    def agent(i: int) -> dict[str, SimpleNamespace]:
+        return {f"vol-{i}": SimpleNamespace(agent_id=f"vol-{i}", running=0, slots=1)}
+
+    def call(who: str, success: bool = True, code: str = "") -> None:
+        for observe in c.dispatcher.observers:
+            observe(CallEntry(0.0, "cli", "ipv4:127.0.0.1:1", "math.compute", who, success, 1.0, code), None)
+
+    def series() -> dict[tuple, float]:
+        fams = text_string_to_metric_families(m.render().decode())
+        return {tuple(sorted(s.labels.items())): s.value
+                for f in fams if f.name == "microswarm_calls" for s in f.samples if s.name.endswith("_total")}
+
+    for i in range(200):
+        c.agents = agent(i)
+        call(f"vol-{i}")
+        call(f"vol-{i}", False, f"custom_code_{i}")
+        if i % 2:
+            c.agents = {}
+            call(f"vol-{i}")  # its answer came after it left
+        if i % 7 == 0:
+            series()  # a scrape now and then, as Prometheus does
+    s = series()
+    runners = {dict(k)["executed_by"] for k in s}
+    assert runners == {"vol-199", "agent"} or runners == {"agent"}, runners
+    outcomes = {dict(k)["outcome"] for k in s}
+    assert len(outcomes) <= MAX_OUTCOMES + 1
+    assert sum(v for k, v in s.items() if dict(k)["executed_by"] == "agent") == 100
+    c.agents = agent(200)
+    call("vol-200", False, "custom_code_0")
+    call("vol-200", False, "custom_code_199")  # past the first MAX_OUTCOMES codes
+    s = series()
+    assert {dict(k)["outcome"] for k in s if dict(k)["executed_by"] == "vol-200"} == {"custom_code_0", "other"}
+    assert not any(dict(k)["executed_by"].startswith("vol-1") for k in s)

@@ -38,8 +38,9 @@
       cell(a.failed, "num"), cell(`${a.cpu_percent}%`, "num"), cell(fmtBytes(a.rss_bytes), "num")]));
     fill("#services", d.services.map((s) => [cell(s.name), cell(s.version), cell(s.revision, "num"),
       cell(s.pure ? "yes" : ""), cell(s.agents, "num"), cell(s.digest)]));
-    fill("#calls", d.calls.map((c) => [cell(c.client), cell(date(c.time)), cell(c.address || "–"), cell(c.service),
-      cell(c.executed_by), cell(c.success ? "yes" : `no ${c.error}`, c.success ? "ok" : "bad"), cell(c.ms.toFixed(1), "num")]));
+    fill("#calls", d.calls.map((c) => [cell(c.client), cell(date(c.time)), cell(c.address || "–"),
+      cell(c.via || "", "muted"), cell(c.service), cell(c.executed_by),
+      cell(c.success ? "yes" : `no ${c.error}`, c.success ? "ok" : "bad"), cell(c.ms.toFixed(1), "num")]));
     const cache = d.cache || {};
     const shown = CACHE_KEYS.filter((k) => k in cache);
     fill("#cache", shown.length ? shown.map((k) => [cell(k.replace(/_/g, " ")), cell(fmtFigure(k, cache[k]), "num")])
