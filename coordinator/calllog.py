@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("microswarm.calls")
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per call
 
 
 @dataclass
@@ -32,6 +33,7 @@ class CallLog:
         self.path = path
         self.max_file_bytes = max_file_bytes
         self._file = open(path, "a", buffering=1 << 16) if path else None
+        self._written = path.stat().st_size if path and path.exists() else 0  # tell() on text files is slow
         self.total = 0
         self.failures = 0
 
@@ -41,8 +43,10 @@ class CallLog:
         if not entry.success:
             self.failures += 1
         if self._file is not None:
-            self._file.write(json.dumps(entry.__dict__, separators=(",", ":")) + "\n")
-            if self._file.tell() > self.max_file_bytes:
+            line = _encode(entry.__dict__) + "\n"
+            self._file.write(line)
+            self._written += len(line)
+            if self._written > self.max_file_bytes:
                 self._rotate()
 
     def _rotate(self) -> None:
@@ -50,6 +54,7 @@ class CallLog:
         self._file.close()
         self.path.replace(self.path.with_suffix(self.path.suffix + ".1"))
         self._file = open(self.path, "a", buffering=1 << 16)
+        self._written = 0
 
     def recent(self, n: int) -> list[CallEntry]:
         if n <= 0:
