@@ -410,6 +410,7 @@ class Agent:
     async def _sender(self, link: Link) -> None:
         while True:
             msg = await link.outbox.get()
+            await asyncio.sleep(0)  # let results finishing together share one sealed write
             if msg is None:
                 await link.call.done_writing()
                 return

@@ -269,6 +269,7 @@ class AgentLinkService:
         try:
             while True:
                 msg = await s.outbox.get()
+                await asyncio.sleep(0)  # let tasks that are ready queue theirs: one write carries them all
                 if msg is None:
                     return
                 plaintext, stop = collect(msg, s.outbox)

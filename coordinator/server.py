@@ -351,6 +351,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
         async def sender() -> None:
             while True:
                 item = await outbox.get()
+                await asyncio.sleep(0)  # one loop turn: replies finishing together share a write
                 batch = pb.ReplyBatch()
                 size = 0
                 while item is not None:

@@ -369,6 +369,7 @@ class AsyncClient:
         async def writer() -> None:
             while True:
                 cid, req = await self._queue.get()
+                await asyncio.sleep(0)  # calls issued together share one write
                 batch = pb.CallBatch()
                 size = 0
                 while True:
