@@ -408,6 +408,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- parser
 
+def _daemon_args(p: argparse.ArgumentParser, section: str) -> None:
+    """What both daemons take: logging and a settings file."""
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument("--config", default=os.environ.get("MICROSWARM_CONFIG"), metavar="FILE",
+                   help=f"settings from a TOML file ([{section}] table); flags override it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="microswarm", description="Dynamic task offloading to volunteer agents.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -440,10 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="/metrics needs a bearer token (by default it is readable, as exporters are)")
     st.add_argument("--advertise", action=argparse.BooleanOptionalAction, default=None,
                     help="advertise on the LAN with zeroconf (default: yes, unless listening on loopback)")
-    st.add_argument("--log-level", default="info")
-    st.add_argument("--log-format", default="text", choices=["text", "json"])
-    st.add_argument("--config", default=os.environ.get("MICROSWARM_CONFIG"), metavar="FILE",
-                    help="settings from a TOML file ([coordinator] table); flags override it")
+    _daemon_args(st, "coordinator")
     st.set_defaults(func=cmd_coordinator_start, config_section="coordinator")
     tk = cosub.add_parser("token", help="print a join token for agents")
     tk.add_argument("--state-dir", default=None, metavar="DIR")
@@ -477,10 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --idle-only: others using more of the CPU than this means the owner is busy")
     ast.add_argument("--idle-wait", type=float, default=30.0, metavar="S",
                      help="with --idle-only: seconds of idleness before taking jobs (again)")
-    ast.add_argument("--log-level", default="info")
-    ast.add_argument("--log-format", default="text", choices=["text", "json"])
-    ast.add_argument("--config", default=os.environ.get("MICROSWARM_CONFIG"), metavar="FILE",
-                     help="settings from a TOML file ([agent] table); flags override it")
+    _daemon_args(ast, "agent")
     ast.set_defaults(func=cmd_agent_start, config_section="agent")
     for action, text in (("pause", "stop taking jobs (running ones go back to the coordinator)"),
                          ("resume", "take jobs again"), ("status", "the agent's mode, usage and limits (JSON)")):
