@@ -15,15 +15,17 @@ from grpc import aio
 
 from microcores import _codec
 from microcores._chunks import Assembler, pieces
-from microcores.errors import MicroError, PackageError
+from microcores.errors import MicroError
 from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
 
 from .agents import AgentLinkService, AgentSession
 from .auth import ACCESS_TTL_S, Auth, AuthError
 from .auth_grpc import TokenService, auth_refusal, caller_label
+from .cache import ResultCache, cache_key
 from .calllog import CallLog
 from .dispatch import Dispatcher
+from .governor import GovernorSettings, HeapGovernor, combined_stats
 from .local import LocalRunner
 from .registry import Registry, ServiceEntry
 from .state import StateDir
@@ -49,7 +51,8 @@ class CoordinatorConfig:
     http: str = ""                   # HOST:PORT of the HTTP/JSON gateway; empty: no gateway
     token_ttl_s: float = ACCESS_TTL_S  # lifetime of access tokens
     advertise: bool | None = None    # zeroconf on the LAN; None: unless listening on loopback
-    metrics_auth: bool = False       # /metrics needs a bearer token (off: readable, as exporters are)
+    metrics_auth: bool = False
+    governor: GovernorSettings | None = None  # None: the defaults (see coordinator/governor.py)       # /metrics needs a bearer token (off: readable, as exporters are)
 
 
 class Coordinator:
@@ -149,14 +152,12 @@ class Coordinator:
     # ------------------------------------------------------------ cache
 
     def cache_key(self, entry: ServiceEntry, value: Any) -> bytes:
-        from .cache import cache_key
         return cache_key(entry.digest, entry.name, _codec.canonical(value))
 
     def cache_stats(self) -> dict[str, Any]:
         if self.cache is None:
             return {}
         if self.governor is not None:
-            from .governor import combined_stats
             return combined_stats(self.cache, self.governor)
         return self.cache.stats()
 
@@ -213,16 +214,8 @@ class Coordinator:
                  self.config.listen, len(self.registry.services))
 
     def _start_cache(self) -> None:
-        try:
-            from .cache import ResultCache
-        except ImportError:
-            return
         self.cache = ResultCache()
-        try:
-            from .governor import GovernorSettings, HeapGovernor
-        except ImportError:
-            return
-        settings = getattr(self.config, "governor", None) or GovernorSettings.from_options(None, None, None, None)
+        settings = self.config.governor or GovernorSettings.from_options(None, None, None, None)
         self.governor = HeapGovernor(self.cache, settings)
         self.governor.start()
 
@@ -427,9 +420,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
         try:
             entry, unchanged = await asyncio.get_running_loop().run_in_executor(
                 None, self.c.registry.publish, request.manifest, request.archive)
-        except MicroError as exc:
+        except MicroError as exc:  # PackageError among them
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
-        except PackageError as exc:  # pragma: no cover - MicroError covers it
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.PublishReply(name=entry.name, version=entry.version, digest=entry.digest,
                                revision=entry.revision, unchanged=unchanged)

@@ -21,15 +21,12 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from microcores._package import Package, extract
+from microcores.client import default_state_dir as client_default_state_dir
 from microcores._secure import JoinToken, fingerprint, load_or_create_identity, new_secret, public_bytes, write_private
 
 
 def default_state_dir() -> Path:
-    env = os.environ.get("MICROSWARM_STATE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "microswarm"
+    return Path(client_default_state_dir())
 
 
 class StateDir:

@@ -315,8 +315,10 @@ class Worker:
     def _send(self, msg: dict[str, Any]) -> None:
         assert self.proc and self.proc.stdin
         data = _codec.pack(msg)
-        self.proc.stdin.write(HEADER.pack(len(data)) + data if len(data) < 65536 else HEADER.pack(len(data)))
-        if len(data) >= 65536:
+        if len(data) < 65536:  # one write (one syscall) for small messages; no copy of large ones
+            self.proc.stdin.write(HEADER.pack(len(data)) + data)
+        else:
+            self.proc.stdin.write(HEADER.pack(len(data)))
             self.proc.stdin.write(data)
 
     async def run(self, job_id: str, input_bytes: bytes, timeout_s: float, nested: NestedHandler) -> JobOutcome:
@@ -440,7 +442,10 @@ class WorkerPool:
                     self._idle.append(w)
                 else:
                     self._count -= 1
-                    w.kill() if not ok else await w.close()
+                    if ok:
+                        await w.close()  # the pool closed meanwhile: let it exit
+                    else:
+                        w.kill()  # crashed or overran: its state is unknown
 
     def workers(self) -> list[Worker]:
         return [*self._idle, *self.busy]

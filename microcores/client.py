@@ -442,9 +442,7 @@ def publish(target: Any, *, coordinator: str | None = None, state_dir: str | os.
     from .core import MicroCore
 
     if state_dir is None:
-        from_env = os.environ.get("MICROSWARM_STATE_DIR")
-        base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-        state_dir = from_env or os.path.join(base, "microswarm")
+        state_dir = default_state_dir()
     if isinstance(target, type) and issubclass(target, MicroCore):
         classes = [target]
     elif isinstance(target, (str, os.PathLike)):

@@ -56,7 +56,7 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
     cfg.advertise = a.advertise
     try:
         from coordinator.governor import GovernorSettings
-        cfg.governor = GovernorSettings.from_options(a.max_heap, a.eviction_threshold, a.soft_target,  # type: ignore[attr-defined]
+        cfg.governor = GovernorSettings.from_options(a.max_heap, a.eviction_threshold, a.soft_target,
                                                      a.critical_threshold)
     except ImportError:
         pass
