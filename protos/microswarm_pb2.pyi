@@ -73,14 +73,16 @@ class StreamChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class CallBatch(_message.Message):
-    __slots__ = ("ids", "calls", "authorization")
+    __slots__ = ("ids", "calls", "authorization", "cancel")
     IDS_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     calls: _containers.RepeatedCompositeFieldContainer[CallRequest]
     authorization: str
-    def __init__(self, ids: _Optional[_Iterable[int]] = ..., calls: _Optional[_Iterable[_Union[CallRequest, _Mapping]]] = ..., authorization: _Optional[str] = ...) -> None: ...
+    cancel: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., calls: _Optional[_Iterable[_Union[CallRequest, _Mapping]]] = ..., authorization: _Optional[str] = ..., cancel: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReplyBatch(_message.Message):
     __slots__ = ("ids", "replies")
@@ -97,7 +99,7 @@ class StatusRequest(_message.Message):
     def __init__(self, recent_calls: _Optional[int] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "address", "packages", "slots", "running", "last_heartbeat_s", "state", "connected_s", "jobs_done", "jobs_failed", "cpu_percent", "rss_bytes", "mode", "load1", "jobs_cpu_percent", "jobs_rss_bytes", "others_cpu_percent", "limit_stops")
+    __slots__ = ("agent_id", "address", "packages", "slots", "running", "last_heartbeat_s", "state", "connected_s", "jobs_done", "jobs_failed", "cpu_percent", "rss_bytes", "mode", "load1", "jobs_cpu_percent", "jobs_rss_bytes", "others_cpu_percent", "limit_stops", "versions", "max_packages", "quarantine_left_s", "jobs_timed_out", "mean_run_ms")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PACKAGES_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +118,11 @@ class AgentInfo(_message.Message):
     JOBS_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     OTHERS_CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_STOPS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PACKAGES_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINE_LEFT_S_FIELD_NUMBER: _ClassVar[int]
+    JOBS_TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_RUN_MS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     address: str
     packages: _containers.RepeatedScalarFieldContainer[str]
@@ -134,7 +141,48 @@ class AgentInfo(_message.Message):
     jobs_rss_bytes: int
     others_cpu_percent: float
     limit_stops: int
-    def __init__(self, agent_id: _Optional[str] = ..., address: _Optional[str] = ..., packages: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., running: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., state: _Optional[str] = ..., connected_s: _Optional[float] = ..., jobs_done: _Optional[int] = ..., jobs_failed: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., load1: _Optional[float] = ..., jobs_cpu_percent: _Optional[float] = ..., jobs_rss_bytes: _Optional[int] = ..., others_cpu_percent: _Optional[float] = ..., limit_stops: _Optional[int] = ...) -> None: ...
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    max_packages: int
+    quarantine_left_s: float
+    jobs_timed_out: int
+    mean_run_ms: float
+    def __init__(self, agent_id: _Optional[str] = ..., address: _Optional[str] = ..., packages: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., running: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., state: _Optional[str] = ..., connected_s: _Optional[float] = ..., jobs_done: _Optional[int] = ..., jobs_failed: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., load1: _Optional[float] = ..., jobs_cpu_percent: _Optional[float] = ..., jobs_rss_bytes: _Optional[int] = ..., others_cpu_percent: _Optional[float] = ..., limit_stops: _Optional[int] = ..., versions: _Optional[_Iterable[str]] = ..., max_packages: _Optional[int] = ..., quarantine_left_s: _Optional[float] = ..., jobs_timed_out: _Optional[int] = ..., mean_run_ms: _Optional[float] = ...) -> None: ...
+
+class SchedulerInfo(_message.Message):
+    __slots__ = ("queue_depth", "queue_limit", "queue_wait_s", "queue_wait_p50_ms", "queue_wait_p99_ms", "local_slots", "local_running", "max_attempts", "retries_total", "hedges_total", "late_results_total", "outcome_unknown_total", "quarantines_total", "overloaded_total", "offloaded_total", "local_total")
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    HEDGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LATE_RESULTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_UNKNOWN_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    OVERLOADED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    OFFLOADED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    queue_depth: int
+    queue_limit: int
+    queue_wait_s: float
+    queue_wait_p50_ms: float
+    queue_wait_p99_ms: float
+    local_slots: int
+    local_running: int
+    max_attempts: int
+    retries_total: int
+    hedges_total: int
+    late_results_total: int
+    outcome_unknown_total: int
+    quarantines_total: int
+    overloaded_total: int
+    offloaded_total: int
+    local_total: int
+    def __init__(self, queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., queue_wait_s: _Optional[float] = ..., queue_wait_p50_ms: _Optional[float] = ..., queue_wait_p99_ms: _Optional[float] = ..., local_slots: _Optional[int] = ..., local_running: _Optional[int] = ..., max_attempts: _Optional[int] = ..., retries_total: _Optional[int] = ..., hedges_total: _Optional[int] = ..., late_results_total: _Optional[int] = ..., outcome_unknown_total: _Optional[int] = ..., quarantines_total: _Optional[int] = ..., overloaded_total: _Optional[int] = ..., offloaded_total: _Optional[int] = ..., local_total: _Optional[int] = ...) -> None: ...
 
 class ServiceInfo(_message.Message):
     __slots__ = ("name", "version", "digest", "pure", "idempotent", "timeout_s", "builtin", "agents", "revision", "description")
@@ -183,7 +231,7 @@ class CallRecord(_message.Message):
     def __init__(self, time: _Optional[float] = ..., client: _Optional[str] = ..., service: _Optional[str] = ..., executed_by: _Optional[str] = ..., success: _Optional[bool] = ..., ms: _Optional[float] = ..., error_code: _Optional[str] = ..., attempts: _Optional[int] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("coordinator_id", "listen", "uptime_s", "agents", "services", "calls", "dispatch", "placement", "calls_total", "fallbacks_total", "cache_json")
+    __slots__ = ("coordinator_id", "listen", "uptime_s", "agents", "services", "calls", "dispatch", "placement", "calls_total", "fallbacks_total", "cache_json", "scheduler")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     LISTEN_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +243,7 @@ class StatusReply(_message.Message):
     CALLS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     FALLBACKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CACHE_JSON_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
     listen: str
     uptime_s: float
@@ -206,7 +255,8 @@ class StatusReply(_message.Message):
     calls_total: int
     fallbacks_total: int
     cache_json: bytes
-    def __init__(self, coordinator_id: _Optional[str] = ..., listen: _Optional[str] = ..., uptime_s: _Optional[float] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallRecord, _Mapping]]] = ..., dispatch: _Optional[str] = ..., placement: _Optional[str] = ..., calls_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., cache_json: _Optional[bytes] = ...) -> None: ...
+    scheduler: SchedulerInfo
+    def __init__(self, coordinator_id: _Optional[str] = ..., listen: _Optional[str] = ..., uptime_s: _Optional[float] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallRecord, _Mapping]]] = ..., dispatch: _Optional[str] = ..., placement: _Optional[str] = ..., calls_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., cache_json: _Optional[bytes] = ..., scheduler: _Optional[_Union[SchedulerInfo, _Mapping]] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
     __slots__ = ("manifest", "archive")
@@ -351,7 +401,7 @@ class LinkFrame(_message.Message):
     def __init__(self, agent_hello: _Optional[_Union[AgentHello, _Mapping]] = ..., coordinator_hello: _Optional[_Union[CoordinatorHello, _Mapping]] = ..., agent_proof: _Optional[_Union[AgentProof, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., sealed: _Optional[_Union[Sealed, _Mapping]] = ...) -> None: ...
 
 class AgentHello(_message.Message):
-    __slots__ = ("protocol", "agent_id", "agent_key", "ephemeral", "nonce", "slots", "hostname", "software")
+    __slots__ = ("protocol", "agent_id", "agent_key", "ephemeral", "nonce", "slots", "hostname", "software", "max_packages")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +410,7 @@ class AgentHello(_message.Message):
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PACKAGES_FIELD_NUMBER: _ClassVar[int]
     protocol: int
     agent_id: str
     agent_key: bytes
@@ -368,7 +419,8 @@ class AgentHello(_message.Message):
     slots: int
     hostname: str
     software: str
-    def __init__(self, protocol: _Optional[int] = ..., agent_id: _Optional[str] = ..., agent_key: _Optional[bytes] = ..., ephemeral: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., slots: _Optional[int] = ..., hostname: _Optional[str] = ..., software: _Optional[str] = ...) -> None: ...
+    max_packages: int
+    def __init__(self, protocol: _Optional[int] = ..., agent_id: _Optional[str] = ..., agent_key: _Optional[bytes] = ..., ephemeral: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., slots: _Optional[int] = ..., hostname: _Optional[str] = ..., software: _Optional[str] = ..., max_packages: _Optional[int] = ...) -> None: ...
 
 class CoordinatorHello(_message.Message):
     __slots__ = ("coordinator_key", "ephemeral", "nonce", "signature", "suite")
@@ -455,20 +507,30 @@ class PackageData(_message.Message):
     def __init__(self, ref: _Optional[_Union[PackageRef, _Mapping]] = ..., manifest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., archive: _Optional[bytes] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "service", "digest", "input", "deadline_s", "chain")
+    __slots__ = ("job_id", "service", "digest", "input", "deadline_s", "chain", "confirm_start")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_START_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     service: str
     digest: str
     input: bytes
     deadline_s: float
     chain: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., service: _Optional[str] = ..., digest: _Optional[str] = ..., input: _Optional[bytes] = ..., deadline_s: _Optional[float] = ..., chain: _Optional[_Iterable[str]] = ...) -> None: ...
+    confirm_start: bool
+    def __init__(self, job_id: _Optional[str] = ..., service: _Optional[str] = ..., digest: _Optional[str] = ..., input: _Optional[bytes] = ..., deadline_s: _Optional[float] = ..., chain: _Optional[_Iterable[str]] = ..., confirm_start: _Optional[bool] = ...) -> None: ...
+
+class StartJob(_message.Message):
+    __slots__ = ("job_id", "go")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    GO_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    go: bool
+    def __init__(self, job_id: _Optional[str] = ..., go: _Optional[bool] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("job_id",)
@@ -483,7 +545,7 @@ class Ping(_message.Message):
     def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
 class ToAgent(_message.Message):
-    __slots__ = ("welcome", "holdings", "package", "job", "cancel", "ping", "nested_reply", "refusal", "nested_id")
+    __slots__ = ("welcome", "holdings", "package", "job", "cancel", "ping", "nested_reply", "refusal", "start", "nested_id")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     HOLDINGS_FIELD_NUMBER: _ClassVar[int]
     PACKAGE_FIELD_NUMBER: _ClassVar[int]
@@ -492,6 +554,7 @@ class ToAgent(_message.Message):
     PING_FIELD_NUMBER: _ClassVar[int]
     NESTED_REPLY_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
     NESTED_ID_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     holdings: Holdings
@@ -501,8 +564,9 @@ class ToAgent(_message.Message):
     ping: Ping
     nested_reply: CallReply
     refusal: Refusal
+    start: StartJob
     nested_id: int
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., holdings: _Optional[_Union[Holdings, _Mapping]] = ..., package: _Optional[_Union[PackageData, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., nested_reply: _Optional[_Union[CallReply, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., nested_id: _Optional[int] = ...) -> None: ...
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., holdings: _Optional[_Union[Holdings, _Mapping]] = ..., package: _Optional[_Union[PackageData, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., nested_reply: _Optional[_Union[CallReply, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., start: _Optional[_Union[StartJob, _Mapping]] = ..., nested_id: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("running", "slots", "cpu_percent", "rss_bytes", "load1", "paused", "mode", "jobs_cpu_percent", "jobs_rss_bytes", "others_cpu_percent", "limit_stops")
@@ -547,20 +611,30 @@ class Installed(_message.Message):
     def __init__(self, ref: _Optional[_Union[PackageRef, _Mapping]] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("job_id", "ok", "output", "error", "run_ms", "agent_fault")
+    __slots__ = ("job_id", "ok", "output", "error", "run_ms", "agent_fault", "cancelled", "not_started")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RUN_MS_FIELD_NUMBER: _ClassVar[int]
     AGENT_FAULT_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    NOT_STARTED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     ok: bool
     output: bytes
     error: Error
     run_ms: float
     agent_fault: bool
-    def __init__(self, job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., run_ms: _Optional[float] = ..., agent_fault: _Optional[bool] = ...) -> None: ...
+    cancelled: bool
+    not_started: bool
+    def __init__(self, job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., run_ms: _Optional[float] = ..., agent_fault: _Optional[bool] = ..., cancelled: _Optional[bool] = ..., not_started: _Optional[bool] = ...) -> None: ...
+
+class JobClaim(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class NestedCall(_message.Message):
     __slots__ = ("nested_id", "job_id", "request")
@@ -585,7 +659,7 @@ class Leaving(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class ToCoordinator(_message.Message):
-    __slots__ = ("heartbeat", "fetch", "installed", "result", "nested_call", "pong", "leaving")
+    __slots__ = ("heartbeat", "fetch", "installed", "result", "nested_call", "pong", "leaving", "claim")
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     FETCH_FIELD_NUMBER: _ClassVar[int]
     INSTALLED_FIELD_NUMBER: _ClassVar[int]
@@ -593,6 +667,7 @@ class ToCoordinator(_message.Message):
     NESTED_CALL_FIELD_NUMBER: _ClassVar[int]
     PONG_FIELD_NUMBER: _ClassVar[int]
     LEAVING_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
     heartbeat: Heartbeat
     fetch: Fetch
     installed: Installed
@@ -600,4 +675,5 @@ class ToCoordinator(_message.Message):
     nested_call: NestedCall
     pong: Pong
     leaving: Leaving
-    def __init__(self, heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., fetch: _Optional[_Union[Fetch, _Mapping]] = ..., installed: _Optional[_Union[Installed, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., nested_call: _Optional[_Union[NestedCall, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., leaving: _Optional[_Union[Leaving, _Mapping]] = ...) -> None: ...
+    claim: JobClaim
+    def __init__(self, heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., fetch: _Optional[_Union[Fetch, _Mapping]] = ..., installed: _Optional[_Union[Installed, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., nested_call: _Optional[_Union[NestedCall, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., leaving: _Optional[_Union[Leaving, _Mapping]] = ..., claim: _Optional[_Union[JobClaim, _Mapping]] = ...) -> None: ...
