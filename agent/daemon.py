@@ -73,6 +73,8 @@ class AgentConfig:
     discover_timeout_s: float = 10.0
     volunteer: VolunteerSettings = field(default_factory=VolunteerSettings)
     control_socket: bool = True      # `microswarm agent pause|resume` through <state_dir>/agent.sock
+    max_packages: int = 0            # the most packages it holds (0: no limit)
+    worker_idle_s: float = 120.0     # a package's workers stop after sitting idle this long (0: never)
 
 
 @dataclass
@@ -94,12 +96,17 @@ class Agent:
         self.token = JoinToken.parse(config.token)  # ValueError with a clear message on a bad token
         if not 1 <= config.slots <= 1024:
             raise ValueError(f"--slots {config.slots} must be between 1 and 1024")
+        if config.max_packages < 0:
+            raise ValueError(f"--max-packages {config.max_packages} must be 0 (no limit) or more")
+        if config.worker_idle_s < 0:
+            raise ValueError(f"--worker-idle {config.worker_idle_s} must be 0 (never stop) or more seconds")
         self.agent_id = config.agent_id or f"{socket.gethostname().split('.')[0][:40]}-{secrets.token_hex(3)}"
         self.key = Ed25519PrivateKey.generate()
         self.packages_dir = Path(config.state_dir).expanduser() / "agent-packages"
         self.pools: dict[str, WorkerPool] = {}
         self.wanted: set[str] = set()
         self.jobs: dict[str, asyncio.Task[Any]] = {}
+        self.claims: dict[str, asyncio.Future[bool]] = {}  # confirm_start jobs waiting for the go
         self.nested: dict[int, asyncio.Future[pb.CallReply]] = {}
         self._nested_ids = 0
         self.draining = False
@@ -199,6 +206,7 @@ class Agent:
         for h in logging.getLogger().handlers:
             h.addFilter(self._log_filter)
         monitor = asyncio.create_task(self.monitor.run())
+        reaper = asyncio.create_task(self._reap_idle())
         if self.config.control_socket:
             self.control = ControlServer(socket_path(self.config.state_dir), self._control)
             try:
@@ -233,7 +241,7 @@ class Agent:
                     log.warning("cannot reach the coordinator at %s: %s", self.address or "(not found)", detail)
                 if time.monotonic() - started > 10:
                     backoff = 0.5
-                delay = backoff * (0.5 + random.random())
+                delay = min(self.config.max_backoff_s, backoff) * (0.5 + 0.5 * random.random())  # jitter below the cap
                 log.info("reconnecting in %.1f s", delay)
                 try:
                     await asyncio.wait_for(self.stop_event.wait(), delay)
@@ -243,6 +251,7 @@ class Agent:
             return 0
         finally:
             monitor.cancel()
+            reaper.cancel()
             self.monitor.release()
             if self.control is not None:
                 await self.control.close()
@@ -342,6 +351,10 @@ class Agent:
                     if not fut.done():
                         fut.set_exception(ConnectionError("link to the coordinator lost"))
                 self.nested.clear()
+                for claim in self.claims.values():  # no go can come any more: those jobs never start
+                    if not claim.done():
+                        claim.set_result(False)
+                self.claims.clear()
                 call.cancel()
 
     async def _read(self, call: Any) -> pb.LinkFrame:
@@ -358,7 +371,8 @@ class Agent:
         my_key = public_bytes(self.key)
         await call.write(pb.LinkFrame(agent_hello=pb.AgentHello(
             protocol=PROTOCOL, agent_id=self.agent_id, agent_key=my_key, ephemeral=eph_pub, nonce=nonce,
-            slots=self.config.slots, hostname=socket.gethostname(), software=__version__)))
+            slots=self.config.slots, hostname=socket.gethostname(), software=__version__,
+            max_packages=self.config.max_packages)))
         frame = await asyncio.wait_for(self._read(call), 15)
         if frame.WhichOneof("kind") != "coordinator_hello":
             raise AgentRefused("protocol_error", "expected CoordinatorHello")
@@ -471,12 +485,32 @@ class Agent:
             task = self.jobs.get(msg.cancel.job_id)
             if task is not None:
                 task.cancel()
+        elif kind == "start":
+            claim = self.claims.pop(msg.start.job_id, None)
+            if claim is not None and not claim.done():
+                claim.set_result(msg.start.go)
         elif kind == "refusal":
             log.warning("coordinator: %s: %s", msg.refusal.code, msg.refusal.message)
 
     # ------------------------------------------------------------ packages
 
+    async def _reap_idle(self) -> None:
+        """Workers start when a package is used and stop after `worker_idle_s` idle."""
+        if self.config.worker_idle_s <= 0:
+            return
+        while True:
+            await asyncio.sleep(min(1.0, self.config.worker_idle_s / 2))
+            for digest, pool in list(self.pools.items()):
+                n = await pool.reap(self.config.worker_idle_s)
+                if n:
+                    log.debug("stopped %d idle worker(s) of package %s", n, digest[:12])
+
     async def _sync_holdings(self, link: Link, refs: list[pb.PackageRef]) -> None:
+        if self.config.max_packages and len(refs) > self.config.max_packages:
+            for r in refs[self.config.max_packages:]:
+                link.send(pb.ToCoordinator(installed=pb.Installed(ref=r, ok=False, error=(
+                    f"this agent holds at most {self.config.max_packages} packages (--max-packages)"))))
+            refs = refs[:self.config.max_packages]
         self.wanted = {r.digest for r in refs}
         for r in refs:
             if r.digest in self.pools:
@@ -524,12 +558,32 @@ class Agent:
     def _start_job(self, link: Link, job: pb.Job) -> None:
         task = asyncio.create_task(self._run_job(link, job))
         self.jobs[job.job_id] = task
-        task.add_done_callback(lambda _t, jid=job.job_id: self.jobs.pop(jid, None))
+
+        def done(t: asyncio.Task[Any], jid: str = job.job_id) -> None:
+            self.jobs.pop(jid, None)
+            if t.cancelled():  # cancelled before it ran at all: the coordinator still hears it stopped
+                link.send(pb.ToCoordinator(result=pb.JobResult(
+                    job_id=jid, cancelled=True, not_started=True,
+                    error=pb.Error(code="cancelled", message="cancelled before it started"))))
+        task.add_done_callback(done)
+
+    async def _claim(self, link: Link, job: pb.Job) -> bool:
+        """At most once: ask the coordinator before starting; it says no if it gave up on the job."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.claims[job.job_id] = fut
+        link.send(pb.ToCoordinator(claim=pb.JobClaim(job_id=job.job_id)))
+        try:
+            return await asyncio.wait_for(fut, max(0.5, job.deadline_s))
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self.claims.pop(job.job_id, None)
 
     async def _run_job(self, link: Link, job: pb.Job) -> None:
         result = pb.JobResult(job_id=job.job_id)
         pool = self.pools.get(job.digest)
         ctx = {"job": job.job_id, "service": job.service}
+        started = False
         try:
             if self.mode in ("paused", "owner_busy"):  # it was on the wire when we stopped taking jobs
                 raise LimitExceeded(self.mode, f"{self.mode}: this agent takes no jobs now")
@@ -537,6 +591,12 @@ class Agent:
                 raise WorkerCrashed(f"package {job.digest[:12]} for {job.service} is not installed here")
             if len(self.jobs) > self.config.slots:
                 raise WorkerCrashed(f"all {self.config.slots} slots are busy")
+            if job.confirm_start and not await self._claim(link, job):
+                result.ok, result.cancelled, result.not_started = False, True, True
+                result.error.CopyFrom(pb.Error(code="cancelled", message="the coordinator withdrew the job"))
+                link.send(pb.ToCoordinator(result=result))
+                return
+            started = True
             outcome = await pool.run(job.job_id, job.input, max(0.001, job.deadline_s),
                                      lambda s, d: self._nested_call(link, job, s, d))
             result.ok, result.output, result.run_ms = outcome.ok, outcome.output, outcome.run_ms
@@ -545,19 +605,24 @@ class Agent:
                 result.error.CopyFrom(pb.Error(code=e.get("code", "service_error"), message=e.get("message", ""),
                                                field=e.get("field", "")))
         except LimitExceeded as exc:  # the agent stays up; the coordinator runs the job itself
-            result.ok, result.agent_fault = False, True
+            result.ok, result.agent_fault, result.not_started = False, True, not started
             result.error.CopyFrom(pb.Error(code=exc.limit, message=str(exc)))
             if exc.limit not in ("paused", "owner_busy"):
                 self.limit_stops += 1
             log.warning("job %s (%s) stopped: %s", job.job_id, job.service, exc, extra={**ctx, "limit": exc.limit})
         except WorkerCrashed as exc:
-            result.ok, result.agent_fault = False, True
+            result.ok, result.agent_fault, result.not_started = False, True, not started
             result.error.CopyFrom(pb.Error(code="agent_fault", message=str(exc)))
             log.warning("job %s (%s) failed on this agent: %s", job.job_id, job.service, exc, extra=ctx)
         except MicroError as exc:
             result.ok = False
             result.error.CopyFrom(pb.Error(code=exc.code, message=exc.message, field=exc.field))
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # a Cancel from the coordinator: its worker was stopped; say so
+            result.ok, result.cancelled, result.not_started = False, True, not started
+            result.error.CopyFrom(pb.Error(code="cancelled", message="cancelled by the coordinator"))
+            link.send(pb.ToCoordinator(result=result))
+            log.info("job %s (%s) cancelled%s", job.job_id, job.service, "" if started else " before it started",
+                     extra=ctx)
             return
         log.debug("job %s (%s): %s", job.job_id, job.service, "ok" if result.ok else result.error.code,
                   extra={**ctx, "outcome": "ok" if result.ok else result.error.code, "run_ms": round(result.run_ms, 3)})

@@ -37,6 +37,10 @@ class AgentLost(Exception):
     """The agent's session ended before it answered."""
 
 
+class AgentSilent(AgentLost):
+    """The agent stopped sending anything (frozen, cut off): its jobs are given up on."""
+
+
 class Refused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -44,12 +48,24 @@ class Refused(Exception):
         self.message = message
 
 
-@dataclass
+@dataclass(eq=False)
 class JobRecord:
+    """A job sent to an agent. It holds one of the agent's slots until the agent answers for it,
+    even after the coordinator gave up on it (abandoned): the slot is free when the agent says the
+    job stopped, not when we stop waiting."""
+
+    job_id: str
     future: asyncio.Future[pb.JobResult]
     chain: list[str]
     deadline: float  # monotonic
     service: str
+    claimed: asyncio.Future[None] | None = None  # confirm_start jobs: set when we let it start
+    abandoned: bool = False
+    sent_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def started(self) -> bool:
+        return self.claimed is not None and self.claimed.done() and not self.claimed.cancelled()
 
 
 @dataclass
@@ -75,53 +91,92 @@ class AgentSession:
     ping_seq: int = 0
     nested_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     join_secret: bytes = b""  # sha256 of the join secret it proved: SIGHUP drops it if revoked
+    max_packages: int = 0
+    planned: set[str] = field(default_factory=set)  # service names placement gave it
+    reserved: int = 0         # slots promised to calls about to send a job here
+    strikes: int = 0          # failures in a row (timeouts, faults): quarantined at the limit
+    quarantined_until: float = 0.0
+    jobs_timed_out: int = 0
+    late_results: int = 0
+    ewma_s: float = 0.0       # moving average of its recent round trips (p2c breaks ties with it)
 
     @property
     def running(self) -> int:
         return len(self.jobs)
 
     @property
+    def load(self) -> int:
+        return len(self.jobs) + self.reserved
+
+    @property
     def free(self) -> int:
         if self.heartbeat.paused:
             return 0
-        return self.slots - len(self.jobs)
+        return self.slots - len(self.jobs) - self.reserved
 
     def installing(self, digest: str) -> bool:
         """Connected, told to hold `digest`, and neither done nor failed installing it yet."""
         return (not self.closed and self.state in ("joining", "ready") and digest not in self.holdings
                 and digest not in self.install_failed)
 
+    def holds(self, digest: str) -> bool:
+        """Holds the package and takes jobs (busy or not)."""
+        return (self.state == "ready" and digest in self.holdings and not self.closed
+                and self.quarantined_until <= time.monotonic())
+
     def dispatchable(self, digest: str) -> bool:
-        return self.state == "ready" and digest in self.holdings and self.free > 0 and not self.closed
+        return self.free > 0 and self.holds(digest)
 
     def send(self, msg: pb.ToAgent) -> None:
         if not self.closed:
             self.outbox.put_nowait(msg)
 
-    async def run_job(self, job: pb.Job, timeout: float) -> pb.JobResult:
-        """Send a job and wait for its result; AgentLost if the session ends, TimeoutError past timeout."""
-        fut: asyncio.Future[pb.JobResult] = asyncio.get_running_loop().create_future()
-        self.jobs[job.job_id] = JobRecord(fut, list(job.chain), time.monotonic() + timeout, job.service)
-        try:
-            self.send(pb.ToAgent(job=job))
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            self.send(pb.ToAgent(cancel=pb.Cancel(job_id=job.job_id)))
-            raise
-        finally:
-            self.jobs.pop(job.job_id, None)
+    def start_job(self, job: pb.Job) -> JobRecord:
+        """Send a job on a slot reserved for it (see slots.SlotQueue); its result resolves the record."""
+        loop = asyncio.get_running_loop()
+        rec = JobRecord(job.job_id, loop.create_future(), list(job.chain), time.monotonic() + job.deadline_s,
+                        job.service, loop.create_future() if job.confirm_start else None)
+        if self.reserved > 0:
+            self.reserved -= 1
+        self.jobs[job.job_id] = rec
+        self.send(pb.ToAgent(job=job))
+        return rec
 
-    def fail_all(self, reason: str) -> None:
+    def abandon(self, rec: JobRecord) -> None:
+        """Give up on a job: cancel it on the agent. Its slot stays taken until the agent answers."""
+        if rec.abandoned or self.jobs.get(rec.job_id) is not rec:
+            return
+        rec.abandoned = True
+        if not rec.future.done():
+            rec.future.cancel()
+        if rec.claimed is not None and not rec.claimed.done():
+            rec.claimed.cancel()
+        self.send(pb.ToAgent(cancel=pb.Cancel(job_id=rec.job_id)))
+
+    def fail_all(self, reason: str, silent: bool = False) -> None:
+        """Wake every call waiting on this agent (the session ended, or the agent fell silent)."""
+        exc = AgentSilent(reason) if silent else AgentLost(reason)
         for rec in list(self.jobs.values()):
             if not rec.future.done():
-                rec.future.set_exception(AgentLost(reason))
+                rec.future.set_exception(exc)
+            if rec.claimed is not None and not rec.claimed.done():
+                rec.claimed.set_exception(exc)
+
+    @property
+    def quarantined(self) -> bool:
+        return self.quarantined_until > time.monotonic()
 
     def info(self) -> pb.AgentInfo:
         reg = self.coordinator.registry
-        pkgs = sorted(reg.by_digest[d].label for d in self.holdings if d in reg.by_digest)
-        return pb.AgentInfo(agent_id=self.agent_id, address=self.address, packages=pkgs, slots=self.slots,
+        held = sorted((reg.by_digest[d] for d in self.holdings if d in reg.by_digest), key=lambda e: e.name)
+        return pb.AgentInfo(agent_id=self.agent_id, address=self.address, packages=[e.name for e in held],
+                            versions=[e.label for e in held], max_packages=self.max_packages,
+                            quarantine_left_s=max(0.0, self.quarantined_until - time.monotonic())
+                            if self.quarantined else 0.0, jobs_timed_out=self.jobs_timed_out,
+                            mean_run_ms=self.ewma_s * 1000, slots=self.slots,
                             running=self.running, last_heartbeat_s=time.monotonic() - self.last_seen,
-                            state=self.state, connected_s=time.time() - self.connected_at,
+                            state="quarantined" if self.quarantined and self.state == "ready" else self.state,
+                            connected_s=time.time() - self.connected_at,
                             jobs_done=self.jobs_done, jobs_failed=self.jobs_failed,
                             cpu_percent=self.heartbeat.cpu_percent, rss_bytes=self.heartbeat.rss_bytes,
                             mode=self.heartbeat.mode or ("paused" if self.heartbeat.paused else "active"),
@@ -206,6 +261,8 @@ class AgentLinkService:
         session = AgentSession(h.agent_id, bytes(h.agent_key), address, h.slots, h.hostname,
                                coordinator_channel(SUITE, k_a2c, k_c2a), c)
         session.join_secret = hashlib.sha256(proved).digest()
+        session.max_packages = h.max_packages
+        c.quarantine.joined(session)
         c.agents[h.agent_id] = session
         return session
 
@@ -216,7 +273,7 @@ class AgentLinkService:
         s.send(pb.ToAgent(welcome=pb.Welcome(agent_id=s.agent_id, heartbeat_s=c.heartbeat_s,
                                              liveness_s=c.liveness_s, max_frame=MAX_FRAME,
                                              coordinator_id=c.state.fingerprint.hex())))
-        s.send(pb.ToAgent(holdings=c.holdings_for(s)))
+        c.agent_joined(s)
         sender = asyncio.create_task(self._sender(s, context))
         reason = "stream closed"
         try:
@@ -233,6 +290,7 @@ class AgentLinkService:
                 s.last_seen = time.monotonic()
                 if s.state == "suspect":
                     s.state = "ready"
+                    self.c.slot_freed(s)
                 if data is None:
                     continue
                 left = False
@@ -287,15 +345,33 @@ class AgentLinkService:
         kind = msg.WhichOneof("kind")
         if kind == "result":
             r = msg.result
-            rec = s.jobs.get(r.job_id)
-            if rec is not None and not rec.future.done():
+            rec = s.jobs.pop(r.job_id, None)
+            if rec is None:
+                return False  # never sent to it, or answered twice: nothing to count
+            if rec.claimed is not None and not rec.claimed.done():
+                rec.claimed.cancel()
+            if rec.future.done():  # given up on (abandoned) or already failed: a late answer, dropped
+                if not r.cancelled:
+                    s.late_results += 1
+                    self.c.late_result(s, rec)
+            else:
                 rec.future.set_result(r)
             if r.ok:
                 s.jobs_done += 1
-            else:
+            elif not r.cancelled:
                 s.jobs_failed += 1
+            self.c.slot_freed(s)
+        elif kind == "claim":
+            rec = s.jobs.get(msg.claim.job_id)
+            go = (rec is not None and rec.claimed is not None and not rec.claimed.done() and not rec.abandoned)
+            if go:
+                rec.claimed.set_result(None)  # type: ignore[union-attr]
+            s.send(pb.ToAgent(start=pb.StartJob(job_id=msg.claim.job_id, go=go)))
         elif kind == "heartbeat":
+            was_paused = s.heartbeat.paused
             s.heartbeat = msg.heartbeat
+            if was_paused and not msg.heartbeat.paused:
+                self.c.slot_freed(s)
         elif kind == "fetch":
             entry = self.c.registry.by_digest.get(msg.fetch.ref.digest)
             if entry is None:
@@ -335,9 +411,11 @@ class AgentLinkService:
 
     async def _nested(self, s: AgentSession, nc: pb.NestedCall) -> None:
         rec = s.jobs.get(nc.job_id)
-        if rec is None:
+        if rec is None or rec.abandoned:
             reply = pb.CallReply(status="error", error=pb.Error(
-                code="protocol_error", message=f"nested call from unknown job {nc.job_id!r}"))
+                code="protocol_error" if rec is None else "cancelled",
+                message=f"nested call from unknown job {nc.job_id!r}" if rec is None
+                else f"job {nc.job_id} was cancelled: its nested calls are refused"))
         else:
             req = pb.CallRequest()
             req.CopyFrom(nc.request)

@@ -1,9 +1,10 @@
 """Dispatch: one call in, exactly one outcome out.
 
-validate (from the service's own model) -> result cache -> pick an agent that holds the
-package and has a free slot (random by default) -> run it there under the deadline -> on an
-agent fault, timeout or disconnect, the coordinator runs it itself -> check the output
-against the service's model (agents are not trusted) -> log the call.
+validate (from the service's own model) -> result cache -> the scheduler runs the job on a
+volunteer (waiting in line for a slot; retried, hedged or taken over as scheduler.py says) ->
+check the output against the service's model (agents are not trusted) -> log the call.
+The strategies here pick one agent among those with a free slot (random by default, as in
+seed 002's GetNextClient).
 """
 from __future__ import annotations
 
@@ -15,17 +16,17 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from microcores import _codec
-from microcores._worker import WorkerCrashed
 from microcores.core import validate_model
-from microcores.errors import (CallCycle, DeadlineExceeded, DepthExceeded, InvalidInput, MicroError,
+from microcores.errors import (CallCycle, DepthExceeded, InvalidInput, MicroError,
                                Unavailable, from_code)
 from protos import microswarm_pb2 as pb
 
-from .agents import AgentLost, AgentSession
+from .agents import AgentSession
 from .calllog import CallEntry
 from .registry import ServiceEntry
 
 if TYPE_CHECKING:
+    from .scheduler import Scheduler
     from .server import Coordinator
 
 log = logging.getLogger("microswarm.dispatch")
@@ -62,20 +63,44 @@ class LeastLoaded(Strategy):
         return random.choice([a for a in candidates if a.free / a.slots == best])
 
 
+class PowerOfTwo(Strategy):
+    """Power of two choices: sample two holders, take the one with fewer jobs in flight, ties to the
+    one whose recent round trips were faster. Near least-loaded balance without a global scan."""
+
+    name = "p2c"
+
+    def pick(self, candidates: list[AgentSession]) -> AgentSession:
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = random.sample(candidates, 2)
+        return min((a, b), key=lambda x: (x.load, x.ewma_s))
+
+
 STRATEGIES: dict[str, Callable[[], Strategy]] = {"random": Strategy, "round_robin": RoundRobin,
-                                                 "least_loaded": LeastLoaded}
+                                                 "least_loaded": LeastLoaded, "p2c": PowerOfTwo}
 
 
 class Dispatcher:
-    def __init__(self, coordinator: "Coordinator", strategy: str = "random") -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown dispatch strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    def __init__(self, coordinator: "Coordinator", scheduler: "Scheduler", strategy: Strategy) -> None:
         self.c = coordinator
-        self.strategy = STRATEGIES[strategy]()
+        self.scheduler = scheduler
+        self.strategy = strategy
         self.in_flight = 0
-        self.fallbacks = 0
         self.accepting = True
         self.observers: list[Callable[[CallEntry, pb.CallReply], None]] = []
+        self.tasks: set[asyncio.Task[Any]] = set()  # calls being answered: drain answers them if it runs out
+        self.stopped_message = ""
+
+    @property
+    def fallbacks(self) -> int:
+        return self.scheduler.counts["local"]
+
+    def abort_all(self, message: str) -> int:
+        """Drain ran out: every call still in flight is answered `unavailable` with `message`."""
+        self.stopped_message = message
+        for t in self.tasks:
+            t.cancel()
+        return len(self.tasks)
 
     # ------------------------------------------------------------ the call pipeline
 
@@ -83,12 +108,26 @@ class Dispatcher:
         t0 = time.perf_counter()
         self.in_flight += 1
         reply = pb.CallReply(service=req.service, encoding=req.encoding)
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
         try:
             if not self.accepting:
                 raise Unavailable("the coordinator is shutting down; retry against another coordinator "
                                   "or after it restarts")
-            await self._call(req, reply)
+            try:
+                await self._call(req, reply)
+            except asyncio.CancelledError:
+                if not self.stopped_message or task is None:
+                    raise
+                task.uncancel()  # we cancelled it to answer it: the caller still gets its one answer
+                raise Unavailable(self.stopped_message) from None
             reply.status = "ok"
+        except asyncio.CancelledError:  # the caller gave up: the job was stopped; log it, no answer
+            reply.status = "error"
+            reply.error.CopyFrom(pb.Error(code="cancelled", message="the caller cancelled the call"))
+            self._log(req, reply, t0, client, address)
+            raise
         except MicroError as exc:
             reply.status = "error"
             reply.error.CopyFrom(pb.Error(code=exc.code, message=exc.message, field=exc.field))
@@ -99,6 +138,11 @@ class Dispatcher:
             reply.error.CopyFrom(pb.Error(code="internal", message=f"internal error: {type(exc).__name__}: {exc}"))
         finally:
             self.in_flight -= 1
+            self.tasks.discard(task)  # type: ignore[arg-type]
+        self._log(req, reply, t0, client, address)
+        return reply
+
+    def _log(self, req: pb.CallRequest, reply: pb.CallReply, t0: float, client: str, address: str) -> None:
         if not reply.executed_by:
             reply.executed_by = "coordinator"  # refused before anything ran: the coordinator answered
         reply.process_time_ms = (time.perf_counter() - t0) * 1000
@@ -114,7 +158,6 @@ class Dispatcher:
                              "ms": round(entry.ms, 3), "attempts": entry.attempts, "address": entry.address})
         for observer in self.observers:
             observer(entry, reply)
-        return reply
 
     async def _call(self, req: pb.CallRequest, reply: pb.CallReply) -> None:
         entry = self.c.registry.get(req.service)
@@ -163,66 +206,12 @@ class Dispatcher:
             out = out.model_dump(mode="python")
         return _codec.pack(out)
 
-    # ------------------------------------------------------------ placement of one job
-
-    def candidates(self, digest: str) -> list[AgentSession]:
-        return [a for a in self.c.agents.values() if a.dispatchable(digest)]
-
     async def _execute(self, entry: ServiceEntry, input_bytes: bytes, chain: list[str],
                        deadline: float, reply: pb.CallReply) -> tuple[bytes, str, int]:
-        """Run the job; an error still tells who ran it and after how many attempts (set on `reply`)."""
-        attempts = 0
-        cands = self.candidates(entry.digest)
-        wait_until = min(time.monotonic() + INSTALL_WAIT_S, deadline - 1.0)
-        while not cands and time.monotonic() < wait_until and any(
-                a.installing(entry.digest) for a in self.c.agents.values()):
-            # An agent is installing this package right now (just published, or just joined):
-            # it will hold it in a moment, and the coordinator's own slots are the last resort.
-            await self.c.wait_holdings(wait_until - time.monotonic())
-            cands = self.candidates(entry.digest)
-        if cands:
-            agent = self.strategy.pick(cands)
-            attempts += 1
-            remaining = deadline - time.monotonic()
-            job = pb.Job(job_id=self.c.link.next_job_id(), service=entry.name, digest=entry.digest,
-                         input=input_bytes, deadline_s=min(remaining, float(entry.cls.timeout)), chain=chain)
-            try:
-                res = await agent.run_job(job, remaining)
-            except AgentLost as exc:
-                log.warning("%s on agent %s lost (%s); the coordinator takes over", entry.name, agent.agent_id, exc,
-                            extra={"agent": agent.agent_id, "job": job.job_id, "service": entry.name})
-                self.c.suspect(agent, f"lost job {job.job_id}")
-            except asyncio.TimeoutError:
-                log.warning("%s on agent %s timed out", entry.name, agent.agent_id,
-                            extra={"agent": agent.agent_id, "job": job.job_id, "service": entry.name})
-                self.c.suspect(agent, f"job {job.job_id} timed out")
-            else:
-                if res.ok:
-                    return res.output, agent.agent_id, attempts
-                if not res.agent_fault:
-                    reply.executed_by, reply.attempts = agent.agent_id, attempts
-                    raise from_code(res.error.code, res.error.message, res.error.field)
-                log.warning("agent %s failed %s: %s; the coordinator takes over", agent.agent_id, entry.name,
-                            res.error.message, extra={"agent": agent.agent_id, "job": job.job_id,
-                                                      "service": entry.name, "error_code": res.error.code})
-        remaining = deadline - time.monotonic()
-        reply.attempts = attempts
-        if remaining <= 0:
-            raise DeadlineExceeded(f"{entry.name} did not finish within its deadline "
-                                   f"({attempts} attempt{'s' if attempts != 1 else ''})")
-        attempts += 1
-        reply.executed_by, reply.attempts = "coordinator", attempts
-        self.fallbacks += 1
-        job_id = self.c.link.next_job_id()
-        try:
-            outcome = await self.c.local.run(entry, job_id, input_bytes, min(remaining, float(entry.cls.timeout)),
-                                             self.nested_handler(chain, deadline))
-        except WorkerCrashed as exc:
-            raise Unavailable(f"{entry.name} could not run on the coordinator either: {exc}") from None
-        if not outcome.ok:
-            e = outcome.error
-            raise from_code(e.get("code", "service_error"), e.get("message", "failed"), e.get("field", ""))
-        return outcome.output, "coordinator", attempts
+        """Run the job (scheduler.py); an error still tells who ran it and after how many attempts."""
+        output, executed_by = await self.scheduler.execute(entry, input_bytes, chain, deadline, reply,
+                                                           self.nested_handler(chain, deadline))
+        return output, executed_by, reply.attempts
 
     def nested_handler(self, chain: list[str], deadline: float) -> Any:
         async def nested(service: str, data: dict[str, Any]) -> dict[str, Any]:

@@ -12,11 +12,17 @@ from .state import StateDir
 
 
 class LocalRunner:
-    def __init__(self, state: StateDir, slots: int | None = None) -> None:
+    def __init__(self, state: StateDir, slots: int | None = None, idle_s: float = 0.0) -> None:
         self.state = state
         self.slots = slots or max(1, os.cpu_count() or 1)
+        self.idle_s = idle_s  # workers idle this long stop (0: never)
         self.pools: dict[str, WorkerPool] = {}
         self.running = 0
+
+    async def reap(self) -> None:
+        if self.idle_s > 0:
+            for p in list(self.pools.values()):
+                await p.reap(self.idle_s)
 
     def pool(self, entry: ServiceEntry) -> WorkerPool:
         p = self.pools.get(entry.digest)

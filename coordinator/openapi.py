@@ -23,7 +23,9 @@ STATUS_OF_CODE: dict[str, int] = {
     "too_large": 413,
     "internal": 500, "service_error": 500, "error": 500,
     "bad_output": 502,
-    "unavailable": 503,
+    "unavailable": 503, "overloaded": 503,
+    "outcome_unknown": 502,
+    "cancelled": 499,
     "deadline_exceeded": 504,
 }
 

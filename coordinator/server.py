@@ -5,6 +5,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -24,10 +25,14 @@ from .auth import ACCESS_TTL_S, Auth, AuthError
 from .auth_grpc import TokenService, auth_refusal, caller_label
 from .cache import ResultCache, cache_key
 from .calllog import CallLog
-from .dispatch import Dispatcher
+from .dispatch import STRATEGIES, Dispatcher
 from .governor import GovernorSettings, HeapGovernor, combined_stats
 from .local import LocalRunner
+from .placement import STRATEGIES as PLACEMENTS
+from .placement import AgentView, Placement
+from .quarantine import Quarantine
 from .registry import Registry, ServiceEntry
+from .scheduler import Scheduler, SchedulerSettings
 from .state import StateDir
 
 log = logging.getLogger("microswarm.coordinator")
@@ -43,9 +48,17 @@ class CoordinatorConfig:
     listen: str = "127.0.0.1:7070"
     state_dir: str = ""
     dispatch: str = "random"
+    placement: str = "all"
     heartbeat_s: float = 1.0
     liveness_s: float = 6.0          # silent this long: removed; half of it: suspect
-    fallback_slots: int = 0          # 0: one per CPU
+    fallback_slots: int = 0          # the old name of local_slots (0: not set)
+    local_slots: int | None = None   # jobs the coordinator runs itself at once; None: one per CPU; 0: never
+    queue_wait_s: float = 2.0        # a call waits this long for an agent slot before the coordinator runs it
+    queue_limit: int = 10_000
+    max_attempts: int = 3
+    quarantine_s: float = 10.0       # first quarantine; doubles on each repeat
+    hedge: bool = True
+    worker_idle_s: float = 120.0     # the coordinator's own idle workers stop after this
     drain_s: float = 30.0
     cache: bool = True
     http: str = ""                   # HOST:PORT of the HTTP/JSON gateway; empty: no gateway
@@ -66,9 +79,30 @@ class Coordinator:
         self.registry = Registry(self.state)
         self.agents: dict[str, AgentSession] = {}
         self.calllog = CallLog(path=self.state.path / "calls.jsonl")
-        self.local = LocalRunner(self.state, config.fallback_slots or None)
-        self.dispatcher = Dispatcher(self, config.dispatch)
+        if config.dispatch not in STRATEGIES:
+            raise ValueError(f"unknown dispatch strategy {config.dispatch!r}; choose one of {', '.join(STRATEGIES)}")
+        if config.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {config.placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        for name, value, low in (("--queue-wait", config.queue_wait_s, 0), ("--queue-limit", config.queue_limit, 1),
+                                 ("--max-attempts", config.max_attempts, 1), ("--quarantine", config.quarantine_s, 0)):
+            if value < low:
+                raise ValueError(f"{name} {value} must be at least {low}")
+        slots = config.local_slots
+        if slots is None:
+            slots = config.fallback_slots or max(1, os.cpu_count() or 1)
+        if slots < 0:
+            raise ValueError(f"--local-slots {slots} must be 0 (never run jobs here) or more")
+        self.local = LocalRunner(self.state, max(1, slots), idle_s=config.worker_idle_s)
         self.link = AgentLinkService(self)
+        self.placement = Placement(config.placement, interval_s=2.0)
+        self.quarantine = Quarantine(config.quarantine_s, on_lift=self.slot_freed)
+        strategy = STRATEGIES[config.dispatch]()
+        self.scheduler = Scheduler(
+            self.agents, self.local, SchedulerSettings(config.queue_wait_s, config.queue_limit, slots,
+                                                       config.max_attempts, config.hedge),
+            strategy.pick, self.link.next_job_id, self.quarantine, self.place, self.wait_holdings)
+        self.scheduler.ran = lambda service, seconds: self.placement.observe(service, seconds * 1000)
+        self.dispatcher = Dispatcher(self, self.scheduler, strategy)
         self.heartbeat_s = config.heartbeat_s
         self.liveness_s = config.liveness_s
         self.cache: Any = None
@@ -92,18 +126,60 @@ class Coordinator:
     # ------------------------------------------------------------ agents
 
     def holdings_for(self, agent: AgentSession) -> pb.Holdings:
-        """Placement: every agent holds every current package (the default policy).
+        """The packages placement gives this agent (placement.py; `all`: every current one).
 
         What the agent held beyond the new set stops counting at once: no job goes to a
-        version that is no longer current."""
-        refs = [e.ref for e in self.registry.current()]
+        version that is no longer current, nor to a package it was told to drop."""
+        names = self.placement.holds(agent.agent_id)
+        refs = [e.ref for e in self.registry.current() if e.name in names]
         agent.holdings &= {r.digest for r in refs}
+        agent.planned = set(names)
         return pb.Holdings(packages=refs)
 
+    def _views(self) -> list[AgentView]:
+        return [AgentView(a.agent_id, a.max_packages, a.slots) for a in self.agents.values() if not a.closed]
+
+    def replan(self, force: bool = False) -> None:
+        """Re-decide who holds what from the calls and run times observed; tell the agents whose
+        set changed (all of them when `force`: a new version was published)."""
+        plan = self.placement.plan(self._views(), [e.name for e in self.registry.current()])
+        changed = False
+        for a in list(self.agents.values()):
+            if force or plan.get(a.agent_id, set()) != a.planned:
+                a.send(pb.ToAgent(holdings=self.holdings_for(a)))
+                changed = True
+        if changed:
+            self.holdings_changed()
+
+    def agent_joined(self, agent: AgentSession) -> None:
+        self.replan()
+        if not agent.planned:  # nothing for it yet (placement places services in use): ready at once
+            agent.send(pb.ToAgent(holdings=self.holdings_for(agent)))
+            agent.state = "ready"
+            self.holdings_changed()
+
+    def place(self, entry: ServiceEntry) -> bool:
+        """A call for a package nobody holds: give it to an agent with room now. True if one got it."""
+        aid = self.placement.give(entry.name, self._views())
+        agent = self.agents.get(aid) if aid else None
+        if agent is None:
+            return False
+        if entry.name not in agent.planned:
+            agent.send(pb.ToAgent(holdings=self.holdings_for(agent)))
+            log.info("placement: %s given to agent %s on its first call", entry.name, agent.agent_id)
+        return agent.installing(entry.digest)
+
     def holdings_changed(self) -> None:
-        """Wake calls waiting for an agent to finish installing a package."""
+        """Wake calls waiting for an agent to finish installing a package, or for a holder."""
         self._holdings_event.set()
         self._holdings_event = asyncio.Event()
+        self.scheduler.holdings_changed()
+
+    def slot_freed(self, agent: AgentSession | None = None) -> None:
+        self.scheduler.slot_freed()
+
+    def late_result(self, agent: AgentSession, rec: Any) -> None:
+        self.scheduler.late_result(agent, rec)
 
     async def wait_holdings(self, timeout: float) -> None:
         try:
@@ -117,20 +193,25 @@ class Coordinator:
         agent.closed = True
         if self.agents.get(agent.agent_id) is agent:
             del self.agents[agent.agent_id]
+            self.placement.forget(agent.agent_id)
         agent.fail_all(reason)
         agent.outbox.put_nowait(None)
         self.holdings_changed()
         log.info("agent %s removed: %s", agent.agent_id, reason, extra={"agent": agent.agent_id})
 
     def suspect(self, agent: AgentSession, why: str) -> None:
+        """No new jobs, a ping, and the calls waiting on its jobs move on (it may be frozen)."""
         if agent.state in ("joining", "ready") and not agent.closed:
             agent.state = "suspect"
             agent.ping_seq += 1
             agent.send(pb.ToAgent(ping=pb.Ping(seq=agent.ping_seq)))
+            agent.fail_all(f"silent: {why}", silent=True)
             log.warning("agent %s suspect: %s", agent.agent_id, why, extra={"agent": agent.agent_id})
+            self.holdings_changed()
 
     async def _liveness(self) -> None:
-        """Silent past half the window: suspect (no new jobs) and pinged; past the window: removed."""
+        """Silent past half the window: suspect (no new jobs) and pinged; past the window: removed.
+        Also the scheduler's clock: quarantines end, placement re-decides."""
         while True:
             await asyncio.sleep(min(0.5, self.heartbeat_s / 2))
             now = time.monotonic()
@@ -140,14 +221,17 @@ class Coordinator:
                     self.drop_agent(a, f"silent for {silent:.1f} s")
                 elif silent > self.liveness_s / 2:
                     self.suspect(a, f"no heartbeat for {silent:.1f} s")
+            self.quarantine.tick()
+            if self.placement.due():
+                self.replan()
+            await self.local.reap()
 
     def _on_publish(self, entry: ServiceEntry) -> None:
         """Runs on the publishing thread: hand the broadcast to the event loop."""
         self.loop.call_soon_threadsafe(self._broadcast_holdings)
 
     def _broadcast_holdings(self) -> None:
-        for a in list(self.agents.values()):
-            a.send(pb.ToAgent(holdings=self.holdings_for(a)))
+        self.replan(force=True)
 
     # ------------------------------------------------------------ cache
 
@@ -166,8 +250,18 @@ class Coordinator:
     def status(self, recent: int) -> pb.StatusReply:
         reply = pb.StatusReply(coordinator_id=self.state.fingerprint.hex()[:16], listen=self.config.listen,
                                uptime_s=time.time() - self.started, dispatch=self.dispatcher.strategy.name,
-                               placement="all", calls_total=self.calllog.total,
+                               placement=self.placement.name, calls_total=self.calllog.total,
                                fallbacks_total=self.dispatcher.fallbacks)
+        sch = self.scheduler
+        p50, p99 = sch.queue.wait_percentiles()
+        n = sch.counts
+        reply.scheduler.CopyFrom(pb.SchedulerInfo(
+            queue_depth=len(sch.queue), queue_limit=sch.queue.limit, queue_wait_s=sch.s.queue_wait_s,
+            queue_wait_p50_ms=p50 * 1000, queue_wait_p99_ms=p99 * 1000, local_slots=sch.local_slots.n,
+            local_running=sch.local_slots.used, max_attempts=sch.s.max_attempts, retries_total=n["retries"],
+            hedges_total=n["hedges"], late_results_total=n["late_results"], outcome_unknown_total=n["outcome_unknown"],
+            quarantines_total=self.quarantine.total, overloaded_total=sch.queue.overloaded,
+            offloaded_total=n["offloaded"], local_total=n["local"]))
         for a in sorted(self.agents.values(), key=lambda a: a.agent_id):
             reply.agents.append(a.info())
         for e in self.registry.current():
@@ -275,9 +369,19 @@ class Coordinator:
         self.dispatcher.accepting = False
         if getattr(self, "advertiser", None) is not None:  # agents looking now must not find us
             await self.advertiser.close()
-        deadline = time.monotonic() + (self.config.drain_s if drain_s is None else drain_s)
+        drain = self.config.drain_s if drain_s is None else drain_s
+        deadline = time.monotonic() + drain
         while self.dispatcher.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self.dispatcher.in_flight:  # drain ran out: each call still gets its one answer, then we go
+            n = self.dispatcher.abort_all(
+                f"the coordinator stopped before this call finished (its --drain of {drain:g} s ran out); "
+                "the job was cancelled: retry the call against another coordinator or after it restarts")
+            log.warning("drain of %g s ran out: answering %d call(s) still in flight as unavailable", drain, n)
+            end = time.monotonic() + 2.0
+            while self.dispatcher.in_flight and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)  # let the answers reach the wire
         for a in list(self.agents.values()):
             self.drop_agent(a, "coordinator shutting down")
         if self.gateway is not None:
@@ -335,11 +439,18 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
         except AuthError as exc:
             refusal = exc
         outbox: asyncio.Queue[tuple[int, pb.CallReply] | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
+        tasks: dict[int, asyncio.Task[None]] = {}  # the client's id -> its call in flight
 
         async def one(cid: int, req: pb.CallRequest, client: str) -> None:
             req.ClearField("chain")
-            outbox.put_nowait((cid, await self.c.dispatcher.call(req, client=client, address=peer)))
+            reply = await self.c.dispatcher.call(req, client=client, address=peer)
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():  # a call the client cancelled gets no reply
+                outbox.put_nowait((cid, reply))
+
+        def forget(cid: int, t: asyncio.Task[None]) -> None:
+            if tasks.get(cid) is t:
+                del tasks[cid]
 
         async def sender() -> None:
             while True:
@@ -393,15 +504,18 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
                         outbox.put_nowait((cid, auth_refusal(self.c, req.service, exc, client=client, address=peer)))
                         continue
                     t = asyncio.create_task(one(cid, req, client))
-                    tasks.add(t)
-                    t.add_done_callback(tasks.discard)
+                    tasks[cid] = t
+                    t.add_done_callback(lambda t, cid=cid: forget(cid, t))
+                for cid in batch.cancel:  # calls the client gave up on: their jobs stop (the dispatcher's part)
+                    if cid in tasks:
+                        tasks[cid].cancel()
             while tasks:  # the client finished sending: answer everything it asked
-                await asyncio.wait(list(tasks))
+                await asyncio.wait(list(tasks.values()))
             outbox.put_nowait(None)  # type: ignore[arg-type]
             await send_task
         finally:
             send_task.cancel()
-            for t in tasks:
+            for t in list(tasks.values()):
                 t.cancel()
 
     async def Status(self, request: pb.StatusRequest, context: aio.ServicerContext) -> pb.StatusReply:

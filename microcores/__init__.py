@@ -1,13 +1,13 @@
 """microcores: the microswarm SDK. Subclass `MicroCore` to publish a service; use `Client` to call one."""
 from .core import MicroCore
-from .errors import (CallCycle, DeadlineExceeded, DepthExceeded, InvalidInput, MicroError, NoData,
-                     ServiceFailed, Unavailable, UnknownService)
+from .errors import (CallCycle, Cancelled, DeadlineExceeded, DepthExceeded, InvalidInput, MicroError, NoData,
+                     OutcomeUnknown, Overloaded, ServiceFailed, Unavailable, UnknownService)
 
 __version__ = "0.1.0"
 
 __all__ = ["MicroCore", "Client", "Envelope", "publish", "MicroError", "InvalidInput", "UnknownService",
            "NoData", "CallCycle", "DepthExceeded", "DeadlineExceeded", "ServiceFailed", "Unavailable",
-           "__version__"]
+           "Overloaded", "OutcomeUnknown", "Cancelled", "__version__"]
 
 
 def __getattr__(name: str):  # the client pulls in grpc: load it only when asked for

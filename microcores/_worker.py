@@ -258,6 +258,7 @@ class Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.busy = False
         self.stop_reason = ""  # set by stop(): why the parent ended this worker mid-job
+        self.idle_since = time.monotonic()
         try:
             m = json.loads((directory / ".manifest.json").read_bytes())
             self.label = f"{m['name']}@{m['version']}"
@@ -439,6 +440,7 @@ class WorkerPool:
             finally:
                 self.busy.discard(w)
                 if ok and w.alive and not self._closed:
+                    w.idle_since = time.monotonic()
                     self._idle.append(w)
                 else:
                     self._count -= 1
@@ -449,6 +451,18 @@ class WorkerPool:
 
     def workers(self) -> list[Worker]:
         return [*self._idle, *self.busy]
+
+    async def reap(self, idle_s: float) -> int:
+        """Stop workers that sat idle `idle_s` or longer: a package in use keeps its processes, one
+        that is not costs none (the next job starts a worker again)."""
+        now = time.monotonic()
+        old = [w for w in self._idle if now - w.idle_since >= idle_s]
+        if not old:
+            return 0
+        self._idle = [w for w in self._idle if w not in old]
+        self._count -= len(old)
+        await asyncio.gather(*(w.close() for w in old), return_exceptions=True)
+        return len(old)
 
     async def close(self) -> None:
         self._closed = True

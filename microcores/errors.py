@@ -64,6 +64,25 @@ class Unavailable(MicroError):
     code = "unavailable"
 
 
+class Overloaded(MicroError):
+    """The coordinator's queue for volunteer slots is full: retry later (HTTP 503)."""
+
+    code = "overloaded"
+
+
+class OutcomeUnknown(MicroError):
+    """A service that may not run twice started on an agent that then vanished or fell silent:
+    it may or may not have taken effect, and it was not run again."""
+
+    code = "outcome_unknown"
+
+
+class Cancelled(MicroError):
+    """The caller gave up on the call."""
+
+    code = "cancelled"
+
+
 class Unauthorized(MicroError):
     code = "unauthenticated"
 
@@ -91,7 +110,8 @@ class PackageError(MicroError):
 BY_CODE: dict[str, type[MicroError]] = {
     cls.code: cls
     for cls in (InvalidInput, UnknownService, NoData, CallCycle, DepthExceeded, DeadlineExceeded,
-                ServiceFailed, Unavailable, Unauthorized, Forbidden, TooLarge, ProtocolError, PackageError)
+                ServiceFailed, Unavailable, Overloaded, OutcomeUnknown, Cancelled, Unauthorized, Forbidden,
+                TooLarge, ProtocolError, PackageError)
 }
 
 

@@ -52,7 +52,9 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
     cfg = CoordinatorConfig(listen=a.listen, state_dir=a.state_dir or _state_default(), dispatch=a.dispatch,
                             heartbeat_s=a.heartbeat, liveness_s=a.liveness, fallback_slots=a.fallback_slots,
                             drain_s=a.drain, cache=not a.no_cache, http=a.http or "", token_ttl_s=a.token_ttl,
-                            metrics_auth=a.metrics_auth)
+                            metrics_auth=a.metrics_auth, placement=a.placement, local_slots=a.local_slots,
+                            queue_wait_s=a.queue_wait, queue_limit=a.queue_limit, max_attempts=a.max_attempts,
+                            quarantine_s=a.quarantine, hedge=a.hedge, worker_idle_s=a.worker_idle)
     cfg.advertise = a.advertise
     try:
         from coordinator.governor import GovernorSettings
@@ -106,7 +108,8 @@ def cmd_agent_start(a: argparse.Namespace) -> int:
         return 2
     cfg = AgentConfig(coordinator=a.coordinator or _coordinator_default(), token=token, slots=a.slots,
                       agent_id=a.id or "", state_dir=a.state_dir or _state_default(), drain_s=a.drain,
-                      discover=bool(a.discover), discover_timeout_s=float(a.discover_timeout), volunteer=vol)
+                      discover=bool(a.discover), discover_timeout_s=float(a.discover_timeout), volunteer=vol,
+                      max_packages=a.max_packages, worker_idle_s=a.worker_idle)
     try:
         agent = Agent(cfg)
     except ValueError as exc:
@@ -174,9 +177,10 @@ def _wait_rollout(a: argparse.Namespace, digests: dict[str, str]) -> int:
             except MicroError as exc:
                 err.print(f"[yellow]warning:[/] could not follow the rollout: {exc.message}")
                 return 0
-            ready = [ag for ag in st.agents if ag.state != "suspect"]
+            ready = [ag for ag in st.agents if ag.state != "suspect"  # placement may give it to only some
+                     and (st.placement == "all" or set(digests) & set(ag.packages))]
             labels = {f"{s.name}@{s.version}" for s in st.services if digests.get(s.name) == s.digest}
-            done = sum(1 for ag in ready if labels <= set(ag.packages))
+            done = sum(1 for ag in ready if labels <= set(ag.versions))
             progress.update(task, total=max(1, len(ready)), completed=done)
             if done >= len(ready):
                 break
@@ -190,30 +194,55 @@ def _wait_rollout(a: argparse.Namespace, digests: dict[str, str]) -> int:
 
 
 def cmd_call(a: argparse.Namespace) -> int:
-    from microcores.client import Client
-    from microcores.errors import MicroError
-    from protos import microswarm_pb2 as pb
+    """One call. Ctrl-C cancels it (the RPC, hence its job) and exits 130 with one line, `cancelled`."""
+    import signal
 
+    interrupted = False
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        if not interrupted:  # the first Ctrl-C stops the call; more while it winds down are ignored
+            interrupted = True
+            raise KeyboardInterrupt
+
+    previous: Any = None
     try:
-        with Client(a.coordinator, client_name=f"cli:{os.environ.get('USER', 'user')}",
-                    state_dir=a.state_dir) as c:
-            env = c.envelope(a.service, a.input.encode(), timeout=a.timeout, encoding=pb.JSON)
-    except MicroError as exc:
+        try:
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (started with Ctrl-C ignored: kept so)
+                previous = signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:  # not the main thread: Python's own KeyboardInterrupt, caught below all the same
+            pass
+        from microcores.client import Client
+        from microcores.errors import MicroError
+        from protos import microswarm_pb2 as pb
+
+        try:
+            with Client(a.coordinator, client_name=f"cli:{os.environ.get('USER', 'user')}",
+                        state_dir=a.state_dir) as c:
+                env = c.envelope(a.service, a.input.encode(), timeout=a.timeout, encoding=pb.JSON)
+        except MicroError as exc:
+            if a.json:
+                print(json.dumps({"status": "error", "error": exc.to_dict(), "executed_by": "", "attempts": 0,
+                                  "process_time_ms": 0.0, "cache_hit": False}))
+            err.print(f"[red]error:[/] {exc.message}")
+            return 3
         if a.json:
-            print(json.dumps({"status": "error", "error": exc.to_dict(), "executed_by": "", "attempts": 0,
-                              "process_time_ms": 0.0, "cache_hit": False}))
-        err.print(f"[red]error:[/] {exc.message}")
-        return 3
-    if a.json:
-        print(json.dumps(env.to_dict()))
-    elif env.ok:
-        print(json.dumps(env.result))
-        err.print(f"[dim]{env.service}@{env.version} by {env.executed_by} in {env.process_time_ms:.1f} ms"
-                  f"{' (cache)' if env.cache_hit else ''}[/]")
-    else:
-        e = env.error or {}
-        err.print(f"[red]{e.get('code')}:[/] {e.get('message')}")
-    return 0 if env.ok else 1
+            print(json.dumps(env.to_dict()))
+        elif env.ok:
+            print(json.dumps(env.result))
+            err.print(f"[dim]{env.service}@{env.version} by {env.executed_by} in {env.process_time_ms:.1f} ms"
+                      f"{' (cache)' if env.cache_hit else ''}[/]")
+        else:
+            e = env.error or {}
+            err.print(f"[red]{e.get('code')}:[/] {e.get('message')}")
+        return 0 if env.ok else 1
+    except KeyboardInterrupt:
+        interrupted = True  # (keeps on_sigint in place, ignoring any further Ctrl-C, until the exit)
+        print("cancelled", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if previous is not None and not interrupted:
+            signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------- gateway clients
@@ -425,12 +454,30 @@ def build_parser() -> argparse.ArgumentParser:
     st = cosub.add_parser("start", help="start the coordinator daemon")
     st.add_argument("--listen", default=os.environ.get("MICROSWARM_LISTEN", "127.0.0.1:7070"), metavar="HOST:PORT")
     st.add_argument("--state-dir", default=None, metavar="DIR")
-    st.add_argument("--dispatch", default="random", choices=["random", "round_robin", "least_loaded"])
+    st.add_argument("--dispatch", default="random", choices=["random", "round_robin", "least_loaded", "p2c"],
+                    help="how a job picks among the agents with a free slot (p2c: the less loaded of two sampled)")
+    st.add_argument("--placement", default="all", choices=["all", "arbitrary", "common", "expensive", "combined"],
+                    help="which agents hold which packages: all, or ranked by calls/min (common), mean run time "
+                         "(expensive), both (combined), or at random (arbitrary)")
+    st.add_argument("--queue-wait", type=float, default=2.0, metavar="S",
+                    help="a call waits this long for an agent slot before the coordinator runs it itself")
+    st.add_argument("--queue-limit", type=int, default=10_000, metavar="N",
+                    help="calls that may wait for an agent slot; past it a call is answered 'overloaded'")
+    st.add_argument("--local-slots", type=int, default=None, metavar="N",
+                    help="jobs the coordinator runs at once itself (default: its CPU count; 0: never)")
+    st.add_argument("--max-attempts", type=int, default=3, metavar="N",
+                    help="executors one job may try, the coordinator included, when it fails or times out")
+    st.add_argument("--quarantine", type=float, default=10.0, metavar="S",
+                    help="an agent that keeps failing jobs gets none for S seconds, doubled on each repeat")
+    st.add_argument("--hedge", action=argparse.BooleanOptionalAction, default=True,
+                    help="send a second copy of a job running past its service's recent p95 (pure or "
+                         "idempotent services only)")
+    st.add_argument("--worker-idle", type=float, default=120.0, metavar="S",
+                    help="the coordinator's own workers stop after sitting idle this long (0: never)")
     st.add_argument("--heartbeat", type=float, default=1.0, metavar="S", help="agent heartbeat interval")
     st.add_argument("--liveness", type=float, default=6.0, metavar="S",
                     help="an agent silent this long is removed (suspect after half)")
-    st.add_argument("--fallback-slots", type=int, default=0, metavar="N",
-                    help="jobs the coordinator runs at once itself (default: one per CPU)")
+    st.add_argument("--fallback-slots", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
     st.add_argument("--drain", type=float, default=30.0, metavar="S", help="on SIGTERM, wait this long for calls")
     st.add_argument("--no-cache", action="store_true", help="turn the result cache off")
     st.add_argument("--max-heap", default=None, metavar="SIZE",
@@ -476,6 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="memory for jobs, e.g. 2GiB: each job's address space, and all jobs' resident memory")
     ast.add_argument("--max-job-cpu", type=int, default=0, metavar="S",
                      help="CPU seconds one job may use (RLIMIT_CPU; 0: no limit)")
+    ast.add_argument("--max-packages", type=int, default=0, metavar="N",
+                     help="hold at most N packages (0: no limit); the coordinator's placement respects it")
+    ast.add_argument("--worker-idle", type=float, default=120.0, metavar="S",
+                     help="a package's worker processes stop after sitting idle this long (0: never)")
     ast.add_argument("--idle-only", action="store_true",
                      help="take jobs only while the rest of the machine is idle; hand them back when it is not")
     ast.add_argument("--idle-threshold", type=float, default=25.0, metavar="PERCENT",

@@ -115,7 +115,7 @@ class LocalCluster:
         return self.dir / f"agent-{agent_id}"
 
     def wait_agents_ready(self, ids: list[str] | None = None, timeout: float = 60) -> None:
-        """Until every agent is connected and holds every current package."""
+        """Until every agent is connected and (with placement `all`) holds every current package."""
         want = set(ids or self.agents)
         with self.client() as c:
             def ready() -> bool:
@@ -124,8 +124,8 @@ class LocalCluster:
                     if p is not None and p.poll() is not None:
                         raise RuntimeError(f"agent {aid} exited:\n" + self.log(f"agent-{aid}.log")[-2000:])
                 st = c.status(timeout=5)
-                current = {f"{s.name}@{s.version}" for s in st.services}
-                ok = {a.agent_id for a in st.agents if a.state == "ready" and current <= set(a.packages)}
+                current = {f"{s.name}@{s.version}" for s in st.services} if st.placement == "all" else set()
+                ok = {a.agent_id for a in st.agents if a.state == "ready" and current <= set(a.versions)}
                 return want <= ok
             wait_for(ready, timeout, f"agents {sorted(want)} to be ready", 0.1)
 

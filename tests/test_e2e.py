@@ -115,7 +115,7 @@ def test_agent_killed_mid_call_costs_only_time(fresh_cluster):
         env = fut.result(timeout=30)
         assert env.ok, env.error
         assert env.result["slept"] >= 2.0
-        assert env.executed_by == "coordinator"
+        assert env.executed_by not in (victim, "coordinator")  # the other volunteer took it over
         assert env.attempts == 2
         wait_for(lambda: victim not in {a.agent_id for a in client.status().agents}, 6.5,
                  f"{victim} to leave the agent table within the liveness window")

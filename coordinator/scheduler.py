@@ -1,0 +1,379 @@
+"""The scheduler: where one call's job runs, and what happens when that executor fails it.
+
+Volunteers do the work: a call waits in line for a slot on an agent that holds the package
+(slots.SlotQueue) and runs on the coordinator only when no agent holds it, after it failed on
+agents, or after waiting `queue_wait_s`; never past the caller's deadline. Each attempt on an
+agent has a timeout learnt from the service's recent round trips (observed.ServiceTimes); one
+that runs past the recent p95 is hedged to a second agent. A job that fails, times out or loses
+its agent moves to another executor, up to `max_attempts` counting the coordinator.
+
+At most once: a service that is neither pure nor idempotent is sent with `confirm_start`. The
+agent asks before it starts (JobClaim) and starts only on our go (StartJob), so a job we gave
+up on before that point cannot start anywhere but where we send it next. Once started, it is
+never hedged nor re-run: if its agent vanishes or falls silent the answer is `outcome_unknown`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from microcores._worker import NestedHandler, WorkerCrashed
+from microcores.errors import DeadlineExceeded, MicroError, OutcomeUnknown, Unavailable, from_code
+from protos import microswarm_pb2 as pb
+
+from .agents import AgentLost, AgentSession, AgentSilent, JobRecord
+from .local import LocalRunner
+from .observed import HedgeBudget, Observed, ServiceTimes
+from .quarantine import Quarantine
+from .registry import ServiceEntry
+from .slots import LocalSlots, SlotQueue
+
+log = logging.getLogger("microswarm.scheduler")
+
+CLAIM_TIMEOUT_S = 1.0   # an agent that does not ask to start a confirm_start job in this time loses it
+RESULT_GRACE_S = 1.0    # past a started job's own deadline, the agent has this long to report
+HANDED_BACK = {"paused", "owner_busy", "cpu_time_limit", "memory_limit"}  # the volunteer's limits, not faults
+
+
+@dataclass
+class SchedulerSettings:
+    queue_wait_s: float = 2.0
+    queue_limit: int = 10_000
+    local_slots: int = 2
+    max_attempts: int = 3
+    hedge: bool = True
+
+
+class _Retry(Exception):
+    """This attempt failed in a way that lets the job run elsewhere."""
+
+
+class Scheduler:
+    def __init__(self, agents: dict[str, AgentSession], local: LocalRunner, settings: SchedulerSettings,
+                 pick: Callable[[list[AgentSession]], AgentSession], job_id: Callable[[], str],
+                 quarantine: Quarantine, place: Callable[[ServiceEntry], bool],
+                 installed: Callable[[float], Any]) -> None:
+        self.agents = agents
+        self.local = local
+        self.s = settings
+        self.job_id = job_id
+        self.quarantine = quarantine
+        self.place = place              # give a package nobody holds to an agent; True if one is installing it
+        self.installed = installed      # wait (seconds) for a holdings change
+        self.queue = SlotQueue(settings.queue_limit, self.candidates, pick)  # type: ignore[arg-type]
+        self.local_slots = LocalSlots(settings.local_slots)
+        self.observed = Observed()
+        self.hedges = HedgeBudget()
+        self.ran: Callable[[str, float], None] | None = None  # placement's observations
+        self.counts = {"retries": 0, "hedges": 0, "late_results": 0, "outcome_unknown": 0, "offloaded": 0,
+                       "local": 0}
+
+    # ------------------------------------------------------------ who can take a job
+
+    def candidates(self, digest: str, excluded: frozenset[str]) -> list[AgentSession]:
+        return [a for a in self.agents.values() if a.dispatchable(digest) and a.agent_id not in excluded]
+
+    def holders(self, digest: str, excluded: frozenset[str] = frozenset()) -> list[AgentSession]:
+        return [a for a in self.agents.values() if a.holds(digest) and a.agent_id not in excluded]
+
+    def installing(self, digest: str) -> bool:
+        return any(a.installing(digest) for a in self.agents.values())
+
+    def slot_freed(self) -> None:
+        self.queue.pump()
+
+    def holdings_changed(self) -> None:
+        self.queue.wake_unservable(lambda d: bool(self.holders(d)))
+        self.queue.pump()
+
+    # ------------------------------------------------------------ one call
+
+    async def execute(self, entry: ServiceEntry, input_bytes: bytes, chain: list[str], deadline: float,
+                      reply: pb.CallReply, nested: NestedHandler) -> tuple[bytes, str]:
+        """Run the call's job until one executor answers; `reply.attempts` and `executed_by` follow."""
+        rerun = bool(entry.cls.pure or entry.cls.idempotent)
+        times = self.observed.of(entry.name)
+        excluded: set[str] = set()
+        failures: list[str] = []
+        local_ok = self.local_slots.n > 0
+        agent_cap = self.s.max_attempts - (1 if local_ok and self.s.max_attempts > 1 else 0)
+        while True:
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"{entry.name} did not finish within its deadline"
+                                       f"{_after(reply.attempts, failures)}")
+            if reply.attempts >= self.s.max_attempts:
+                raise Unavailable(f"{entry.name} failed on {reply.attempts} executor(s) (--max-attempts "
+                                  f"{self.s.max_attempts}): {'; '.join(failures)}")
+            where: AgentSession | None = None
+            if reply.attempts < agent_cap:
+                where = await self._acquire(entry, deadline, frozenset(excluded), local_ok)
+            elif not local_ok or not await self.local_slots.take(deadline - time.monotonic()):
+                raise (Unavailable(f"{entry.name} failed on {reply.attempts} agent(s) and this coordinator runs "
+                                   f"no jobs itself (--local-slots 0): {'; '.join(failures)}") if not local_ok
+                       else DeadlineExceeded(f"{entry.name}: no coordinator slot before the deadline"
+                                             f"{_after(reply.attempts, failures)}"))
+            reply.attempts += 1
+            if where is None:
+                reply.executed_by = "coordinator"
+                output = await self._run_local(entry, input_bytes, deadline, nested, times)
+                self.counts["local"] += 1
+                return output, "coordinator"
+            reply.executed_by = where.agent_id
+            try:
+                res, winner = await (self._attempt(where, entry, input_bytes, chain, deadline, times, excluded)
+                                     if rerun else self._attempt_once(where, entry, input_bytes, chain, deadline))
+            except _Retry as exc:
+                failures.append(str(exc))
+                excluded.add(where.agent_id)
+                excluded.update(a for a in self.agents if a in str(exc) and a not in excluded)
+                self.counts["retries"] += 1
+                log.warning("%s: %s; trying another executor", entry.name, exc,
+                            extra={"agent": where.agent_id, "service": entry.name})
+                continue
+            reply.executed_by = winner.agent_id
+            if not res.ok:  # the service's own answer (a validation error, its exception): not retried
+                raise from_code(res.error.code, res.error.message, res.error.field)
+            self.counts["offloaded"] += 1
+            return res.output, winner.agent_id
+
+    async def _acquire(self, entry: ServiceEntry, deadline: float, excluded: frozenset[str],
+                       local_ok: bool) -> AgentSession | None:
+        """An agent with a slot reserved for this job, or None with a coordinator slot held."""
+        agent = self.queue.take(entry.digest, excluded)
+        if agent is not None:
+            return agent  # type: ignore[return-value]
+        if not self.holders(entry.digest, excluded):
+            if not self.holders(entry.digest):
+                self.place(entry)  # first call of a package nobody holds: give it to an agent
+            limit = min(deadline, time.monotonic() + self.s.queue_wait_s) if local_ok else deadline
+            while not self.holders(entry.digest, excluded) and self.installing(entry.digest) \
+                    and time.monotonic() < limit:
+                await self.installed(limit - time.monotonic())
+            if not self.holders(entry.digest, excluded):
+                return await self._local_only(entry, deadline, local_ok)
+            agent = self.queue.take(entry.digest, excluded)
+            if agent is not None:
+                return agent  # type: ignore[return-value]
+        first = deadline - time.monotonic() if not local_ok else min(self.s.queue_wait_s, deadline - time.monotonic())
+        agent = await self.queue.wait(entry.digest, excluded, first)
+        if agent is not None:
+            return agent  # type: ignore[return-value]
+        if not self.holders(entry.digest, excluded):
+            return await self._local_only(entry, deadline, local_ok)
+        if not local_ok:
+            raise DeadlineExceeded(f"{entry.name}: no agent slot came free before the deadline")
+        return await self._race(entry, deadline, excluded)
+
+    async def _local_only(self, entry: ServiceEntry, deadline: float, local_ok: bool) -> None:
+        if not local_ok:
+            raise Unavailable(f"no connected agent holds {entry.name} and this coordinator runs no jobs itself "
+                              "(--local-slots 0): start an agent, or give the coordinator slots")
+        if not await self.local_slots.take(deadline - time.monotonic()):
+            raise DeadlineExceeded(f"{entry.name}: no coordinator slot came free before the deadline")
+        return None
+
+    async def _race(self, entry: ServiceEntry, deadline: float, excluded: frozenset[str]) -> AgentSession | None:
+        """Waited `queue_wait_s`: the first of an agent slot and a coordinator slot takes the job."""
+        if self.local_slots.try_take():
+            return None
+        left = deadline - time.monotonic()
+        ta = asyncio.ensure_future(self.queue.wait(entry.digest, excluded, left))
+        tl = asyncio.ensure_future(self.local_slots.take(left))
+        try:
+            await asyncio.wait({ta, tl}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (ta, tl):
+                t.cancel()
+            await asyncio.wait({ta, tl})
+        agent = ta.result() if ta.done() and not ta.cancelled() and ta.exception() is None else None
+        local = bool(tl.result()) if tl.done() and not tl.cancelled() and tl.exception() is None else False
+        if agent is not None:
+            if local:
+                self.local_slots.release()
+            return agent  # type: ignore[return-value]
+        if local:
+            return None
+        raise DeadlineExceeded(f"{entry.name}: no agent or coordinator slot came free before the deadline")
+
+    # ------------------------------------------------------------ attempts
+
+    def _job(self, entry: ServiceEntry, input_bytes: bytes, chain: list[str], deadline: float,
+             confirm: bool) -> pb.Job:
+        return pb.Job(job_id=self.job_id(), service=entry.name, digest=entry.digest, input=input_bytes,
+                      deadline_s=max(0.001, min(deadline - time.monotonic(), float(entry.cls.timeout))),
+                      chain=chain, confirm_start=confirm)
+
+    async def _attempt(self, agent: AgentSession, entry: ServiceEntry, input_bytes: bytes, chain: list[str],
+                       deadline: float, times: ServiceTimes, excluded: set[str]) -> tuple[pb.JobResult, AgentSession]:
+        """A job that may run again: learnt timeout, hedged past the recent p95, first answer wins."""
+        job = self._job(entry, input_bytes, chain, deadline, False)
+        t0 = time.monotonic()
+        end = t0 + self._timeout(entry, times, deadline - t0)
+        hedge = times.hedge_after() if self.s.hedge else None
+        hedge_at = t0 + hedge if hedge is not None else None
+        runs: dict[asyncio.Future[pb.JobResult], tuple[AgentSession, JobRecord]] = {}
+        rec = agent.start_job(job)
+        runs[rec.future] = (agent, rec)
+        self.hedges.earn()
+        faults: list[str] = []
+        pending = set(runs)
+        try:
+            while pending:
+                wake = end if hedge_at is None else min(end, hedge_at)
+                done, pending = await asyncio.wait(pending, timeout=max(0.0, wake - time.monotonic()),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    a, r = runs[fut]
+                    exc = fut.exception()
+                    if exc is None and (fut.result().ok or not fut.result().agent_fault):
+                        self._succeeded(a, r, times)
+                        return fut.result(), a
+                    faults.append(self._fault(a, entry, exc, fut.result() if exc is None else None))
+                now = time.monotonic()
+                if pending and hedge_at is not None and now >= hedge_at:
+                    hedge_at = None
+                    second = self._hedge(entry, job, excluded | {a.agent_id for a, _ in runs.values()})
+                    if second is not None:
+                        runs[second[1].future] = second
+                        pending.add(second[1].future)
+                elif pending and now >= end:
+                    times.add(now - t0)  # censored, but it lets a service that got slower get more time
+                    for a, r in runs.values():
+                        if not r.future.done():
+                            a.jobs_timed_out += 1
+                            self.quarantine.strike(a, f"job {r.job_id} of {entry.name} timed out")
+                    raise _Retry(f"{entry.name} timed out after {now - t0:.2f} s on "
+                                 f"{', '.join(a.agent_id for a, r in runs.values() if not r.future.done())}")
+            raise _Retry("; ".join(faults))
+        finally:
+            for a, r in runs.values():
+                a.abandon(r)  # the loser of a hedge, a job that timed out or went silent: cancel it there
+
+    def _hedge(self, entry: ServiceEntry, job: pb.Job, excluded: set[str]) -> tuple[AgentSession, JobRecord] | None:
+        if self.hedges.tokens < 1.0:
+            return None
+        b = self.queue.take(entry.digest, frozenset(excluded))
+        if b is None:
+            return None
+        self.hedges.spend()
+        self.counts["hedges"] += 1
+        copy = pb.Job()
+        copy.CopyFrom(job)
+        copy.job_id = self.job_id()
+        log.debug("hedging %s: job %s also sent to %s", entry.name, job.job_id, b.agent_id)
+        return b, b.start_job(copy)  # type: ignore[union-attr, return-value]
+
+    async def _attempt_once(self, agent: AgentSession, entry: ServiceEntry, input_bytes: bytes, chain: list[str],
+                            deadline: float) -> tuple[pb.JobResult, AgentSession]:
+        """A job that must not run twice: it starts only with our go, and is never re-run once started."""
+        job = self._job(entry, input_bytes, chain, deadline, True)
+        rec = agent.start_job(job)
+        assert rec.claimed is not None
+        try:
+            done, _ = await asyncio.wait({rec.claimed, rec.future}, return_when=asyncio.FIRST_COMPLETED,
+                                         timeout=min(CLAIM_TIMEOUT_S, max(0.0, deadline - time.monotonic())))
+            if rec.future.done() and rec.future.exception() is None:
+                res = rec.future.result()
+                if res.agent_fault:  # refused before it started (paused, busy, not installed)
+                    raise _Retry(self._fault(agent, entry, None, res))
+                return res, agent
+            if not rec.started:
+                exc = rec.claimed.exception() if rec.claimed.done() and not rec.claimed.cancelled() else None
+                if exc is None:
+                    self.quarantine.strike(agent, f"job {job.job_id} of {entry.name} was not started in time")
+                raise _Retry(f"{entry.name} did not start on {agent.agent_id} "
+                             f"({exc or f'no claim within {CLAIM_TIMEOUT_S:g} s'}); it never ran there")
+            try:
+                res = await asyncio.wait_for(asyncio.shield(rec.future), job.deadline_s + RESULT_GRACE_S)
+            except AgentLost as exc:
+                self.counts["outcome_unknown"] += 1
+                raise OutcomeUnknown(
+                    f"{entry.name} started on agent {agent.agent_id}, which then "
+                    f"{'fell silent' if isinstance(exc, AgentSilent) else 'vanished'} ({exc}); it was not run "
+                    "again because the service is not idempotent: it may or may not have taken effect") from None
+            except asyncio.TimeoutError:
+                agent.jobs_timed_out += 1
+                self.quarantine.strike(agent, f"job {job.job_id} of {entry.name} never reported")
+                self.counts["outcome_unknown"] += 1
+                raise OutcomeUnknown(
+                    f"{entry.name} started on agent {agent.agent_id}, which did not report it within its deadline; "
+                    "it was not run again because the service is not idempotent") from None
+            if res.agent_fault and not res.not_started:
+                self.counts["outcome_unknown"] += 1
+                raise OutcomeUnknown(
+                    f"{entry.name} failed mid-run on agent {agent.agent_id} ({res.error.message}); it was not run "
+                    "again because the service is not idempotent: it may or may not have taken effect")
+            if res.agent_fault:
+                raise _Retry(self._fault(agent, entry, None, res))
+            if res.ok:
+                self._succeeded(agent, rec, self.observed.of(entry.name))
+            return res, agent
+        finally:
+            agent.abandon(rec)
+            for fut in (rec.future, rec.claimed):  # failures were read above: mark them seen
+                if fut.done() and not fut.cancelled():
+                    fut.exception()
+
+    # ------------------------------------------------------------ outcomes
+
+    def _timeout(self, entry: ServiceEntry, times: ServiceTimes, remaining: float) -> float:
+        t = times.job_timeout(min(float(entry.cls.timeout), remaining))
+        if self.local_slots.n > 0 and times.known:  # leave the coordinator time to run it after this
+            keep = min(float(entry.cls.timeout), 2 * times.p99 + 0.05)
+            if remaining - keep >= t * 0.5:
+                t = min(t, remaining - keep)
+        return max(0.001, t)
+
+    def _succeeded(self, agent: AgentSession, rec: JobRecord, times: ServiceTimes) -> None:
+        rtt = time.monotonic() - rec.sent_at
+        times.add(rtt)
+        agent.ewma_s = rtt if agent.ewma_s == 0 else 0.8 * agent.ewma_s + 0.2 * rtt
+        self.quarantine.cleared(agent)
+        if self.ran is not None:
+            self.ran(rec.service, rtt)
+
+    def _fault(self, agent: AgentSession, entry: ServiceEntry, exc: BaseException | None,
+               res: pb.JobResult | None) -> str:
+        if exc is not None:
+            return f"agent {agent.agent_id} {'fell silent' if isinstance(exc, AgentSilent) else 'was lost'}: {exc}"
+        assert res is not None
+        if res.error.code not in HANDED_BACK:
+            self.quarantine.strike(agent, f"{entry.name} failed there: {res.error.message}")
+        return f"agent {agent.agent_id}: {res.error.message or res.error.code}"
+
+    async def _run_local(self, entry: ServiceEntry, input_bytes: bytes, deadline: float, nested: NestedHandler,
+                         times: ServiceTimes) -> bytes:
+        try:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"{entry.name}: the deadline passed before the coordinator could run it")
+            try:
+                outcome = await self.local.run(entry, self.job_id(), input_bytes,
+                                               min(remaining, float(entry.cls.timeout)), nested)
+            except WorkerCrashed as exc:
+                raise Unavailable(f"{entry.name} could not run on the coordinator either: {exc}") from None
+        finally:
+            self.local_slots.release()
+        if self.ran is not None:
+            self.ran(entry.name, outcome.run_ms / 1000)
+        if not outcome.ok:
+            e = outcome.error
+            raise from_code(e.get("code", "service_error"), e.get("message", "failed"), e.get("field", ""))
+        return outcome.output
+
+    def late_result(self, agent: AgentSession, rec: JobRecord) -> None:
+        self.counts["late_results"] += 1
+        log.info("late result of job %s (%s) from agent %s dropped: its call was already answered",
+                 rec.job_id, rec.service, agent.agent_id, extra={"agent": agent.agent_id, "job": rec.job_id})
+
+
+def _after(attempts: int, failures: list[str]) -> str:
+    if not attempts:
+        return ""
+    return f" ({attempts} attempt{'s' if attempts != 1 else ''}{': ' + '; '.join(failures) if failures else ''})"
+
+
+__all__ = ["Scheduler", "SchedulerSettings", "MicroError"]

@@ -1,0 +1,173 @@
+"""Slots: the FIFO queue for volunteers' job slots, and the coordinator's own bounded slots.
+
+A call whose package holders are all busy waits here instead of running on the coordinator:
+volunteers do the work. The queue is one FIFO across services, but a waiter never blocks one
+behind it that wants another package (each is matched against its own holders). A slot is
+reserved for the waiter the moment it is handed over, so two calls never race for one slot.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from microcores.errors import Overloaded
+
+
+class Holder(Protocol):
+    agent_id: str
+    reserved: int
+
+    @property
+    def free(self) -> int: ...
+
+
+@dataclass(eq=False)
+class Waiter:
+    digest: str
+    excluded: frozenset[str]
+    future: asyncio.Future[Holder | None]
+    since: float = field(default_factory=time.monotonic)
+
+
+Candidates = Callable[[str, frozenset[str]], list[Holder]]
+Pick = Callable[[list[Holder]], Holder]
+
+
+class SlotQueue:
+    def __init__(self, limit: int, candidates: Candidates, pick: Pick) -> None:
+        self.limit = limit
+        self.candidates = candidates
+        self.pick = pick
+        self.waiters: deque[Waiter] = deque()
+        self.waits: deque[float] = deque(maxlen=512)  # seconds waited by recent calls that queued
+        self.overloaded = 0
+        self.on_wait: Callable[[float], None] | None = None  # the metrics' histogram
+
+    def __len__(self) -> int:
+        return len(self.waiters)
+
+    def take(self, digest: str, excluded: frozenset[str]) -> Holder | None:
+        """A free holder now, with its slot reserved, or None. Queued calls come first."""
+        if self.waiters:
+            self.pump()
+            if any(w.digest == digest for w in self.waiters):
+                return None  # FIFO: earlier calls for this package are still waiting
+        cands = self.candidates(digest, excluded)
+        if not cands:
+            return None
+        agent = self.pick(cands)
+        agent.reserved += 1
+        return agent
+
+    async def wait(self, digest: str, excluded: frozenset[str], timeout: float) -> Holder | None:
+        """Wait in line for a holder's slot (reserved on return); None when `timeout` passes."""
+        if len(self.waiters) >= self.limit:
+            self.overloaded += 1
+            raise Overloaded(f"{len(self.waiters)} calls are already waiting for an agent slot (--queue-limit "
+                             f"{self.limit}): retry later, or add agents")
+        w = Waiter(digest, excluded, asyncio.get_running_loop().create_future())
+        self.waiters.append(w)
+        try:
+            return await asyncio.wait_for(asyncio.shield(w.future), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            if w.future.done():  # handed a slot just as the time ran out: take it
+                return w.future.result()
+            return None
+        except asyncio.CancelledError:
+            if w.future.done() and w.future.result() is not None:
+                w.future.result().reserved -= 1  # handed a slot as we were cancelled: give it back
+                self.pump()
+            raise
+        finally:
+            if not w.future.done():
+                w.future.set_result(None)
+            try:
+                self.waiters.remove(w)
+            except ValueError:
+                pass
+            waited = time.monotonic() - w.since
+            self.waits.append(waited)
+            if self.on_wait is not None:
+                self.on_wait(waited)
+
+    def pump(self) -> None:
+        """Hand free slots to waiters, oldest first. Called whenever a slot may have freed up."""
+        if not self.waiters:
+            return
+        for w in list(self.waiters):
+            if w.future.done():
+                continue
+            cands = self.candidates(w.digest, w.excluded)
+            if cands:
+                agent = self.pick(cands)
+                agent.reserved += 1
+                w.future.set_result(agent)
+                self.waiters.remove(w)
+
+    def wake_unservable(self, servable: Callable[[str], bool]) -> None:
+        """Waiters whose package no connected agent holds any more stop waiting (they get None)."""
+        for w in list(self.waiters):
+            if not w.future.done() and not servable(w.digest):
+                w.future.set_result(None)
+
+    def wait_percentiles(self) -> tuple[float, float]:
+        if not self.waits:
+            return 0.0, 0.0
+        xs = sorted(self.waits)
+        n = len(xs) - 1
+        return xs[n // 2], xs[int(n * 0.99)]
+
+
+class LocalSlots:
+    """The coordinator's own slots (`--local-slots`); waiting for one counts against the deadline."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def free(self) -> int:
+        return self.n - self.used
+
+    def try_take(self) -> bool:
+        if self.used < self.n and not self._waiters:
+            self.used += 1
+            return True
+        return False
+
+    async def take(self, timeout: float) -> bool:
+        """True with a slot held (release() it), False when `timeout` passes first."""
+        if self.try_take():
+            return True
+        if self.n <= 0:
+            return False
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), max(0.0, timeout))
+            return True
+        except asyncio.TimeoutError:
+            return fut.done() and not fut.cancelled()  # passed a slot just as the time ran out
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()
+            raise
+        finally:
+            if not fut.done():
+                fut.cancel()
+            try:
+                self._waiters.remove(fut)
+            except ValueError:
+                pass
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes straight to the next in line
+                return
+        self.used -= 1
