@@ -4,10 +4,20 @@ Starts its own coordinator and two agents on loopback (or measures `--coordinato
 table, and as its last line one JSON object: p50_ms, p99_ms, calls_per_s, mb_s_100k, mb_s_10m,
 and for the HTTP gateway gateway_overhead_p50_ms, gateway_overhead_p99_ms (an HTTP call minus the
 same call over gRPC, interleaved) and http_calls_per_s (its own cluster's gateway, or the one at
-MICROSWARM_GATEWAY_URL when measuring `--coordinator`), and observability_overhead_pct: the share
-of calls/s lost while /metrics is scraped and the dashboard's feed polled once a second.
+MICROSWARM_GATEWAY_URL when measuring `--coordinator`), observability_overhead_pct: the share
+of calls/s lost while /metrics is scraped and the dashboard's feed polled once a second, and
+offload_pct: the percentage of the throughput phase's calls that agents executed (neither the
+coordinator nor the cache).
 Latency uses math.compute with a fresh input each call, so no answer comes from the cache.
 MB/s counts payload bytes per second of echo round trips (each trip carries them both ways).
+
+With its own cluster it also starts a second one (two agents, two slots each), publishes
+bench.tick (microswarm/bench_services.py: a pure 10 ms sleep, not cached), warms it up, freezes one
+agent with SIGSTOP and makes sequential calls (200; 60 with `--quick`) with a 15 s deadline each:
+frozen_agent_p50_ms, frozen_agent_p99_ms, frozen_agent_max_ms (call latency; p99 is the nearest
+rank, so it does not show one or two stalled calls: the max does) and frozen_agent_errors (calls
+not ok or raising). With `--coordinator` these four are null.
+A phase that fails raises PhaseFailed (a RuntimeError) naming the phase.
 """
 from __future__ import annotations
 
@@ -16,22 +26,61 @@ import json
 import os
 import platform
 import random
+import signal
 import statistics
 import time
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .cluster import LocalCluster
+
+if TYPE_CHECKING:
+    from microcores.client import Client
 
 console = Console(stderr=True)
 _STATE_DIR: str | None = None  # where the clients find the operator's credential (None: the default)
 
 
+FROZEN_CALLS = 200         # sequential calls with one agent frozen
+FROZEN_CALLS_QUICK = 60    # the same with --quick
+FROZEN_WARM_UP = 20        # calls before the freeze, so that the scheduler knows the service's times
+FROZEN_TICK_MS = 10.0      # what each of those calls sleeps on its agent
+FROZEN_DEADLINE_S = 15.0   # each call's deadline
+FROZEN_AGENT = "agent1"    # the agent stopped with SIGSTOP
+FROZEN_KEYS = ("frozen_agent_p50_ms", "frozen_agent_p99_ms", "frozen_agent_max_ms", "frozen_agent_errors")
+
+
+class PhaseFailed(RuntimeError):
+    """A bench phase failed; the message names the phase."""
+
+
+@contextmanager
+def _phase(name: str) -> Iterator[None]:
+    """Turn any failure inside into PhaseFailed naming `name` (an inner phase's name is kept)."""
+    try:
+        yield
+    except PhaseFailed:
+        raise
+    except Exception as exc:
+        raise PhaseFailed(f"bench phase '{name}' failed: {type(exc).__name__}: {exc}") from exc
+
+
 def _pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def _offload_pct(executed_by: dict[str, int]) -> float:
+    """The percentage of calls that agents executed: neither the coordinator nor the cache."""
+    total = sum(executed_by.values())
+    remote = sum(v for k, v in executed_by.items() if k not in ("coordinator", "cache"))
+    return round(100 * remote / total, 1) if total else 0.0
 
 
 async def _latency(addr: str, n: int) -> tuple[list[float], dict[str, int]]:
@@ -181,48 +230,98 @@ async def _observability(addr: str, http_url: str, rounds: int, seconds: float) 
 
 async def _measure(addr: str, n_lat: int, tp_s: float, quick: bool, http_url: str | None = None) -> tuple[Any, ...]:
     """Every phase in one event loop: grpc.aio channels must not outlive their loop."""
-    await _latency(addr, 50)  # warm up: workers started, connections open
-    lat, lat_by = await _latency(addr, n_lat)
-    await _throughput(addr, 1.0, 64)
-    cps, tp_by = await _throughput(addr, tp_s, 64)
-    mb100k, _ = await _payload(addr, 100_000, 50 if quick else 200)
-    mb10m, _ = await _payload(addr, 10_000_000, 5 if quick else 15)
-    gw = await _gateway(addr, http_url, n_lat // 2, tp_s / 2, 64) if http_url else {}
+    with _phase("warm-up"):
+        await _latency(addr, 50)  # workers started, connections open
+    with _phase("latency"):
+        lat, lat_by = await _latency(addr, n_lat)
+    with _phase("throughput warm-up"):
+        await _throughput(addr, 1.0, 64)
+    with _phase("throughput"):
+        cps, tp_by = await _throughput(addr, tp_s, 64)
+    with _phase("payload 100 KB"):
+        mb100k, _ = await _payload(addr, 100_000, 50 if quick else 200)
+    with _phase("payload 10 MB"):
+        mb10m, _ = await _payload(addr, 10_000_000, 5 if quick else 15)
+    gw: dict[str, Any] = {}
     if http_url:
-        gw.update(await _observability(addr, http_url, 2 if quick else 4, 2.0))
+        with _phase("HTTP gateway"):
+            gw = await _gateway(addr, http_url, n_lat // 2, tp_s / 2, 64)
+        with _phase("observability overhead"):
+            gw.update(await _observability(addr, http_url, 2 if quick else 4, 2.0))
     return lat, lat_by, cps, tp_by, mb100k, mb10m, gw
 
 
-def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str | None = None) -> int:
-    global _STATE_DIR
-    cluster = None
-    http_url = os.environ.get("MICROSWARM_GATEWAY_URL") or None
+def _publish_tick(cluster: LocalCluster) -> None:
+    """Publish bench.tick to `cluster` and wait until every agent holds it."""
+    from microcores.client import publish
+    publish(str(Path(__file__).with_name("bench_services.py")), coordinator=cluster.addr,
+            state_dir=str(cluster.state))
+    cluster.wait_agents_ready()
+
+
+@contextmanager
+def _frozen(cluster: LocalCluster, agent_id: str) -> Iterator[None]:
+    """`agent_id` (its whole process group) stopped with SIGSTOP inside, continued on the way out."""
+    cluster.kill_agent(agent_id, signal.SIGSTOP)
     try:
-        if coordinator is None:
-            with console.status("starting a coordinator and two agents on loopback…"):
-                cluster = LocalCluster(agents=2, slots=2, http=True).start()
-            addr, http_url, _STATE_DIR = cluster.addr, cluster.http_url, str(cluster.state)
-        else:
-            addr = coordinator
-        n_lat = 300 if quick else 2000
-        tp_s = 3.0 if quick else 8.0
-        with console.status("measuring: latency, throughput, payloads…"):
-            lat, lat_by, cps, tp_by, mb100k, mb10m, gw = asyncio.run(_measure(addr, n_lat, tp_s, quick, http_url))
+        yield
     finally:
-        if cluster is not None:
+        cluster.kill_agent(agent_id, signal.SIGCONT)
+
+
+def _warm_up_tick(client: Client, n: int) -> None:
+    """`n` bench.tick calls that must all succeed, so that the scheduler has seen its run times."""
+    for _ in range(n):
+        env = client.envelope("bench.tick", {"ms": FROZEN_TICK_MS}, timeout=FROZEN_DEADLINE_S)
+        if not env.ok:
+            raise RuntimeError(f"bench.tick call failed with every agent up: {env.error}")
+
+
+def _tick_calls(client: Client, n: int) -> tuple[list[float], int]:
+    """`n` sequential bench.tick calls: each one's latency in ms, and how many failed (not ok or raised)."""
+    lat: list[float] = []
+    errors = 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[errors]} failed"))
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"{FROZEN_TICK_MS:.0f} ms calls, {FROZEN_AGENT} frozen", total=n, errors=0)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            try:
+                ok = client.envelope("bench.tick", {"ms": FROZEN_TICK_MS}, timeout=FROZEN_DEADLINE_S).ok
+            except Exception:
+                ok = False
+            lat.append((time.perf_counter() - t0) * 1000)
+            errors += not ok
+            progress.update(task, advance=1, errors=errors)
+    return lat, errors
+
+
+def _frozen_agent(n: int) -> dict[str, Any]:
+    """Two agents of their own cluster, one frozen with SIGSTOP for the whole phase: `n` sequential
+    10 ms calls: their p50, p99 and slowest latency, and how many failed."""
+    cluster = LocalCluster(agents=2, slots=2)
+    try:
+        with _phase("frozen agent: starting its cluster"), console.status("frozen agent: starting a second cluster…"):
+            cluster.start()
+        with _phase("frozen agent: publishing bench.tick"), console.status("frozen agent: publishing bench.tick…"):
+            _publish_tick(cluster)
+        with cluster.client(client_name="bench") as client:
+            with _phase("frozen agent: warm-up"), console.status("frozen agent: warming up bench.tick…"):
+                _warm_up_tick(client, FROZEN_WARM_UP)
+            with _phase("frozen agent: calls"), _frozen(cluster, FROZEN_AGENT):
+                lat, errors = _tick_calls(client, n)
+    finally:
+        with console.status("frozen agent: stopping its cluster…"):
             cluster.stop()
-    remote = sum(v for k, v in lat_by.items() if k not in ("coordinator", "cache"))
-    result: dict[str, Any] = {
-        "p50_ms": round(statistics.median(lat), 3),
-        "p99_ms": round(_pct(lat, 99), 3),
-        "calls_per_s": round(cps, 1),
-        "mb_s_100k": round(mb100k, 1),
-        "mb_s_10m": round(mb10m, 1),
-        "remote_share": round(remote / len(lat), 3),
-        "throughput_executed_by": tp_by,
-        **gw,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-    }
+    return {"frozen_agent_p50_ms": round(statistics.median(lat), 1),
+            "frozen_agent_p99_ms": round(_pct(lat, 99), 1),
+            "frozen_agent_max_ms": round(max(lat), 1),
+            "frozen_agent_errors": errors}
+
+
+def _table(result: dict[str, Any], n_frozen: int) -> Table:
+    """The figures of `result` against their targets, for people."""
     t = Table(title="microswarm bench", title_justify="left")
     t.add_column("figure")
     t.add_column("value", justify="right")
@@ -233,12 +332,57 @@ def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str
     t.add_row("echo 100 KB", f"{result['mb_s_100k']:.0f} MB/s", "")
     t.add_row("echo 10 MB", f"{result['mb_s_10m']:.0f} MB/s", ">= 200 MB/s")
     t.add_row("latency calls run by an agent", f"{result['remote_share']:.0%}", "100%")
-    if gw:
-        t.add_row("HTTP gateway overhead p50 (vs gRPC unary)", f"{gw['gateway_overhead_p50_ms']:.2f} ms", "< 2 ms")
-        t.add_row("HTTP gateway overhead p99", f"{gw['gateway_overhead_p99_ms']:.2f} ms", "")
-        t.add_row("HTTP calls/s, 64 connections", f"{gw['http_calls_per_s']:.0f}", "")
-        t.add_row("calls/s cost of /metrics + dashboard, each 1/s", f"{gw['observability_overhead_pct']:.1f}%", "< 5%")
-    Console().print(t)
+    t.add_row("throughput calls run by an agent (offload)", f"{result['offload_pct']:.1f}%", ">= 95%")
+    if "http_calls_per_s" in result:
+        t.add_row("HTTP gateway overhead p50 (vs gRPC unary)", f"{result['gateway_overhead_p50_ms']:.2f} ms", "< 2 ms")
+        t.add_row("HTTP gateway overhead p99", f"{result['gateway_overhead_p99_ms']:.2f} ms", "")
+        t.add_row("HTTP calls/s, 64 connections", f"{result['http_calls_per_s']:.0f}", "")
+        t.add_row("calls/s cost of /metrics + dashboard, each 1/s", f"{result['observability_overhead_pct']:.1f}%", "< 5%")
+    if result.get("frozen_agent_errors") is not None:
+        what = f"{n_frozen} calls of {FROZEN_TICK_MS:.0f} ms"
+        t.add_row(f"frozen agent: p50 of {what}", f"{result['frozen_agent_p50_ms']:.0f} ms", "")
+        t.add_row(f"frozen agent: p99 of {what}", f"{result['frozen_agent_p99_ms']:.0f} ms", "< 1000 ms")
+        t.add_row("frozen agent: slowest call", f"{result['frozen_agent_max_ms']:.0f} ms", "")
+        t.add_row("frozen agent: failed calls", f"{result['frozen_agent_errors']}", "0")
+    return t
+
+
+def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str | None = None) -> int:
+    global _STATE_DIR
+    cluster = None
+    http_url = os.environ.get("MICROSWARM_GATEWAY_URL") or None
+    try:
+        if coordinator is None:
+            cluster = LocalCluster(agents=2, slots=2, http=True)
+            with _phase("starting the cluster"), console.status("starting a coordinator and two agents on loopback…"):
+                cluster.start()
+            addr, http_url, _STATE_DIR = cluster.addr, cluster.http_url, str(cluster.state)
+        else:
+            addr = coordinator
+        n_lat = 300 if quick else 2000
+        tp_s = 3.0 if quick else 8.0
+        with console.status("measuring: latency, throughput, payloads…"):
+            lat, lat_by, cps, tp_by, mb100k, mb10m, gw = asyncio.run(_measure(addr, n_lat, tp_s, quick, http_url))
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    n_frozen = FROZEN_CALLS_QUICK if quick else FROZEN_CALLS
+    frozen = _frozen_agent(n_frozen) if coordinator is None else dict.fromkeys(FROZEN_KEYS)
+    remote = sum(v for k, v in lat_by.items() if k not in ("coordinator", "cache"))
+    result: dict[str, Any] = {
+        "p50_ms": round(statistics.median(lat), 3),
+        "p99_ms": round(_pct(lat, 99), 3),
+        "calls_per_s": round(cps, 1),
+        "mb_s_100k": round(mb100k, 1),
+        "mb_s_10m": round(mb10m, 1),
+        "remote_share": round(remote / len(lat), 3),
+        "throughput_executed_by": tp_by,
+        "offload_pct": _offload_pct(tp_by),
+        **gw,
+        **frozen,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+    }
+    Console().print(_table(result, n_frozen))
     line = json.dumps(result)
     if out_path:
         with open(out_path, "w") as f:
