@@ -48,6 +48,8 @@ LINK_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024),
                 ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                 ("grpc.keepalive_permit_without_calls", 1)]
 
+CANCEL_GRACE_S = 1.0  # a cancelled job already in a worker gets this long to finish before its worker is killed
+
 # Refusals after which retrying cannot help: the agent stops with an error.
 FATAL_REFUSALS = {"bad_join_secret", "duplicate_agent_id", "protocol_version", "bad_agent_id", "bad_slots",
                   "coordinator_key_mismatch", "protocol_error"}
@@ -107,6 +109,8 @@ class Agent:
         self.wanted: set[str] = set()
         self.jobs: dict[str, asyncio.Task[Any]] = {}
         self.claims: dict[str, asyncio.Future[bool]] = {}  # confirm_start jobs waiting for the go
+        self.in_worker: set[str] = set()  # jobs running in a worker (not waiting for one)
+        self.cancelling: set[str] = set()  # told to stop: its answer says cancelled
         self.nested: dict[int, asyncio.Future[pb.CallReply]] = {}
         self._nested_ids = 0
         self.draining = False
@@ -484,7 +488,13 @@ class Agent:
         elif kind == "cancel":
             task = self.jobs.get(msg.cancel.job_id)
             if task is not None:
-                task.cancel()
+                self.cancelling.add(msg.cancel.job_id)
+                if msg.cancel.job_id in self.in_worker:
+                    # Let a job already in a worker finish for a moment: killing a healthy worker for a
+                    # short job (a hedge's loser) costs a process start, far more than the job.
+                    asyncio.get_running_loop().call_later(CANCEL_GRACE_S, task.cancel)
+                else:
+                    task.cancel()
         elif kind == "start":
             claim = self.claims.pop(msg.start.job_id, None)
             if claim is not None and not claim.done():
@@ -561,6 +571,8 @@ class Agent:
 
         def done(t: asyncio.Task[Any], jid: str = job.job_id) -> None:
             self.jobs.pop(jid, None)
+            self.in_worker.discard(jid)
+            self.cancelling.discard(jid)
             if t.cancelled():  # cancelled before it ran at all: the coordinator still hears it stopped
                 link.send(pb.ToCoordinator(result=pb.JobResult(
                     job_id=jid, cancelled=True, not_started=True,
@@ -589,7 +601,7 @@ class Agent:
                 raise LimitExceeded(self.mode, f"{self.mode}: this agent takes no jobs now")
             if pool is None:
                 raise WorkerCrashed(f"package {job.digest[:12]} for {job.service} is not installed here")
-            if len(self.jobs) > self.config.slots:
+            if len(self.jobs) > self.config.slots * 2:
                 raise WorkerCrashed(f"all {self.config.slots} slots are busy")
             if job.confirm_start and not await self._claim(link, job):
                 result.ok, result.cancelled, result.not_started = False, True, True
@@ -598,7 +610,8 @@ class Agent:
                 return
             started = True
             outcome = await pool.run(job.job_id, job.input, max(0.001, job.deadline_s),
-                                     lambda s, d: self._nested_call(link, job, s, d))
+                                     lambda s, d: self._nested_call(link, job, s, d),
+                                     on_start=lambda: self.in_worker.add(job.job_id))
             result.ok, result.output, result.run_ms = outcome.ok, outcome.output, outcome.run_ms
             if not outcome.ok:
                 e = outcome.error
@@ -624,6 +637,7 @@ class Agent:
             log.info("job %s (%s) cancelled%s", job.job_id, job.service, "" if started else " before it started",
                      extra=ctx)
             return
+        result.cancelled = job.job_id in self.cancelling  # finished in its grace after a Cancel
         log.debug("job %s (%s): %s", job.job_id, job.service, "ok" if result.ok else result.error.code,
                   extra={**ctx, "outcome": "ok" if result.ok else result.error.code, "run_ms": round(result.run_ms, 3)})
         link.send(pb.ToCoordinator(result=result))

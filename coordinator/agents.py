@@ -31,6 +31,7 @@ log = logging.getLogger("microswarm.agents")
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HANDSHAKE_TIMEOUT = 10.0
 SUITE = "AES-256-GCM"
+PREFETCH = 2
 
 
 class AgentLost(Exception):
@@ -68,7 +69,7 @@ class JobRecord:
         return self.claimed is not None and self.claimed.done() and not self.claimed.cancelled()
 
 
-@dataclass
+@dataclass(eq=False)
 class AgentSession:
     agent_id: str
     agent_key: bytes
@@ -93,6 +94,7 @@ class AgentSession:
     join_secret: bytes = b""  # sha256 of the join secret it proved: SIGHUP drops it if revoked
     max_packages: int = 0
     planned: set[str] = field(default_factory=set)  # service names placement gave it
+    welcomed: bool = False    # Welcome sent: other messages may follow
     reserved: int = 0         # slots promised to calls about to send a job here
     strikes: int = 0          # failures in a row (timeouts, faults): quarantined at the limit
     quarantined_until: float = 0.0
@@ -112,7 +114,7 @@ class AgentSession:
     def free(self) -> int:
         if self.heartbeat.paused:
             return 0
-        return self.slots - len(self.jobs) - self.reserved
+        return self.slots * PREFETCH - len(self.jobs) - self.reserved
 
     def installing(self, digest: str) -> bool:
         """Connected, told to hold `digest`, and neither done nor failed installing it yet."""
@@ -273,6 +275,7 @@ class AgentLinkService:
         s.send(pb.ToAgent(welcome=pb.Welcome(agent_id=s.agent_id, heartbeat_s=c.heartbeat_s,
                                              liveness_s=c.liveness_s, max_frame=MAX_FRAME,
                                              coordinator_id=c.state.fingerprint.hex())))
+        s.welcomed = True
         c.agent_joined(s)
         sender = asyncio.create_task(self._sender(s, context))
         reason = "stream closed"

@@ -106,7 +106,7 @@ class Dashboard:
             info = a.info()
             agents.append({"id": a.agent_id, "address": peer(a.address)["address"], "state": info.state, "slots": a.slots,
                            "running": a.running, "last_heartbeat_s": round(now - a.last_seen, 2),
-                           "packages": len(a.holdings), "done": a.jobs_done, "failed": a.jobs_failed,
+                           "packages": list(info.packages), "done": a.jobs_done, "failed": a.jobs_failed,
                            "cpu_percent": round(info.cpu_percent, 1), "rss_bytes": info.rss_bytes})
         services = []
         for e in c.registry.current():
@@ -118,5 +118,6 @@ class Dashboard:
                 "error": x.error_code} for x in reversed(c.calllog.recent(max(1, min(calls, 500))))]
         return {"coordinator": c.state.fingerprint.hex()[:16], "uptime_s": round(time.time() - c.started, 1),
                 "calls_total": c.calllog.total, "fallbacks_total": c.dispatcher.fallbacks,
-                "in_flight": c.dispatcher.in_flight, "agents": agents, "services": services, "calls": log,
+                "in_flight": c.dispatcher.in_flight, "placement": c.placement.name,
+                "dispatch": c.dispatcher.strategy.name, "queue_depth": len(c.scheduler.queue), "agents": agents, "services": services, "calls": log,
                 "cache": c.cache_stats()}

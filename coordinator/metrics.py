@@ -50,6 +50,17 @@ class _Live:
         yield running
         yield GaugeMetricFamily("microswarm_calls_in_flight", "Calls being answered now",
                                 value=c.dispatcher.in_flight)
+        yield GaugeMetricFamily("microswarm_queue_depth", "Calls waiting in line for an agent slot",
+                                value=len(c.scheduler.queue))
+        sch = c.scheduler.counts
+        for key, text in (("retries", "Jobs moved to another executor after a failure or timeout"),
+                          ("hedges", "Second copies sent for jobs running past their service's p95"),
+                          ("late_results", "Results that came after their call was answered (dropped)"),
+                          ("outcome_unknown", "Non-idempotent jobs whose agent vanished after they started")):
+            yield CounterMetricFamily(f"microswarm_{key}", text, value=sch[key])
+        yield CounterMetricFamily("microswarm_quarantines", "Agents put in quarantine", value=c.quarantine.total)
+        yield GaugeMetricFamily("microswarm_agents_quarantined", "Agents in quarantine now",
+                                value=sum(1 for a in c.agents.values() if a.quarantined))
         slots = GaugeMetricFamily("microswarm_agent_slots", "Job slots each agent offers", labels=["agent"])
         for a in c.agents.values():
             slots.add_metric([a.agent_id], a.slots)
@@ -80,6 +91,9 @@ class Metrics:
                              ["service", "outcome", "executed_by"], registry=self.registry)
         self.duration = Histogram("microswarm_call_duration_seconds", "Time to answer a call, by service",
                                   ["service"], buckets=BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram("microswarm_queue_wait_seconds", "Time calls waited in line for an agent slot",
+                                    buckets=BUCKETS, registry=self.registry)
+        coordinator.scheduler.queue.on_wait = self.queue_wait.observe
         self.registry.register(_Live(coordinator))
         self._outcomes: set[str] = {"success"}
         self._agent_series: dict[str, set[tuple[str, str]]] = {}  # agent id -> (service, outcome) it has

@@ -25,12 +25,18 @@ class Quarantine:
         self.base_s, self.limit, self.cap_s = base_s, strikes, cap_s
         self.level: dict[str, int] = {}       # agent id -> times quarantined
         self.until: dict[str, float] = {}     # agent id -> monotonic end of its current quarantine
+        self.last: dict[str, float] = {}      # agent id -> its last counted strike
+        self.spacing_s = 0.5
         self.total = 0
         self.on_lift = on_lift
 
     def strike(self, agent: Striker, why: str) -> None:
-        if agent.quarantined_until > time.monotonic():
+        """One failure. Failures closer together than `spacing_s` are one event (several jobs caught
+        by the same stall of a busy host), so only failures that keep coming add up."""
+        now = time.monotonic()
+        if agent.quarantined_until > now or now - self.last.get(agent.agent_id, -1e9) < self.spacing_s:
             return
+        self.last[agent.agent_id] = now
         agent.strikes += 1
         if agent.strikes >= self.limit:
             self._enter(agent, why)

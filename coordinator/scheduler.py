@@ -48,7 +48,12 @@ class SchedulerSettings:
 
 
 class _Retry(Exception):
-    """This attempt failed in a way that lets the job run elsewhere."""
+    """This attempt failed in a way that lets the job run elsewhere (but not on `agents` again)."""
+
+    def __init__(self, message: str, agents: list[str] | None = None, job: str = "") -> None:
+        super().__init__(message)
+        self.agents = agents or []
+        self.job = job
 
 
 class Scheduler:
@@ -128,10 +133,10 @@ class Scheduler:
             except _Retry as exc:
                 failures.append(str(exc))
                 excluded.add(where.agent_id)
-                excluded.update(a for a in self.agents if a in str(exc) and a not in excluded)
+                excluded.update(exc.agents)
                 self.counts["retries"] += 1
-                log.warning("%s: %s; trying another executor", entry.name, exc,
-                            extra={"agent": where.agent_id, "service": entry.name})
+                log.warning("%s: %s; another executor takes over", entry.name, exc,
+                            extra={"agent": where.agent_id, "service": entry.name, "job": exc.job})
                 continue
             reply.executed_by = winner.agent_id
             if not res.ok:  # the service's own answer (a validation error, its exception): not retried
@@ -169,8 +174,10 @@ class Scheduler:
 
     async def _local_only(self, entry: ServiceEntry, deadline: float, local_ok: bool) -> None:
         if not local_ok:
-            raise Unavailable(f"no connected agent holds {entry.name} and this coordinator runs no jobs itself "
-                              "(--local-slots 0): start an agent, or give the coordinator slots")
+            who = "no connected agent holds" if not self.holders(entry.digest) else "every agent that holds"
+            raise Unavailable(f"{who} {entry.name}{'' if who.startswith('no') else ' failed it'}, and this "
+                              "coordinator runs no jobs itself (--local-slots 0): start an agent, or give the "
+                              "coordinator slots")
         if not await self.local_slots.take(deadline - time.monotonic()):
             raise DeadlineExceeded(f"{entry.name}: no coordinator slot came free before the deadline")
         return None
@@ -246,8 +253,9 @@ class Scheduler:
                             a.jobs_timed_out += 1
                             self.quarantine.strike(a, f"job {r.job_id} of {entry.name} timed out")
                     raise _Retry(f"{entry.name} timed out after {now - t0:.2f} s on "
-                                 f"{', '.join(a.agent_id for a, r in runs.values() if not r.future.done())}")
-            raise _Retry("; ".join(faults))
+                                 f"{', '.join(a.agent_id for a, r in runs.values() if not r.future.done())}",
+                                 [a.agent_id for a, _ in runs.values()], job.job_id)
+            raise _Retry("; ".join(faults), [a.agent_id for a, _ in runs.values()], job.job_id)
         finally:
             for a, r in runs.values():
                 a.abandon(r)  # the loser of a hedge, a job that timed out or went silent: cancel it there
@@ -273,19 +281,19 @@ class Scheduler:
         rec = agent.start_job(job)
         assert rec.claimed is not None
         try:
-            done, _ = await asyncio.wait({rec.claimed, rec.future}, return_when=asyncio.FIRST_COMPLETED,
-                                         timeout=min(CLAIM_TIMEOUT_S, max(0.0, deadline - time.monotonic())))
+            claim_wait = min(CLAIM_TIMEOUT_S, max(0.0, deadline - time.monotonic()))
+            await asyncio.wait({rec.claimed, rec.future}, return_when=asyncio.FIRST_COMPLETED, timeout=claim_wait)
             if rec.future.done() and rec.future.exception() is None:
                 res = rec.future.result()
                 if res.agent_fault:  # refused before it started (paused, busy, not installed)
-                    raise _Retry(self._fault(agent, entry, None, res))
+                    raise _Retry(self._fault(agent, entry, None, res), job=job.job_id)
                 return res, agent
             if not rec.started:
                 exc = rec.claimed.exception() if rec.claimed.done() and not rec.claimed.cancelled() else None
-                if exc is None:
+                if exc is None and claim_wait >= CLAIM_TIMEOUT_S:
                     self.quarantine.strike(agent, f"job {job.job_id} of {entry.name} was not started in time")
                 raise _Retry(f"{entry.name} did not start on {agent.agent_id} "
-                             f"({exc or f'no claim within {CLAIM_TIMEOUT_S:g} s'}); it never ran there")
+                             f"({exc or f'no claim within {CLAIM_TIMEOUT_S:g} s'}); it never ran there", job=job.job_id)
             try:
                 res = await asyncio.wait_for(asyncio.shield(rec.future), job.deadline_s + RESULT_GRACE_S)
             except AgentLost as exc:
@@ -307,7 +315,7 @@ class Scheduler:
                     f"{entry.name} failed mid-run on agent {agent.agent_id} ({res.error.message}); it was not run "
                     "again because the service is not idempotent: it may or may not have taken effect")
             if res.agent_fault:
-                raise _Retry(self._fault(agent, entry, None, res))
+                raise _Retry(self._fault(agent, entry, None, res), job=job.job_id)
             if res.ok:
                 self._succeeded(agent, rec, self.observed.of(entry.name))
             return res, agent

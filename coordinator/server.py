@@ -145,7 +145,7 @@ class Coordinator:
         plan = self.placement.plan(self._views(), [e.name for e in self.registry.current()])
         changed = False
         for a in list(self.agents.values()):
-            if force or plan.get(a.agent_id, set()) != a.planned:
+            if a.welcomed and (force or plan.get(a.agent_id, set()) != a.planned):
                 a.send(pb.ToAgent(holdings=self.holdings_for(a)))
                 changed = True
         if changed:
@@ -162,7 +162,7 @@ class Coordinator:
         """A call for a package nobody holds: give it to an agent with room now. True if one got it."""
         aid = self.placement.give(entry.name, self._views())
         agent = self.agents.get(aid) if aid else None
-        if agent is None:
+        if agent is None or not agent.welcomed:
             return False
         if entry.name not in agent.planned:
             agent.send(pb.ToAgent(holdings=self.holdings_for(agent)))

@@ -30,6 +30,7 @@ class Waiter:
     excluded: frozenset[str]
     future: asyncio.Future[Holder | None]
     since: float = field(default_factory=time.monotonic)
+    queued: bool = True
 
 
 Candidates = Callable[[str, frozenset[str]], list[Holder]]
@@ -42,6 +43,7 @@ class SlotQueue:
         self.candidates = candidates
         self.pick = pick
         self.waiters: deque[Waiter] = deque()
+        self.waiting: dict[str, int] = {}  # digest -> waiters for it
         self.waits: deque[float] = deque(maxlen=512)  # seconds waited by recent calls that queued
         self.overloaded = 0
         self.on_wait: Callable[[float], None] | None = None  # the metrics' histogram
@@ -53,7 +55,7 @@ class SlotQueue:
         """A free holder now, with its slot reserved, or None. Queued calls come first."""
         if self.waiters:
             self.pump()
-            if any(w.digest == digest for w in self.waiters):
+            if self.waiting.get(digest):
                 return None  # FIFO: earlier calls for this package are still waiting
         cands = self.candidates(digest, excluded)
         if not cands:
@@ -70,6 +72,7 @@ class SlotQueue:
                              f"{self.limit}): retry later, or add agents")
         w = Waiter(digest, excluded, asyncio.get_running_loop().create_future())
         self.waiters.append(w)
+        self.waiting[digest] = self.waiting.get(digest, 0) + 1
         try:
             return await asyncio.wait_for(asyncio.shield(w.future), max(0.0, timeout))
         except asyncio.TimeoutError:
@@ -84,28 +87,47 @@ class SlotQueue:
         finally:
             if not w.future.done():
                 w.future.set_result(None)
-            try:
+            if w.queued:
+                self._unqueue(w)
                 self.waiters.remove(w)
-            except ValueError:
-                pass
             waited = time.monotonic() - w.since
             self.waits.append(waited)
             if self.on_wait is not None:
                 self.on_wait(waited)
 
+    def _unqueue(self, w: Waiter) -> None:
+        w.queued = False
+        n = self.waiting[w.digest] - 1
+        if n:
+            self.waiting[w.digest] = n
+        else:
+            del self.waiting[w.digest]
+
     def pump(self) -> None:
-        """Hand free slots to waiters, oldest first. Called whenever a slot may have freed up."""
+        """Hand free slots to waiters, oldest first. Called whenever a slot may have freed up.
+        One look at the agents per kind of waiter, not per waiter: the queue may be long."""
         if not self.waiters:
             return
-        for w in list(self.waiters):
+        free: dict[tuple[str, frozenset[str]], list[Holder]] = {}
+        kept: deque[Waiter] = deque()
+        for w in self.waiters:
             if w.future.done():
+                self._unqueue(w)
                 continue
-            cands = self.candidates(w.digest, w.excluded)
-            if cands:
-                agent = self.pick(cands)
-                agent.reserved += 1
-                w.future.set_result(agent)
-                self.waiters.remove(w)
+            key = (w.digest, w.excluded)
+            cands = free.get(key)
+            if cands is None:
+                cands = free[key] = self.candidates(w.digest, w.excluded)
+            if not cands:
+                kept.append(w)
+                continue
+            agent = self.pick(cands)
+            agent.reserved += 1
+            if agent.free <= 0:
+                cands.remove(agent)
+            self._unqueue(w)
+            w.future.set_result(agent)
+        self.waiters = kept
 
     def wake_unservable(self, servable: Callable[[str], bool]) -> None:
         """Waiters whose package no connected agent holds any more stop waiting (they get None)."""

@@ -426,13 +426,17 @@ class WorkerPool:
             self._count -= 1
             raise
 
-    async def run(self, job_id: str, input_bytes: bytes, timeout_s: float, nested: NestedHandler) -> JobOutcome:
+    async def run(self, job_id: str, input_bytes: bytes, timeout_s: float, nested: NestedHandler,
+                  on_start: Callable[[], None] | None = None) -> JobOutcome:
+        """`on_start` is called once the job is in a worker (until then it only waits for a slot)."""
         if self._closed:
             raise WorkerCrashed("package was replaced or removed")
         async with self._sem:
             w = self._idle.pop() if self._idle else await self._spawn()
             ok = False
             self.busy.add(w)
+            if on_start is not None:
+                on_start()
             try:
                 outcome = await w.run(job_id, input_bytes, timeout_s, nested)
                 ok = True

@@ -343,7 +343,10 @@ def status_tables(reply: Any) -> list[Table]:
         t.add_column(col)
     for ag in reply.agents:
         state = ag.state + (f" ({ag.mode})" if ag.mode and ag.mode != "active" else "")
-        t.add_row(ag.agent_id, ag.address, state, str(len(ag.packages)), str(ag.slots),
+        if ag.state == "quarantined":
+            state = f"[red]quarantined[/] ({ag.quarantine_left_s:.0f} s left)"
+        pkgs = ", ".join(ag.packages) if len(ag.packages) <= 3 else f"{len(ag.packages)} packages"
+        t.add_row(ag.agent_id, ag.address, state, pkgs or "-", str(ag.slots),
                   f"{ag.running}/{ag.slots}", f"{ag.last_heartbeat_s:.1f} s ago", str(ag.jobs_done),
                   str(ag.jobs_failed))
     s = Table(title=f"services ({len(reply.services)})", title_justify="left")
@@ -360,7 +363,15 @@ def status_tables(reply: Any) -> list[Table]:
         ok = "[green]yes[/]" if call.success else f"[red]no[/] {call.error_code}"
         c.add_row(datetime.fromtimestamp(call.time).strftime("%H:%M:%S.%f")[:-3], call.client, call.service,
                   call.executed_by, ok, f"{call.ms:.1f}")
-    tables = [t, s, c]
+    q = reply.scheduler
+    sched = Table(title=f"scheduler (placement {reply.placement}, dispatch {reply.dispatch})", title_justify="left")
+    for col in ("waiting for a slot", "queue wait p50 / p99", "coordinator slots", "run by agents",
+                "run here", "retries", "hedges", "outcome unknown", "late results", "quarantines"):
+        sched.add_column(col, justify="right")
+    sched.add_row(f"{q.queue_depth} of {q.queue_limit}", f"{q.queue_wait_p50_ms:.1f} / {q.queue_wait_p99_ms:.1f} ms",
+                  f"{q.local_running}/{q.local_slots}", str(q.offloaded_total), str(q.local_total), str(q.retries_total),
+                  str(q.hedges_total), str(q.outcome_unknown_total), str(q.late_results_total), str(q.quarantines_total))
+    tables = [t, sched, s, c]
     if reply.cache_json:
         tables.append(cache_table(json.loads(reply.cache_json)))
     return tables
