@@ -31,7 +31,6 @@ log = logging.getLogger("microswarm.agents")
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HANDSHAKE_TIMEOUT = 10.0
 SUITE = "AES-256-GCM"
-PREFETCH = 2
 
 
 class AgentLost(Exception):
@@ -112,9 +111,14 @@ class AgentSession:
 
     @property
     def free(self) -> int:
+        return self.free_for(False)
+
+    def free_for(self, prefetch: bool) -> int:
+        """Slots it can take a job on. With `prefetch` (short jobs) it takes twice its slots, as Celery's
+        prefetch: the next job waits in the agent, not a link round trip away."""
         if self.heartbeat.paused:
             return 0
-        return self.slots * PREFETCH - len(self.jobs) - self.reserved
+        return self.slots * (2 if prefetch else 1) - len(self.jobs) - self.reserved
 
     def installing(self, digest: str) -> bool:
         """Connected, told to hold `digest`, and neither done nor failed installing it yet."""
@@ -126,8 +130,8 @@ class AgentSession:
         return (self.state == "ready" and digest in self.holdings and not self.closed
                 and self.quarantined_until <= time.monotonic())
 
-    def dispatchable(self, digest: str) -> bool:
-        return self.free > 0 and self.holds(digest)
+    def dispatchable(self, digest: str, prefetch: bool = False) -> bool:
+        return self.free_for(prefetch) > 0 and self.holds(digest)
 
     def send(self, msg: pb.ToAgent) -> None:
         if not self.closed:

@@ -35,6 +35,7 @@ log = logging.getLogger("microswarm.scheduler")
 
 CLAIM_TIMEOUT_S = 1.0   # an agent that does not ask to start a confirm_start job in this time loses it
 RESULT_GRACE_S = 1.0    # past a started job's own deadline, the agent has this long to report
+PREFETCH_BELOW_S = 0.05  # jobs whose recent p99 is shorter may queue in an agent (see AgentSession.free_for)
 HANDED_BACK = {"paused", "owner_busy", "cpu_time_limit", "memory_limit"}  # the volunteer's limits, not faults
 
 
@@ -71,6 +72,7 @@ class Scheduler:
         self.queue = SlotQueue(settings.queue_limit, self.candidates, pick)  # type: ignore[arg-type]
         self.local_slots = LocalSlots(settings.local_slots)
         self.observed = Observed()
+        self.short: set[str] = set()  # packages whose jobs are short enough for agents to prefetch
         self.hedges = HedgeBudget()
         self.ran: Callable[[str, float], None] | None = None  # placement's observations
         self.counts = {"retries": 0, "hedges": 0, "late_results": 0, "outcome_unknown": 0, "offloaded": 0,
@@ -79,7 +81,8 @@ class Scheduler:
     # ------------------------------------------------------------ who can take a job
 
     def candidates(self, digest: str, excluded: frozenset[str]) -> list[AgentSession]:
-        return [a for a in self.agents.values() if a.dispatchable(digest) and a.agent_id not in excluded]
+        prefetch = digest in self.short
+        return [a for a in self.agents.values() if a.dispatchable(digest, prefetch) and a.agent_id not in excluded]
 
     def holders(self, digest: str, excluded: frozenset[str] = frozenset()) -> list[AgentSession]:
         return [a for a in self.agents.values() if a.holds(digest) and a.agent_id not in excluded]
@@ -101,6 +104,10 @@ class Scheduler:
         """Run the call's job until one executor answers; `reply.attempts` and `executed_by` follow."""
         rerun = bool(entry.cls.pure or entry.cls.idempotent)
         times = self.observed.of(entry.name)
+        if times.known and times.p99 < PREFETCH_BELOW_S:
+            self.short.add(entry.digest)
+        else:
+            self.short.discard(entry.digest)
         excluded: set[str] = set()
         failures: list[str] = []
         local_ok = self.local_slots.n > 0

@@ -123,8 +123,7 @@ class SlotQueue:
                 continue
             agent = self.pick(cands)
             agent.reserved += 1
-            if agent.free <= 0:
-                cands.remove(agent)
+            free[key] = self.candidates(w.digest, w.excluded)
             self._unqueue(w)
             w.future.set_result(agent)
         self.waiters = kept

@@ -23,6 +23,7 @@ class MemoryHog(MicroCore[HogIn, HogOut]):
     name = "tests.memory_hog"
     version = "1"
     timeout = 60.0
+    idempotent = True  # no side effects: a job stopped by a volunteer's limit may run elsewhere
 
     def process(self, data: HogIn) -> HogOut:
         block = bytearray(data.mib * 2**20)
