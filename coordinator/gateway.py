@@ -131,7 +131,8 @@ class Gateway:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # handler_cancellation: a client that disconnects cancels its call, and so the job on its agent
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, backlog=1024, reuse_address=True)
         try:

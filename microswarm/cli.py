@@ -365,12 +365,14 @@ def status_tables(reply: Any) -> list[Table]:
                   call.executed_by, ok, f"{call.ms:.1f}")
     q = reply.scheduler
     sched = Table(title=f"scheduler (placement {reply.placement}, dispatch {reply.dispatch})", title_justify="left")
-    for col in ("waiting for a slot", "queue wait p50 / p99", "coordinator slots", "run by agents",
-                "run here", "retries", "hedges", "outcome unknown", "late results", "quarantines"):
-        sched.add_column(col, justify="right")
-    sched.add_row(f"{q.queue_depth} of {q.queue_limit}", f"{q.queue_wait_p50_ms:.1f} / {q.queue_wait_p99_ms:.1f} ms",
-                  f"{q.local_running}/{q.local_slots}", str(q.offloaded_total), str(q.local_total), str(q.retries_total),
-                  str(q.hedges_total), str(q.outcome_unknown_total), str(q.late_results_total), str(q.quarantines_total))
+    for col in ("queue for agent slots", "coordinator slots", "jobs", "trouble"):
+        sched.add_column(col)
+    sched.add_row(f"{q.queue_depth} waiting (limit {q.queue_limit})\n"
+                  f"waited p50 {q.queue_wait_p50_ms:.1f}, p99 {q.queue_wait_p99_ms:.1f} ms",
+                  f"{q.local_running}/{q.local_slots} busy", f"{q.offloaded_total} by agents, {q.local_total} here\n"
+                  f"{q.retries_total} retried, {q.hedges_total} hedged",
+                  f"{q.outcome_unknown_total} outcome unknown, {q.late_results_total} late\n"
+                  f"{q.quarantines_total} quarantines, {q.overloaded_total} overloaded")
     tables = [t, sched, s, c]
     if reply.cache_json:
         tables.append(cache_table(json.loads(reply.cache_json)))

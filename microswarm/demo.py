@@ -88,7 +88,8 @@ def run_demo(agents: int = 2) -> int:
 
         from .cli import status_tables
         st = client.status(recent_calls=len(CALLS) + 4)
-        for t in status_tables(st)[:3:2]:
+        agents, scheduler, _services, calls = status_tables(st)[:4]
+        for t in (agents, scheduler, calls):
             console.print(t)
         client.close()
     except Exception as exc:  # the demo explains what went wrong, then cleans up
