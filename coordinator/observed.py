@@ -12,7 +12,7 @@ from collections import deque
 WINDOW = 256          # recent round trips kept per service
 MIN_SAMPLES = 10      # fewer than this: no basis for a learnt timeout, the service's own applies
 RECOMPUTE_EVERY = 8
-TIMEOUT_FACTOR = 5.0  # a job may take this many times the recent p99 ...
+TIMEOUT_FACTOR = 8.0  # a job may take this many times the recent p99 ...
 TIMEOUT_FLOOR_S = 1.0  # ... and never less: a host stalled for a moment must not look like a dead agent
                        # (hedging, at the p95, is what keeps the latency low when one is slow)
 HEDGE_FLOOR_S = 0.01

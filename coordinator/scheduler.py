@@ -181,10 +181,14 @@ class Scheduler:
 
     async def _local_only(self, entry: ServiceEntry, deadline: float, local_ok: bool) -> None:
         if not local_ok:
-            who = "no connected agent holds" if not self.holders(entry.digest) else "every agent that holds"
-            raise Unavailable(f"{who} {entry.name}{'' if who.startswith('no') else ' failed it'}, and this "
-                              "coordinator runs no jobs itself (--local-slots 0): start an agent, or give the "
-                              "coordinator slots")
+            if self.holders(entry.digest):
+                who = f"every agent that holds {entry.name} failed it"
+            elif any(entry.digest in a.holdings and a.quarantined for a in self.agents.values()):
+                who = f"every agent that holds {entry.name} is in quarantine (it kept failing jobs)"
+            else:
+                who = f"no connected agent holds {entry.name}"
+            raise Unavailable(f"{who}, and this coordinator runs no jobs itself (--local-slots 0): start an "
+                              "agent, or give the coordinator slots")
         if not await self.local_slots.take(deadline - time.monotonic()):
             raise DeadlineExceeded(f"{entry.name}: no coordinator slot came free before the deadline")
         return None
@@ -225,7 +229,7 @@ class Scheduler:
         """A job that may run again: learnt timeout, hedged past the recent p95, first answer wins."""
         job = self._job(entry, input_bytes, chain, deadline, False)
         t0 = time.monotonic()
-        end = t0 + self._timeout(entry, times, deadline - t0)
+        end = t0 + self._timeout(entry, times, deadline - t0, len(excluded))
         hedge = times.hedge_after() if self.s.hedge else None
         hedge_at = t0 + hedge if hedge is not None else None
         runs: dict[asyncio.Future[pb.JobResult], tuple[AgentSession, JobRecord]] = {}
@@ -254,11 +258,12 @@ class Scheduler:
                         runs[second[1].future] = second
                         pending.add(second[1].future)
                 elif pending and now >= end:
-                    times.add(now - t0)  # censored, but it lets a service that got slower get more time
-                    for a, r in runs.values():
-                        if not r.future.done():
-                            a.jobs_timed_out += 1
-                            self.quarantine.strike(a, f"job {r.job_id} of {entry.name} timed out")
+                    if now < deadline - 0.001:  # the learnt timeout, not the caller's deadline, ran out
+                        times.add(now - t0)  # censored, but it lets a service that got slower get more time
+                        for a, r in runs.values():
+                            if not r.future.done():
+                                a.jobs_timed_out += 1
+                                self.quarantine.strike(a, f"job {r.job_id} of {entry.name} timed out")
                     raise _Retry(f"{entry.name} timed out after {now - t0:.2f} s on "
                                  f"{', '.join(a.agent_id for a, r in runs.values() if not r.future.done())}",
                                  [a.agent_id for a, _ in runs.values()], job.job_id)
@@ -334,8 +339,11 @@ class Scheduler:
 
     # ------------------------------------------------------------ outcomes
 
-    def _timeout(self, entry: ServiceEntry, times: ServiceTimes, remaining: float) -> float:
-        t = times.job_timeout(min(float(entry.cls.timeout), remaining))
+    def _timeout(self, entry: ServiceEntry, times: ServiceTimes, remaining: float, tried: int) -> float:
+        """The learnt timeout, four times longer on each retry: a job that takes longer than the
+        recent ones because of its input (not its agent) still gets done on an agent."""
+        ceiling = min(float(entry.cls.timeout), remaining)
+        t = min(ceiling, times.job_timeout(ceiling) * 4 ** tried)
         if self.local_slots.n > 0 and times.known:  # leave the coordinator time to run it after this
             keep = min(float(entry.cls.timeout), 2 * times.p99 + 0.05)
             if remaining - keep >= t * 0.5:
