@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from microcores.errors import Overloaded
 
@@ -70,23 +70,22 @@ class SlotQueue:
             self.overloaded += 1
             raise Overloaded(f"{len(self.waiters)} calls are already waiting for an agent slot (--queue-limit "
                              f"{self.limit}): retry later, or add agents")
-        w = Waiter(digest, excluded, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        w = Waiter(digest, excluded, loop.create_future())
         self.waiters.append(w)
         self.waiting[digest] = self.waiting.get(digest, 0) + 1
+        # A timer that resolves the waiter with None, rather than wait_for(shield()): two fewer
+        # tasks per queued call, and no race between the timeout and a slot handed over.
+        timer = loop.call_later(max(0.0, timeout), _expire, w.future)
         try:
-            return await asyncio.wait_for(asyncio.shield(w.future), max(0.0, timeout))
-        except asyncio.TimeoutError:
-            if w.future.done():  # handed a slot just as the time ran out: take it
-                return w.future.result()
-            return None
+            return await w.future
         except asyncio.CancelledError:
-            if w.future.done() and w.future.result() is not None:
+            if w.future.done() and not w.future.cancelled() and w.future.result() is not None:
                 w.future.result().reserved -= 1  # handed a slot as we were cancelled: give it back
                 self.pump()
             raise
         finally:
-            if not w.future.done():
-                w.future.set_result(None)
+            timer.cancel()
             if w.queued:
                 self._unqueue(w)
                 self.waiters.remove(w)
@@ -140,6 +139,11 @@ class SlotQueue:
         xs = sorted(self.waits)
         n = len(xs) - 1
         return xs[n // 2], xs[int(n * 0.99)]
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class LocalSlots:
