@@ -603,15 +603,23 @@ class Agent:
                 raise WorkerCrashed(f"package {job.digest[:12]} for {job.service} is not installed here")
             if len(self.jobs) > self.config.slots * 2:
                 raise WorkerCrashed(f"all {self.config.slots} slots are busy")
-            if job.confirm_start and not await self._claim(link, job):
+
+            async def start() -> bool:
+                """A worker is ready: a confirm_start job asks the coordinator first (at most once)."""
+                nonlocal started
+                if job.confirm_start and not await self._claim(link, job):
+                    return False
+                started = True
+                self.in_worker.add(job.job_id)
+                return True
+
+            outcome = await pool.run(job.job_id, job.input, max(0.001, job.deadline_s),
+                                     lambda s, d: self._nested_call(link, job, s, d), on_start=start)
+            if outcome is None:
                 result.ok, result.cancelled, result.not_started = False, True, True
                 result.error.CopyFrom(pb.Error(code="cancelled", message="the coordinator withdrew the job"))
                 link.send(pb.ToCoordinator(result=result))
                 return
-            started = True
-            outcome = await pool.run(job.job_id, job.input, max(0.001, job.deadline_s),
-                                     lambda s, d: self._nested_call(link, job, s, d),
-                                     on_start=lambda: self.in_worker.add(job.job_id))
             result.ok, result.output, result.run_ms = outcome.ok, outcome.output, outcome.run_ms
             if not outcome.ok:
                 e = outcome.error

@@ -65,7 +65,8 @@ class JobRecord:
 
     @property
     def started(self) -> bool:
-        return self.claimed is not None and self.claimed.done() and not self.claimed.cancelled()
+        c = self.claimed
+        return c is not None and c.done() and not c.cancelled() and c.exception() is None
 
 
 @dataclass(eq=False)
@@ -358,7 +359,9 @@ class AgentLinkService:
             if rec.claimed is not None and not rec.claimed.done():
                 rec.claimed.cancel()
             if rec.future.done():  # given up on (abandoned) or already failed: a late answer, dropped
-                if not r.cancelled:
+                # (a hedge's loser that finished in its grace after a Cancel is not late, it is the
+                # price of the hedge; a job that must run at most once and still ran is)
+                if not r.cancelled or (r.ok and rec.claimed is not None):
                     s.late_results += 1
                     self.c.late_result(s, rec)
             else:

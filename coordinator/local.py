@@ -34,7 +34,9 @@ class LocalRunner:
                   nested: NestedHandler) -> JobOutcome:
         self.running += 1
         try:
-            return await self.pool(entry).run(job_id, input_bytes, timeout_s, nested)
+            outcome = await self.pool(entry).run(job_id, input_bytes, timeout_s, nested)
+            assert outcome is not None  # only a start hook can hold a job back, and there is none here
+            return outcome
         finally:
             self.running -= 1
 

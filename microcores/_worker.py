@@ -427,17 +427,19 @@ class WorkerPool:
             raise
 
     async def run(self, job_id: str, input_bytes: bytes, timeout_s: float, nested: NestedHandler,
-                  on_start: Callable[[], None] | None = None) -> JobOutcome:
-        """`on_start` is called once the job is in a worker (until then it only waits for a slot)."""
+                  on_start: Callable[[], Awaitable[bool]] | None = None) -> JobOutcome | None:
+        """`on_start` is awaited once a worker is ready for the job (until then it only waited for a
+        slot); if it says no, the job does not run (None) and the worker stays for the next."""
         if self._closed:
             raise WorkerCrashed("package was replaced or removed")
         async with self._sem:
             w = self._idle.pop() if self._idle else await self._spawn()
             ok = False
             self.busy.add(w)
-            if on_start is not None:
-                on_start()
             try:
+                if on_start is not None and not await on_start():
+                    ok = True
+                    return None
                 outcome = await w.run(job_id, input_bytes, timeout_s, nested)
                 ok = True
                 return outcome
