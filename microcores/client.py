@@ -32,9 +32,12 @@ from protos import microswarm_pb2_grpc as pbg
 
 from . import _codec
 from ._chunks import Assembler, pieces
-from .errors import MicroError, Unauthorized, Unavailable, from_code
+from .errors import DeadlineExceeded, MicroError, Unauthorized, Unavailable, from_code
 
 DEFAULT_COORDINATOR = "127.0.0.1:7070"
+# How long past a call's own deadline a client still waits for the coordinator's answer (which
+# normally comes at the deadline, as `deadline_exceeded`) before it gives up on its own.
+DEADLINE_GRACE_S = 5.0
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", _codec.MAX_PAYLOAD + (1 << 20)),
                    ("grpc.max_send_message_length", _codec.MAX_PAYLOAD + (1 << 20))]
 
@@ -111,12 +114,26 @@ def _request(service: str, data: Any, encoding: int, timeout: float | None) -> p
     return pb.CallRequest(service=service, input=raw, encoding=encoding, deadline_s=timeout or 0.0)
 
 
-def _unavailable(exc: grpc.RpcError, target: str) -> MicroError:
+def _wait_for(timeout: float | None) -> float | None:
+    """How long a client waits for the answer to a call with this deadline (None: no limit)."""
+    return (timeout + DEADLINE_GRACE_S) if timeout else None
+
+
+def _deadline_exceeded(target: str, service: str, timeout: float | None) -> DeadlineExceeded:
+    if not timeout:
+        return DeadlineExceeded(f"no answer from the coordinator at {target} for {service} in time")
+    return DeadlineExceeded(f"no answer from the coordinator at {target} for {service} within its "
+                            f"{timeout:g} s deadline (waited {timeout + DEADLINE_GRACE_S:g} s)")
+
+
+def _unavailable(exc: grpc.RpcError, target: str, service: str = "", timeout: float | None = None) -> MicroError:
     code = exc.code() if hasattr(exc, "code") else None
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"cannot reach the coordinator at {target}: is it running? "
                            "(set --coordinator or MICROSWARM_COORDINATOR)")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if service:
+            return _deadline_exceeded(target, service, timeout)
         return from_code("deadline_exceeded", f"no answer from the coordinator at {target} in time")
     details = exc.details() if hasattr(exc, "details") else str(exc)
     return from_code("unavailable" if code is None else code.name.lower(), details or str(exc))
@@ -243,16 +260,22 @@ class Client:
                  encoding: int = pb.MSGPACK) -> Envelope:
         req = _request(service, {} if data is None else data, encoding, timeout)
         for attempt in (1, 2):
-            try:
-                reply = self._stub.Call(req, timeout=(timeout + 5) if timeout else None,
-                                        metadata=self._call_metadata())
-            except grpc.RpcError as exc:
-                raise _unavailable(exc, self.target) from None
+            reply = self._one(req, timeout)
             if attempt == 1 and _refused_unauthenticated(reply) and self._tokens.can_mint:
                 self._tokens.invalidate()  # expired or revoked under us: a new token, once
                 continue
             break
         return Envelope.from_reply(self._tokens.explain(reply))
+
+    def _one(self, req: pb.CallRequest, timeout: float | None) -> pb.CallReply:
+        fut = self._stub.Call.future(req, timeout=_wait_for(timeout), metadata=self._call_metadata())
+        try:
+            return fut.result()
+        except grpc.RpcError as exc:
+            raise _unavailable(exc, self.target, req.service, timeout) from None
+        except BaseException:  # Ctrl-C (KeyboardInterrupt) among them: the RPC, hence the job, is cancelled
+            fut.cancel()
+            raise
 
     def call(self, service: str, data: Any = None, *, timeout: float | None = None) -> Any:
         return self.envelope(service, data, timeout=timeout).unwrap()
@@ -286,6 +309,9 @@ class AsyncClient:
 
     By default its calls share one multiplexed stream (`CallStream`), batched both ways: far
     cheaper per call than one RPC each when many are in flight. `multiplex=False` uses `Call`.
+
+    Cancelling the task that awaits a call (or the call's deadline passing with no answer, which
+    raises DeadlineExceeded) cancels the call: its job stops on the agent or the coordinator.
     """
 
     def __init__(self, coordinator: str | None = None, *, client_name: str | None = None,
@@ -303,6 +329,7 @@ class AsyncClient:
         self._stream: asyncio.Task[None] | None = None
         self._call: Any = None
         self._pending: dict[int, asyncio.Future[pb.CallReply]] = {}
+        self._queue: asyncio.Queue[tuple[int, pb.CallRequest | None]] = asyncio.Queue()
         self._next_id = 0
 
     async def token(self) -> str | None:
@@ -343,45 +370,63 @@ class AsyncClient:
         tok = await self.token()
         if not self.multiplex:
             md = self._metadata + [("authorization", f"Bearer {tok}")] if tok else self._metadata
-            try:
-                return await self._stub.Call(req, timeout=(timeout + 5) if timeout else None, metadata=md)
+            try:  # cancelling the awaiting task cancels the RPC (grpc.aio does), hence the job
+                return await self._stub.Call(req, timeout=_wait_for(timeout), metadata=md)
             except grpc.RpcError as exc:
-                raise _unavailable(exc, self.target) from None
+                raise _unavailable(exc, self.target, req.service, timeout) from None
         if self._stream is None or self._stream.done():
             self._open_stream(tok)
         self._next_id += 1
         cid = self._next_id
         fut: asyncio.Future[pb.CallReply] = asyncio.get_running_loop().create_future()
         self._pending[cid] = fut
-        self._queue.put_nowait((cid, req))
+        queue = self._queue  # the stream this call goes on: its cancel goes there too
+        queue.put_nowait((cid, req))
         try:
-            return await asyncio.wait_for(fut, (timeout + 5) if timeout else None)
+            return await asyncio.wait_for(fut, _wait_for(timeout))
+        except asyncio.TimeoutError:
+            raise _deadline_exceeded(self.target, req.service, timeout) from None
         finally:
             self._pending.pop(cid, None)
+            if not fut.done() or fut.cancelled():
+                # Given up on (task cancelled, or no answer in time): the coordinator stops its job.
+                queue.put_nowait((cid, None))
 
     def _open_stream(self, tok: str | None) -> None:
-        self._queue = asyncio.Queue()
+        queue = self._queue = asyncio.Queue()
         self._sent_token = tok
         md = self._metadata + [("authorization", f"Bearer {tok}")] if tok else self._metadata
         call = self._stub.CallStream(metadata=md)
         self._call = call
 
         async def writer() -> None:
+            unsent: set[int] = set()  # calls given up on before they were sent: never sent at all
             while True:
-                cid, req = await self._queue.get()
+                cid, req = await queue.get()
                 await asyncio.sleep(0)  # calls issued together share one write
                 batch = pb.CallBatch()
                 size = 0
                 while True:
-                    batch.ids.append(cid)
-                    batch.calls.append(req)
-                    size += len(req.input) + 64
-                    if size > (1 << 20) or self._queue.empty():
+                    if req is None:  # a call the client gave up on: its job stops
+                        if cid in unsent:
+                            unsent.discard(cid)
+                        else:
+                            batch.cancel.append(cid)
+                            size += 16
+                    elif cid in self._pending:
+                        batch.ids.append(cid)
+                        batch.calls.append(req)
+                        size += len(req.input) + 64
+                    else:
+                        unsent.add(cid)
+                    if size > (1 << 20) or queue.empty():
                         break
-                    cid, req = self._queue.get_nowait()
+                    cid, req = queue.get_nowait()
                 if self._tokens.access != self._sent_token and self._tokens.access:
                     self._sent_token = self._tokens.access  # renewed: the stream takes the new token
                     batch.authorization = f"Bearer {self._sent_token}"
+                if not (batch.ids or batch.cancel or batch.authorization):
+                    continue
                 for chunk in pieces(batch.SerializeToString()):
                     await call.write(chunk)
 

@@ -194,8 +194,15 @@ def _wait_rollout(a: argparse.Namespace, digests: dict[str, str]) -> int:
 
 
 def cmd_call(a: argparse.Namespace) -> int:
-    """One call. Ctrl-C cancels it (the RPC, hence its job) and exits 130 with one line, `cancelled`."""
+    """One call. Ctrl-C cancels it (the RPC, hence its job) and exits 130 with one line, `cancelled`.
+
+    The call runs on a thread of its own and the main thread only waits for it, so Ctrl-C's
+    KeyboardInterrupt never lands inside gRPC's code (half-way through starting the call, it can
+    leave the channel's close waiting forever); the main thread then closes the channel, which
+    cancels the RPC, and the coordinator stops the job.
+    """
     import signal
+    import threading
 
     interrupted = False
 
@@ -206,6 +213,8 @@ def cmd_call(a: argparse.Namespace) -> int:
             raise KeyboardInterrupt
 
     previous: Any = None
+    client: Any = None
+    worker: threading.Thread | None = None
     try:
         try:
             if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (started with Ctrl-C ignored: kept so)
@@ -216,16 +225,36 @@ def cmd_call(a: argparse.Namespace) -> int:
         from microcores.errors import MicroError
         from protos import microswarm_pb2 as pb
 
-        try:
-            with Client(a.coordinator, client_name=f"cli:{os.environ.get('USER', 'user')}",
-                        state_dir=a.state_dir) as c:
-                env = c.envelope(a.service, a.input.encode(), timeout=a.timeout, encoding=pb.JSON)
-        except MicroError as exc:
+        done = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def call() -> None:
+            nonlocal client
+            try:
+                if interrupted:
+                    return
+                with Client(a.coordinator, client_name=f"cli:{os.environ.get('USER', 'user')}",
+                            state_dir=a.state_dir) as client:
+                    outcome["env"] = client.envelope(a.service, a.input.encode(), timeout=a.timeout,
+                                                     encoding=pb.JSON)
+            except BaseException as exc:  # handed to the main thread as it is
+                outcome["exc"] = exc
+            finally:
+                done.set()
+
+        worker = threading.Thread(target=call, name="microswarm-call", daemon=True)
+        worker.start()
+        done.wait()
+        exc = outcome.get("exc")
+        if isinstance(exc, MicroError):
             if a.json:
                 print(json.dumps({"status": "error", "error": exc.to_dict(), "executed_by": "", "attempts": 0,
                                   "process_time_ms": 0.0, "cache_hit": False}))
             err.print(f"[red]error:[/] {exc.message}")
             return 3
+        if exc is not None:
+            raise exc
+        env = outcome["env"]
         if a.json:
             print(json.dumps(env.to_dict()))
         elif env.ok:
@@ -239,6 +268,10 @@ def cmd_call(a: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True  # (keeps on_sigint in place, ignoring any further Ctrl-C, until the exit)
         print("cancelled", file=sys.stderr, flush=True)
+        if client is not None:
+            client.close()  # cancels the RPC in flight: the coordinator stops the job
+        if worker is not None:
+            worker.join(2)
         return 130
     finally:
         if previous is not None and not interrupted:
