@@ -21,7 +21,7 @@ class Striker(Protocol):
 
 class Quarantine:
     def __init__(self, base_s: float = 10.0, strikes: int = 3, cap_s: float = 600.0,
-                 on_lift: Callable[[], None] | None = None) -> None:
+                 on_lift: Callable[[], None] | None = None, on_enter: Callable[[], None] | None = None) -> None:
         self.base_s, self.limit, self.cap_s = base_s, strikes, cap_s
         self.level: dict[str, int] = {}       # agent id -> times quarantined
         self.until: dict[str, float] = {}     # agent id -> monotonic end of its current quarantine
@@ -29,6 +29,7 @@ class Quarantine:
         self.spacing_s = 0.5
         self.total = 0
         self.on_lift = on_lift
+        self.on_enter = on_enter  # calls waiting only for this agent must not wait out its quarantine
 
     def strike(self, agent: Striker, why: str) -> None:
         """One failure. Failures closer together than `spacing_s` are one event (several jobs caught
@@ -52,6 +53,8 @@ class Quarantine:
         self.total += 1
         log.warning("agent %s quarantined for %.0f s (time %d): %d failures in a row, the last: %s",
                     agent.agent_id, period, n, self.limit, why, extra={"agent": agent.agent_id})
+        if self.on_enter is not None:
+            self.on_enter()
 
     def joined(self, agent: Striker) -> None:
         """A reconnecting agent serves out the rest of its quarantine."""

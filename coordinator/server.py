@@ -95,7 +95,7 @@ class Coordinator:
         self.local = LocalRunner(self.state, max(1, slots), idle_s=config.worker_idle_s)
         self.link = AgentLinkService(self)
         self.placement = Placement(config.placement, interval_s=2.0)
-        self.quarantine = Quarantine(config.quarantine_s, on_lift=self.slot_freed)
+        self.quarantine = Quarantine(config.quarantine_s, on_lift=self.slot_freed, on_enter=self.holdings_changed)
         strategy = STRATEGIES[config.dispatch]()
         self.scheduler = Scheduler(
             self.agents, self.local, SchedulerSettings(config.queue_wait_s, config.queue_limit, slots,
