@@ -49,10 +49,10 @@ LINK_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024),
                 ("grpc.keepalive_permit_without_calls", 1)]
 
 CANCEL_GRACE_S = 1.0  # a cancelled job already in a worker gets this long to finish before its worker is killed
-# Under load a result waits up to LINGER_S for the results of the jobs running beside it, so that they
-# share one sealed write (and the coordinator's next jobs one frame back): each gRPC write costs far
-# more CPU than a short job. Only when recent jobs are short (LINGER_BELOW_S), and never when the
-# result is the only job in a worker (a lone call is answered at once).
+# Under load a result waits up to LINGER_S for the results of the agent's other jobs (running beside
+# it, or next in line for a worker), so that they share one sealed write (and the coordinator's next
+# jobs one frame back): each gRPC write costs far more CPU than a short job. Only when recent jobs are
+# short (LINGER_BELOW_S), and never when no other job is in a worker (a lone call is answered at once).
 LINGER_S = 0.001
 LINGER_BELOW_S = 0.005
 
@@ -452,10 +452,10 @@ class Agent:
                 return
 
     async def _gather_results(self) -> None:
-        """Wait (at most LINGER_S) until the jobs now in a worker have queued their results."""
+        """Wait (at most LINGER_S) until the agent's jobs of now have queued their results."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._linger, self._linger_for = fut, set(self.in_worker)
+        self._linger, self._linger_for = fut, set(self.jobs)
         timer = loop.call_later(LINGER_S, _resolve, fut)
         try:
             await fut
