@@ -153,6 +153,8 @@ def drive(cluster: LocalCluster, first: str) -> list[Any]:
     envs: list[Any] = []
     with cluster.client() as client:
         envs.append(client.envelope(first, {"n": -1}, timeout=60))
+        # given to an agent on that call: held before the rest of the load says it should not be
+        wait_for(lambda: holders(holdings(client), first), 20, f"an agent to hold {first}")
 
     def calls(service: str, n: int, tag: int) -> list[Any]:
         with cluster.client() as c:
