@@ -42,18 +42,20 @@ class SlotQueue:
         self.limit = limit
         self.candidates = candidates
         self.pick = pick
-        self.waiters: deque[Waiter] = deque()
+        self.waiters: deque[Waiter] = deque()  # oldest first; served or expired ones are dropped lazily
+        self.queued = 0  # waiters still in line
         self.waiting: dict[str, int] = {}  # digest -> waiters for it
+        self.kinds: dict[tuple[str, frozenset[str]], int] = {}  # (digest, excluded) -> waiters for it
         self.waits: deque[float] = deque(maxlen=512)  # seconds waited by recent calls that queued
         self.overloaded = 0
         self.on_wait: Callable[[float], None] | None = None  # the metrics' histogram
 
     def __len__(self) -> int:
-        return len(self.waiters)
+        return self.queued
 
     def take(self, digest: str, excluded: frozenset[str]) -> Holder | None:
         """A free holder now, with its slot reserved, or None. Queued calls come first."""
-        if self.waiters:
+        if self.queued:
             self.pump()
             if self.waiting.get(digest):
                 return None  # FIFO: earlier calls for this package are still waiting
@@ -66,14 +68,17 @@ class SlotQueue:
 
     async def wait(self, digest: str, excluded: frozenset[str], timeout: float) -> Holder | None:
         """Wait in line for a holder's slot (reserved on return); None when `timeout` passes."""
-        if len(self.waiters) >= self.limit:
+        if self.queued >= self.limit:
             self.overloaded += 1
-            raise Overloaded(f"{len(self.waiters)} calls are already waiting for an agent slot (--queue-limit "
+            raise Overloaded(f"{self.queued} calls are already waiting for an agent slot (--queue-limit "
                              f"{self.limit}): retry later, or add agents")
         loop = asyncio.get_running_loop()
         w = Waiter(digest, excluded, loop.create_future())
         self.waiters.append(w)
+        self.queued += 1
         self.waiting[digest] = self.waiting.get(digest, 0) + 1
+        key = (digest, excluded)
+        self.kinds[key] = self.kinds.get(key, 0) + 1
         # A timer that resolves the waiter with None, rather than wait_for(shield()): two fewer
         # tasks per queued call, and no race between the timeout and a slot handed over.
         timer = loop.call_later(max(0.0, timeout), _expire, w.future)
@@ -88,7 +93,7 @@ class SlotQueue:
             timer.cancel()
             if w.queued:
                 self._unqueue(w)
-                self.waiters.remove(w)
+                self._compact()
             waited = time.monotonic() - w.since
             self.waits.append(waited)
             if self.on_wait is not None:
@@ -96,41 +101,64 @@ class SlotQueue:
 
     def _unqueue(self, w: Waiter) -> None:
         w.queued = False
+        self.queued -= 1
         n = self.waiting[w.digest] - 1
         if n:
             self.waiting[w.digest] = n
         else:
             del self.waiting[w.digest]
+        key = (w.digest, w.excluded)
+        n = self.kinds[key] - 1
+        if n:
+            self.kinds[key] = n
+        else:
+            del self.kinds[key]
+
+    def _compact(self) -> None:
+        """Drop the waiters no longer in line (they leave the deque lazily, not by an O(n) remove)."""
+        waiters = self.waiters
+        while waiters and not waiters[0].queued:
+            waiters.popleft()
+        if len(waiters) > 2 * self.queued + 32:
+            self.waiters = deque(w for w in waiters if w.queued)
 
     def pump(self) -> None:
         """Hand free slots to waiters, oldest first. Called whenever a slot may have freed up.
-        One look at the agents per kind of waiter, not per waiter: the queue may be long."""
-        if not self.waiters:
+        One look at the agents per kind of waiter, not per waiter, and the scan stops as soon as
+        no kind of waiter in line can be served: the queue may be long and slots free one by one."""
+        if not self.queued:
+            self.waiters.clear()
             return
         free: dict[tuple[str, frozenset[str]], list[Holder]] = {}
-        kept: deque[Waiter] = deque()
+        blocked: set[tuple[str, frozenset[str]]] = set()  # kinds no agent has a slot for
         for w in self.waiters:
+            if not w.queued:
+                continue
             if w.future.done():
                 self._unqueue(w)
                 continue
             key = (w.digest, w.excluded)
+            if key in blocked:
+                continue
             cands = free.get(key)
             if cands is None:
                 cands = free[key] = self.candidates(w.digest, w.excluded)
             if not cands:
-                kept.append(w)
+                blocked.add(key)
+                if len(blocked) >= len(self.kinds):
+                    break
                 continue
             agent = self.pick(cands)
             agent.reserved += 1
-            free[key] = self.candidates(w.digest, w.excluded)
+            free.clear()  # that slot is gone for every kind of waiter its agent serves
             self._unqueue(w)
             w.future.set_result(agent)
-        self.waiters = kept
+        self._compact()
 
     def wake_unservable(self, servable: Callable[[str], bool]) -> None:
         """Waiters whose package no connected agent holds any more stop waiting (they get None)."""
         for w in list(self.waiters):
-            if not w.future.done() and not servable(w.digest):
+            if w.queued and not w.future.done() and not servable(w.digest):
                 w.future.set_result(None)
 
     def wait_percentiles(self) -> tuple[float, float]:
