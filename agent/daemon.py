@@ -587,11 +587,16 @@ class Agent:
         if ref.digest not in self.pools:
             pool = WorkerPool(self.packages_dir / ref.digest, self.config.slots, env=self.volunteer.worker_env())
             try:
-                await pool.warm()
+                await pool.warm()  # shows the package loads here; the worker then waits for a first job
             except WorkerCrashed as exc:
                 link.send(pb.ToCoordinator(installed=pb.Installed(ref=ref, ok=False, error=str(exc))))
                 return
+            if ref.digest not in self.wanted:  # dropped by newer holdings while it was installing
+                await pool.close()
+                return
             self.pools[ref.digest] = pool
+            if self.config.worker_idle_s > 0:
+                await pool.reap(0.0)  # workers start when the package is first used, not all at join
         log.info("installed %s@%s (%s)", ref.name, ref.version, ref.digest[:12])
         link.send(pb.ToCoordinator(installed=pb.Installed(ref=ref, ok=True)))
 
@@ -640,6 +645,8 @@ class Agent:
             async def start() -> bool:
                 """A worker is ready: a confirm_start job asks the coordinator first (at most once)."""
                 nonlocal started, t_in
+                if self.mode in ("paused", "owner_busy"):  # paused while its worker was starting
+                    raise LimitExceeded(self.mode, f"{self.mode}: this agent takes no jobs now")
                 if job.confirm_start and not await self._claim(link, job):
                     return False
                 started = True

@@ -124,7 +124,11 @@ class AgentSession:
     def installing(self, digest: str) -> bool:
         """Connected, told to hold `digest`, and neither done nor failed installing it yet."""
         return (not self.closed and self.state in ("joining", "ready") and digest not in self.holdings
-                and digest not in self.install_failed)
+                and digest not in self.install_failed and self.planned_digest(digest))
+
+    def planned_digest(self, digest: str) -> bool:
+        entry = self.coordinator.registry.by_digest.get(digest)
+        return entry is not None and entry.name in self.planned
 
     def holds(self, digest: str) -> bool:
         """Holds the package and takes jobs (busy or not)."""
@@ -393,7 +397,10 @@ class AgentLinkService:
                                                          signature=p.signature, archive=p.archive)))
         elif kind == "installed":
             ref = msg.installed.ref
-            if msg.installed.ok:
+            if msg.installed.ok and not s.planned_digest(ref.digest):
+                log.debug("agent %s installed %s@%s, which placement no longer gives it: not counted", s.agent_id,
+                          ref.name, ref.version)
+            elif msg.installed.ok:
                 s.holdings.add(ref.digest)
                 s.install_failed.discard(ref.digest)
                 self.c.holdings_changed()

@@ -27,6 +27,7 @@ from .errors import DeadlineExceeded, MicroError, Unavailable, from_code
 log = logging.getLogger("microswarm.worker")
 
 HEADER = struct.Struct(">I")
+GROUP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
 MAX_PIPE_MESSAGE = _codec.MAX_PAYLOAD + 1024 * 1024
 START_TIMEOUT = 60.0
 
@@ -81,6 +82,7 @@ def worker_main(directory: str) -> int:
     for sig in ("SIGUSR1", "SIGUSR2"):  # the agent's pause/resume, when sent to its whole group
         if hasattr(signal, sig):
             signal.signal(getattr(signal, sig), signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)  # blocked by the parent across the spawn
     _die_with_parent(int(os.environ.get("MICROSWARM_WORKER_PARENT", "0")))
     _restrict_self()
 
@@ -268,9 +270,17 @@ class Worker:
     async def start(self) -> None:
         env = dict(self.env if self.env is not None else os.environ)
         env["MICROSWARM_WORKER_PARENT"] = str(os.getpid())
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "microcores._worker", str(self.directory),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, limit=MAX_PIPE_MESSAGE)
+        # Its own session, and the group's signals blocked across fork and exec (the worker unblocks
+        # them once it ignores them): a Ctrl-C, SIGTERM or pause sent to the agent's group must not end
+        # a worker that is still starting. It dies with its parent (PDEATHSIG).
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "microcores._worker", str(self.directory),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, limit=MAX_PIPE_MESSAGE,
+                start_new_session=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         for stream in (self.proc.stdin, self.proc.stdout):
             _widen_pipe(stream)
         try:
@@ -437,9 +447,15 @@ class WorkerPool:
             ok = False
             self.busy.add(w)
             try:
-                if on_start is not None and not await on_start():
-                    ok = True
-                    return None
+                if on_start is not None:
+                    try:
+                        go = await on_start()
+                    except BaseException:
+                        ok = True  # the worker never got the job: it stays for the next
+                        raise
+                    if not go:
+                        ok = True
+                        return None
                 outcome = await w.run(job_id, input_bytes, timeout_s, nested)
                 ok = True
                 return outcome

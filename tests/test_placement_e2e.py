@@ -368,7 +368,8 @@ def test_a_package_dropped_while_it_installs_is_not_held(make_cluster):
     assert held == {"agent1": {CHEAP}}, f"agent1 (--max-packages 1) holds {held}"
     assert watch.most.get("agent1", 0) <= 1, (watch.most, watch.seen)
     assert later.ok and later.executed_by == "coordinator", (later.executed_by, later.error)
-    assert worker_packages(c, "agent1") == {digest[CHEAP]}, (worker_packages(c, "agent1"), digest)
+    # workers start when a package is first used: none of slow_start's is left, at most cheap's
+    assert worker_packages(c, "agent1") <= {digest[CHEAP]}, (worker_packages(c, "agent1"), digest)
 
 
 # ---------------------------------------------------------------- --placement all
