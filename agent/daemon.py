@@ -61,6 +61,12 @@ FATAL_REFUSALS = {"bad_join_secret", "duplicate_agent_id", "protocol_version", "
                   "coordinator_key_mismatch", "protocol_error"}
 
 
+def reconnect_delay(backoff: float, cap: float, rnd: float | None = None) -> float:
+    """The wait before reconnecting: the step (at most `cap`) jittered to 50-100% of it, so agents
+    that lost the coordinator together do not return together, and never past the documented cap."""
+    return min(cap, backoff) * (0.5 + 0.5 * (random.random() if rnd is None else rnd))
+
+
 class AgentRefused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -254,7 +260,7 @@ class Agent:
                     log.warning("cannot reach the coordinator at %s: %s", self.address or "(not found)", detail)
                 if time.monotonic() - started > 10:
                     backoff = 0.5
-                delay = min(self.config.max_backoff_s, backoff) * (0.5 + 0.5 * random.random())  # jitter below the cap
+                delay = reconnect_delay(backoff, self.config.max_backoff_s)
                 log.info("reconnecting in %.1f s", delay)
                 try:
                     await asyncio.wait_for(self.stop_event.wait(), delay)
@@ -427,12 +433,7 @@ class Agent:
             s = frame.sealed
             data = link.channel.open(s.counter, s.ciphertext, s.more)
             if data is not None:
-                msgs = []
-                for piece in split(data):
-                    msg = pb.ToAgent()
-                    msg.ParseFromString(piece)
-                    msgs.append(msg)
-                return msgs
+                return [pb.ToAgent.FromString(piece) for piece in split(data)]
 
     async def _sender(self, link: Link) -> None:
         while True:
@@ -629,9 +630,10 @@ class Agent:
             self.claims.pop(job.job_id, None)
 
     async def _run_job(self, link: Link, job: pb.Job) -> None:
-        result = pb.JobResult(job_id=job.job_id)
+        reply = pb.ToCoordinator()
+        result = reply.result  # filled in place: no copy of the output into the message sent
+        result.job_id = job.job_id
         pool = self.pools.get(job.digest)
-        ctx = {"job": job.job_id, "service": job.service}
         started = False
         t_in = 0.0
         try:
@@ -659,7 +661,7 @@ class Agent:
             if outcome is None:
                 result.ok, result.cancelled, result.not_started = False, True, True
                 result.error.CopyFrom(pb.Error(code="cancelled", message="the coordinator withdrew the job"))
-                link.send(pb.ToCoordinator(result=result))
+                link.send(reply)
                 return
             result.ok, result.output, result.run_ms = outcome.ok, outcome.output, outcome.run_ms
             self.job_s += 0.1 * (time.monotonic() - t_in - self.job_s)
@@ -672,26 +674,28 @@ class Agent:
             result.error.CopyFrom(pb.Error(code=exc.limit, message=str(exc)))
             if exc.limit not in ("paused", "owner_busy"):
                 self.limit_stops += 1
-            log.warning("job %s (%s) stopped: %s", job.job_id, job.service, exc, extra={**ctx, "limit": exc.limit})
+            log.warning("job %s (%s) stopped: %s", job.job_id, job.service, exc, extra={**_ctx(job), "limit": exc.limit})
         except WorkerCrashed as exc:
             result.ok, result.agent_fault, result.not_started = False, True, not started
             result.error.CopyFrom(pb.Error(code="agent_fault", message=str(exc)))
-            log.warning("job %s (%s) failed on this agent: %s", job.job_id, job.service, exc, extra=ctx)
+            log.warning("job %s (%s) failed on this agent: %s", job.job_id, job.service, exc, extra=_ctx(job))
         except MicroError as exc:
             result.ok = False
             result.error.CopyFrom(pb.Error(code=exc.code, message=exc.message, field=exc.field))
         except asyncio.CancelledError:  # a Cancel from the coordinator: its worker was stopped; say so
             result.ok, result.cancelled, result.not_started = False, True, not started
             result.error.CopyFrom(pb.Error(code="cancelled", message="cancelled by the coordinator"))
-            link.send(pb.ToCoordinator(result=result))
+            link.send(reply)
             log.info("job %s (%s) cancelled%s", job.job_id, job.service, "" if started else " before it started",
-                     extra=ctx)
+                     extra=_ctx(job))
             return
         result.cancelled = job.job_id in self.cancelling  # finished in its grace after a Cancel
-        log.debug("job %s (%s): %s", job.job_id, job.service, "ok" if result.ok else result.error.code,
-                  extra={**ctx, "outcome": "ok" if result.ok else result.error.code, "run_ms": round(result.run_ms, 3)})
+        if log.isEnabledFor(logging.DEBUG):  # one event per job; its fields are built only when logged
+            said = "ok" if result.ok else result.error.code
+            log.debug("job %s (%s): %s", job.job_id, job.service, said,
+                      extra={**_ctx(job), "outcome": said, "run_ms": round(result.run_ms, 3)})
         self._left_worker(job.job_id)  # before the send: a sender lingering for this result writes it
-        link.send(pb.ToCoordinator(result=result))
+        link.send(reply)
 
     async def _nested_call(self, link: Link, job: pb.Job, service: str, data: dict[str, Any]) -> dict[str, Any]:
         self._nested_ids += 1
@@ -708,6 +712,10 @@ class Agent:
         if reply.status != "ok":
             raise from_code(reply.error.code, reply.error.message, reply.error.field)
         return _codec.unpack(reply.result)
+
+
+def _ctx(job: pb.Job) -> dict[str, str]:
+    return {"job": job.job_id, "service": job.service}
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

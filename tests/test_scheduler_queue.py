@@ -325,3 +325,14 @@ def test_calls_that_hit_their_own_deadline_do_not_quarantine_a_healthy_agent(tmp
                                           f"deadlines (jobs_timed_out={a.jobs_timed_out})")
         env = client.envelope("demo.sleep", {"seconds": 0.1}, timeout=30)
         assert env.ok and env.executed_by == "agent1", env
+
+
+def test_reconnect_backoff_with_jitter_stays_within_its_cap():
+    from agent.daemon import reconnect_delay
+    backoff, cap = 0.5, 30.0
+    for _ in range(12):  # 0.5, 1, 2, ... doubling past the cap, as the agent's loop does
+        for rnd in (0.0, 0.5, 0.999999, None):
+            d = reconnect_delay(backoff, cap, rnd)
+            assert min(cap, backoff) * 0.5 <= d <= cap, (backoff, rnd, d)
+        backoff = min(cap, backoff * 2)
+    assert reconnect_delay(1000.0, cap, 0.999999) <= cap
