@@ -21,22 +21,20 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from microcores._worker import NestedHandler, WorkerCrashed
-from microcores.errors import DeadlineExceeded, MicroError, OutcomeUnknown, Unavailable, from_code
+from microcores.errors import DeadlineExceeded, MicroError, Unavailable, from_code
 from protos import microswarm_pb2 as pb
 
-from .agents import AgentLost, AgentSession, AgentSilent, JobRecord
+from .agents import AgentSession, JobRecord
+from .attempts import Attempts, Retry
 from .local import LocalRunner
-from .observed import HedgeBudget, Observed, ServiceTimes
+from .observed import Observed, ServiceTimes
 from .quarantine import Quarantine
 from .registry import ServiceEntry
 from .slots import LocalSlots, SlotQueue
 
 log = logging.getLogger("microswarm.scheduler")
 
-CLAIM_TIMEOUT_S = 1.0   # an agent that does not ask to start a confirm_start job in this time loses it
-RESULT_GRACE_S = 1.0    # past a started job's own deadline, the agent has this long to report
 PREFETCH_BELOW_S = 0.05  # jobs whose recent p99 is shorter may queue in an agent (see AgentSession.free_for)
-HANDED_BACK = {"paused", "owner_busy", "cpu_time_limit", "memory_limit"}  # the volunteer's limits, not faults
 
 
 @dataclass
@@ -46,15 +44,6 @@ class SchedulerSettings:
     local_slots: int = 2
     max_attempts: int = 3
     hedge: bool = True
-
-
-class _Retry(Exception):
-    """This attempt failed in a way that lets the job run elsewhere (but not on `agents` again)."""
-
-    def __init__(self, message: str, agents: list[str] | None = None, job: str = "") -> None:
-        super().__init__(message)
-        self.agents = agents or []
-        self.job = job
 
 
 class Scheduler:
@@ -73,10 +62,18 @@ class Scheduler:
         self.local_slots = LocalSlots(settings.local_slots)
         self.observed = Observed()
         self.short: set[str] = set()  # packages whose jobs are short enough for agents to prefetch
-        self.hedges = HedgeBudget()
-        self.ran: Callable[[str, float], None] | None = None  # placement's observations
         self.counts = {"retries": 0, "hedges": 0, "late_results": 0, "outcome_unknown": 0, "offloaded": 0,
                        "local": 0}
+        self.attempts = Attempts(self.queue, quarantine, job_id, self.counts, settings.hedge, settings.local_slots)
+
+    @property
+    def ran(self) -> Callable[[str, float], None] | None:
+        """Placement's observations: (service, seconds) of each job that ran."""
+        return self.attempts.ran
+
+    @ran.setter
+    def ran(self, hook: Callable[[str, float], None] | None) -> None:
+        self.attempts.ran = hook
 
     # ------------------------------------------------------------ who can take a job
 
@@ -135,9 +132,9 @@ class Scheduler:
                 return output, "coordinator"
             reply.executed_by = where.agent_id
             try:
-                res, winner = await (self._attempt(where, entry, input_bytes, chain, deadline, times, excluded)
-                                     if rerun else self._attempt_once(where, entry, input_bytes, chain, deadline))
-            except _Retry as exc:
+                res, winner = await (self.attempts.rerunnable(where, entry, input_bytes, chain, deadline, times, excluded)
+                                     if rerun else self.attempts.once(where, entry, input_bytes, chain, deadline, times))
+            except Retry as exc:
                 failures.append(str(exc))
                 excluded.add(where.agent_id)
                 excluded.update(exc.agents)
@@ -215,157 +212,6 @@ class Scheduler:
         if local:
             return None
         raise DeadlineExceeded(f"{entry.name}: no agent or coordinator slot came free before the deadline")
-
-    # ------------------------------------------------------------ attempts
-
-    def _job(self, entry: ServiceEntry, input_bytes: bytes, chain: list[str], deadline: float,
-             confirm: bool) -> pb.Job:
-        return pb.Job(job_id=self.job_id(), service=entry.name, digest=entry.digest, input=input_bytes,
-                      deadline_s=max(0.001, min(deadline - time.monotonic(), float(entry.cls.timeout))),
-                      chain=chain, confirm_start=confirm)
-
-    async def _attempt(self, agent: AgentSession, entry: ServiceEntry, input_bytes: bytes, chain: list[str],
-                       deadline: float, times: ServiceTimes, excluded: set[str]) -> tuple[pb.JobResult, AgentSession]:
-        """A job that may run again: learnt timeout, hedged past the recent p95, first answer wins."""
-        job = self._job(entry, input_bytes, chain, deadline, False)
-        t0 = time.monotonic()
-        end = t0 + self._timeout(entry, times, deadline - t0, len(excluded))
-        hedge = times.hedge_after() if self.s.hedge else None
-        hedge_at = t0 + hedge if hedge is not None else None
-        runs: dict[asyncio.Future[pb.JobResult], tuple[AgentSession, JobRecord]] = {}
-        rec = agent.start_job(job)
-        runs[rec.future] = (agent, rec)
-        self.hedges.earn()
-        faults: list[str] = []
-        pending = set(runs)
-        try:
-            while pending:
-                wake = end if hedge_at is None else min(end, hedge_at)
-                done, pending = await asyncio.wait(pending, timeout=max(0.0, wake - time.monotonic()),
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                for fut in done:
-                    a, r = runs[fut]
-                    exc = fut.exception()
-                    if exc is None and (fut.result().ok or not fut.result().agent_fault):
-                        self._succeeded(a, r, times)
-                        return fut.result(), a
-                    faults.append(self._fault(a, entry, exc, fut.result() if exc is None else None))
-                now = time.monotonic()
-                if pending and hedge_at is not None and now >= hedge_at:
-                    hedge_at = None
-                    second = self._hedge(entry, job, excluded | {a.agent_id for a, _ in runs.values()})
-                    if second is not None:
-                        runs[second[1].future] = second
-                        pending.add(second[1].future)
-                elif pending and now >= end:
-                    if now < deadline - 0.001:  # the learnt timeout, not the caller's deadline, ran out
-                        times.add(now - t0)  # censored, but it lets a service that got slower get more time
-                        for a, r in runs.values():
-                            if not r.future.done():
-                                a.jobs_timed_out += 1
-                                self.quarantine.strike(a, f"job {r.job_id} of {entry.name} timed out")
-                    raise _Retry(f"{entry.name} timed out after {now - t0:.2f} s on "
-                                 f"{', '.join(a.agent_id for a, r in runs.values() if not r.future.done())}",
-                                 [a.agent_id for a, _ in runs.values()], job.job_id)
-            raise _Retry("; ".join(faults), [a.agent_id for a, _ in runs.values()], job.job_id)
-        finally:
-            for a, r in runs.values():
-                a.abandon(r)  # the loser of a hedge, a job that timed out or went silent: cancel it there
-
-    def _hedge(self, entry: ServiceEntry, job: pb.Job, excluded: set[str]) -> tuple[AgentSession, JobRecord] | None:
-        if self.hedges.tokens < 1.0:
-            return None
-        b = self.queue.take(entry.digest, frozenset(excluded))
-        if b is None:
-            return None
-        self.hedges.spend()
-        self.counts["hedges"] += 1
-        copy = pb.Job()
-        copy.CopyFrom(job)
-        copy.job_id = self.job_id()
-        log.debug("hedging %s: job %s also sent to %s", entry.name, job.job_id, b.agent_id)
-        return b, b.start_job(copy)  # type: ignore[union-attr, return-value]
-
-    async def _attempt_once(self, agent: AgentSession, entry: ServiceEntry, input_bytes: bytes, chain: list[str],
-                            deadline: float) -> tuple[pb.JobResult, AgentSession]:
-        """A job that must not run twice: it starts only with our go, and is never re-run once started."""
-        job = self._job(entry, input_bytes, chain, deadline, True)
-        rec = agent.start_job(job)
-        assert rec.claimed is not None
-        try:
-            claim_wait = min(CLAIM_TIMEOUT_S, max(0.0, deadline - time.monotonic()))
-            await asyncio.wait({rec.claimed, rec.future}, return_when=asyncio.FIRST_COMPLETED, timeout=claim_wait)
-            if rec.future.done() and rec.future.exception() is None:
-                res = rec.future.result()
-                if res.agent_fault:  # refused before it started (paused, busy, not installed)
-                    raise _Retry(self._fault(agent, entry, None, res), job=job.job_id)
-                return res, agent
-            if not rec.started:
-                exc = rec.claimed.exception() if rec.claimed.done() and not rec.claimed.cancelled() else None
-                if exc is None and claim_wait >= CLAIM_TIMEOUT_S:
-                    self.quarantine.strike(agent, f"job {job.job_id} of {entry.name} was not started in time")
-                raise _Retry(f"{entry.name} did not start on {agent.agent_id} "
-                             f"({exc or f'no claim within {CLAIM_TIMEOUT_S:g} s'}); it never ran there", job=job.job_id)
-            try:
-                res = await asyncio.wait_for(asyncio.shield(rec.future), job.deadline_s + RESULT_GRACE_S)
-            except AgentLost as exc:
-                self.counts["outcome_unknown"] += 1
-                raise OutcomeUnknown(
-                    f"{entry.name} started on agent {agent.agent_id}, which then "
-                    f"{'fell silent' if isinstance(exc, AgentSilent) else 'vanished'} ({exc}); it was not run "
-                    "again because the service is not idempotent: it may or may not have taken effect") from None
-            except asyncio.TimeoutError:
-                agent.jobs_timed_out += 1
-                self.quarantine.strike(agent, f"job {job.job_id} of {entry.name} never reported")
-                self.counts["outcome_unknown"] += 1
-                raise OutcomeUnknown(
-                    f"{entry.name} started on agent {agent.agent_id}, which did not report it within its deadline; "
-                    "it was not run again because the service is not idempotent") from None
-            if res.agent_fault and not res.not_started:
-                self.counts["outcome_unknown"] += 1
-                raise OutcomeUnknown(
-                    f"{entry.name} failed mid-run on agent {agent.agent_id} ({res.error.message}); it was not run "
-                    "again because the service is not idempotent: it may or may not have taken effect")
-            if res.agent_fault:
-                raise _Retry(self._fault(agent, entry, None, res), job=job.job_id)
-            if res.ok:
-                self._succeeded(agent, rec, self.observed.of(entry.name))
-            return res, agent
-        finally:
-            agent.abandon(rec)
-            for fut in (rec.future, rec.claimed):  # failures were read above: mark them seen
-                if fut.done() and not fut.cancelled():
-                    fut.exception()
-
-    # ------------------------------------------------------------ outcomes
-
-    def _timeout(self, entry: ServiceEntry, times: ServiceTimes, remaining: float, tried: int) -> float:
-        """The learnt timeout, four times longer on each retry: a job that takes longer than the
-        recent ones because of its input (not its agent) still gets done on an agent."""
-        ceiling = min(float(entry.cls.timeout), remaining)
-        t = min(ceiling, times.job_timeout(ceiling) * 4 ** tried)
-        if self.local_slots.n > 0 and times.known:  # leave the coordinator time to run it after this
-            keep = min(float(entry.cls.timeout), 2 * times.p99 + 0.05)
-            if remaining - keep >= t * 0.5:
-                t = min(t, remaining - keep)
-        return max(0.001, t)
-
-    def _succeeded(self, agent: AgentSession, rec: JobRecord, times: ServiceTimes) -> None:
-        rtt = time.monotonic() - rec.sent_at
-        times.add(rtt)
-        agent.ewma_s = rtt if agent.ewma_s == 0 else 0.8 * agent.ewma_s + 0.2 * rtt
-        self.quarantine.cleared(agent)
-        if self.ran is not None:
-            self.ran(rec.service, rtt)
-
-    def _fault(self, agent: AgentSession, entry: ServiceEntry, exc: BaseException | None,
-               res: pb.JobResult | None) -> str:
-        if exc is not None:
-            return f"agent {agent.agent_id} {'fell silent' if isinstance(exc, AgentSilent) else 'was lost'}: {exc}"
-        assert res is not None
-        if res.error.code not in HANDED_BACK:
-            self.quarantine.strike(agent, f"{entry.name} failed there: {res.error.message}")
-        return f"agent {agent.agent_id}: {res.error.message or res.error.code}"
 
     async def _run_local(self, entry: ServiceEntry, input_bytes: bytes, deadline: float, nested: NestedHandler,
                          times: ServiceTimes) -> bytes:
