@@ -30,15 +30,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc import aio
 
 from microcores import __version__, _codec
-from microcores._package import Package, extract, verify_signature
 from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, check_len, collect, derive_keys,
                                 fingerprint, hello_transcript, join_mac, new_ephemeral, public_bytes, sign, split,
                                 verify)
-from microcores._worker import LimitExceeded, WorkerCrashed, WorkerPool
-from microcores.errors import MicroError, PackageError, ProtocolError, from_code
+from microcores._worker import LimitExceeded, WorkerCrashed
+from microcores.errors import MicroError, ProtocolError, from_code
 from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
 
+from .packages import PackageStore
 from .volunteer import ControlServer, Monitor, VolunteerSettings, socket_path
 
 log = logging.getLogger("microswarm.agent")
@@ -116,9 +116,9 @@ class Agent:
             raise ValueError(f"--worker-idle {config.worker_idle_s} must be 0 (never stop) or more seconds")
         self.agent_id = config.agent_id or f"{socket.gethostname().split('.')[0][:40]}-{secrets.token_hex(3)}"
         self.key = Ed25519PrivateKey.generate()
-        self.packages_dir = Path(config.state_dir).expanduser() / "agent-packages"
-        self.pools: dict[str, WorkerPool] = {}
-        self.wanted: set[str] = set()
+        self.packages = PackageStore(Path(config.state_dir).expanduser() / "agent-packages", config.slots,
+                                     config.max_packages, config.worker_idle_s, config.volunteer.worker_env)
+        self.pools = self.packages.pools
         self.jobs: dict[str, asyncio.Task[Any]] = {}
         self.claims: dict[str, asyncio.Future[bool]] = {}  # confirm_start jobs waiting for the go
         self.in_worker: set[str] = set()  # jobs running in a worker (not waiting for one)
@@ -225,7 +225,7 @@ class Agent:
         for h in logging.getLogger().handlers:
             h.addFilter(self._log_filter)
         monitor = asyncio.create_task(self.monitor.run())
-        reaper = asyncio.create_task(self._reap_idle())
+        reaper = asyncio.create_task(self.packages.reap_idle())
         if self.config.control_socket:
             self.control = ControlServer(socket_path(self.config.state_dir), self._control)
             try:
@@ -508,9 +508,9 @@ class Agent:
         if kind == "job":
             self._start_job(link, msg.job)
         elif kind == "holdings":
-            asyncio.create_task(self._sync_holdings(link, list(msg.holdings.packages)))
+            asyncio.create_task(self.packages.sync(link, list(msg.holdings.packages)))
         elif kind == "package":
-            asyncio.create_task(self._install(link, msg.package))
+            asyncio.create_task(self.packages.install(link, msg.package))
         elif kind == "nested_reply":
             fut = self.nested.pop(msg.nested_id, None)
             if fut is not None and not fut.done():
@@ -534,72 +534,6 @@ class Agent:
                 claim.set_result(msg.start.go)
         elif kind == "refusal":
             log.warning("coordinator: %s: %s", msg.refusal.code, msg.refusal.message)
-
-    # ------------------------------------------------------------ packages
-
-    async def _reap_idle(self) -> None:
-        """Workers start when a package is used and stop after `worker_idle_s` idle."""
-        if self.config.worker_idle_s <= 0:
-            return
-        while True:
-            await asyncio.sleep(min(1.0, self.config.worker_idle_s / 2))
-            for digest, pool in list(self.pools.items()):
-                n = await pool.reap(self.config.worker_idle_s)
-                if n:
-                    log.debug("stopped %d idle worker(s) of package %s", n, digest[:12])
-
-    async def _sync_holdings(self, link: Link, refs: list[pb.PackageRef]) -> None:
-        if self.config.max_packages and len(refs) > self.config.max_packages:
-            for r in refs[self.config.max_packages:]:
-                link.send(pb.ToCoordinator(installed=pb.Installed(ref=r, ok=False, error=(
-                    f"this agent holds at most {self.config.max_packages} packages (--max-packages)"))))
-            refs = refs[:self.config.max_packages]
-        self.wanted = {r.digest for r in refs}
-        for r in refs:
-            if r.digest in self.pools:
-                link.send(pb.ToCoordinator(installed=pb.Installed(ref=r, ok=True)))
-            elif (self.packages_dir / r.digest / ".manifest.json").exists():
-                await self._activate(link, r)
-            else:
-                link.send(pb.ToCoordinator(fetch=pb.Fetch(ref=r)))
-        for digest in [d for d in self.pools if d not in self.wanted]:
-            pool = self.pools.pop(digest)
-            await pool.close()  # busy workers finish their job, then stop
-            log.info("retired package %s", digest[:12])
-
-    async def _install(self, link: Link, data: pb.PackageData) -> None:
-        ref = data.ref
-        try:
-            pkg = Package(bytes(data.manifest), bytes(data.archive), bytes(data.signature))
-            if pkg.digest != ref.digest:
-                raise PackageError(f"package {ref.name} digest {pkg.digest[:12]} is not the announced "
-                                   f"{ref.digest[:12]}")
-            verify_signature(pkg, link.coordinator_key)
-            dest = self.packages_dir / ref.digest
-            if not (dest / ".manifest.json").exists():
-                await asyncio.get_running_loop().run_in_executor(None, extract, pkg, dest)
-            await self._activate(link, ref)
-        except (MicroError, OSError) as exc:
-            msg = exc.message if isinstance(exc, MicroError) else str(exc)
-            log.error("refused package %s@%s: %s", ref.name, ref.version, msg)
-            link.send(pb.ToCoordinator(installed=pb.Installed(ref=ref, ok=False, error=msg)))
-
-    async def _activate(self, link: Link, ref: pb.PackageRef) -> None:
-        if ref.digest not in self.pools:
-            pool = WorkerPool(self.packages_dir / ref.digest, self.config.slots, env=self.volunteer.worker_env())
-            try:
-                await pool.warm()  # shows the package loads here; the worker then waits for a first job
-            except WorkerCrashed as exc:
-                link.send(pb.ToCoordinator(installed=pb.Installed(ref=ref, ok=False, error=str(exc))))
-                return
-            if ref.digest not in self.wanted:  # dropped by newer holdings while it was installing
-                await pool.close()
-                return
-            self.pools[ref.digest] = pool
-            if self.config.worker_idle_s > 0:
-                await pool.reap(0.0)  # workers start when the package is first used, not all at join
-        log.info("installed %s@%s (%s)", ref.name, ref.version, ref.digest[:12])
-        link.send(pb.ToCoordinator(installed=pb.Installed(ref=ref, ok=True)))
 
     # ------------------------------------------------------------ jobs
 
