@@ -1,8 +1,8 @@
-"""The coordinator daemon: one gRPC server for clients (Coordinator) and agents (AgentLink)."""
+"""The coordinator daemon: one gRPC server for clients (Coordinator, in client_api) and agents
+(AgentLink, in agents), and the wiring of its parts: registry, scheduler, placement, cache."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -11,20 +11,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from grpc import aio
 
 from microcores import _codec
-from microcores._chunks import Assembler, pieces
-from microcores.errors import MicroError
 from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
 
 from .agents import AgentLinkService, AgentSession
-from .auth import ACCESS_TTL_S, Auth, AuthError
-from .auth_grpc import TokenService, auth_refusal, caller_label
+from .auth import ACCESS_TTL_S, Auth
 from .cache import ResultCache, cache_key
 from .calllog import CallLog
+from .client_api import ClientService
 from .dispatch import STRATEGIES, Dispatcher
 from .governor import GovernorSettings, HeapGovernor, combined_stats
 from .local import LocalRunner
@@ -39,12 +36,6 @@ log = logging.getLogger("microswarm.coordinator")
 
 MAX_CLIENT_MESSAGE = _codec.MAX_PAYLOAD + (1 << 20)
 LINK_MAX_MESSAGE = 2 * 1024 * 1024
-MAX_STREAM_IN_FLIGHT = 4096
-STREAM_BATCH_BYTES = 1 << 20
-# Under load a reply waits STREAM_LINGER_S for the other calls in flight on its stream, so that more
-# replies share one write: each gRPC write costs the coordinator and the client far more CPU than a
-# reply. Never when it is the only call in flight (a lone call is answered at once).
-STREAM_LINGER_S = 0.001
 
 
 @dataclass
@@ -412,135 +403,3 @@ class Coordinator:
         await self._stopping.wait()
         log.info("stopping: draining %d in-flight calls", self.dispatcher.in_flight)
         await self.stop()
-
-
-class ClientService(TokenService, pbg.CoordinatorServicer):
-    def __init__(self, c: Coordinator) -> None:
-        self.c = c
-
-    async def Call(self, request: pb.CallRequest, context: aio.ServicerContext) -> pb.CallReply:
-        md = dict(context.invocation_metadata())
-        request.ClearField("chain")  # only the coordinator sets the chain of nested calls
-        client = "anonymous"
-        try:  # every call needs a bearer token whose scope covers the service
-            token = self.c.auth.verify(md.get("authorization"))
-            client = caller_label(token, md.get("x-client", ""))
-            self.c.auth.check(token, request.service)
-        except AuthError as exc:
-            return auth_refusal(self.c, request.service, exc, client=client, address=context.peer())
-        return await self.c.dispatcher.call(request, client=client, address=context.peer())
-
-    async def CallStream(self, request_iterator: Any, context: aio.ServicerContext) -> None:
-        """Calls multiplexed on one stream; replies are batched in completion order."""
-        md = dict(context.invocation_metadata())
-        peer = context.peer()
-        token: Any = None
-        refusal: AuthError | None = None
-        client = "anonymous"
-        try:  # the stream's token, checked again (expiry, revocation, scope) for each call
-            token = self.c.auth.verify(md.get("authorization"))
-            client = caller_label(token, md.get("x-client", ""))
-        except AuthError as exc:
-            refusal = exc
-        outbox: asyncio.Queue[tuple[int, pb.CallReply] | None] = asyncio.Queue()
-        tasks: dict[int, asyncio.Task[None]] = {}  # the client's id -> its call in flight
-
-        async def one(cid: int, req: pb.CallRequest, client: str) -> None:
-            req.ClearField("chain")
-            reply = await self.c.dispatcher.call(req, client=client, address=peer)
-            task = asyncio.current_task()
-            if task is None or not task.cancelling():  # a call the client cancelled gets no reply
-                outbox.put_nowait((cid, reply))
-
-        def forget(cid: int, t: asyncio.Task[None]) -> None:
-            if tasks.get(cid) is t:
-                del tasks[cid]
-
-        async def sender() -> None:
-            while True:
-                item = await outbox.get()
-                await asyncio.sleep(0)  # one loop turn: replies finishing together share a write
-                if item is not None and len(tasks) > outbox.qsize() + 1:  # other calls are still running
-                    await asyncio.sleep(STREAM_LINGER_S)
-                batch = pb.ReplyBatch()
-                size = 0
-                while item is not None:
-                    cid, reply = item
-                    batch.ids.append(cid)
-                    batch.replies.append(reply)
-                    size += len(reply.result) + 64
-                    if size > STREAM_BATCH_BYTES or outbox.empty():
-                        break
-                    item = outbox.get_nowait()
-                if batch.ids:
-                    for chunk in pieces(batch.SerializeToString()):
-                        await context.write(chunk)
-                if item is None:
-                    return
-
-        send_task = asyncio.create_task(sender())
-        assembler = Assembler()
-        try:
-            while True:
-                chunk = await context.read()
-                if not isinstance(chunk, pb.StreamChunk):
-                    break
-                data = assembler.feed(chunk)
-                if data is None:
-                    continue
-                batch = pb.CallBatch.FromString(data)
-                if batch.authorization:  # the client renewed its token
-                    try:
-                        token = self.c.auth.verify(batch.authorization)
-                        client = caller_label(token, md.get("x-client", ""))
-                    except AuthError as exc:
-                        token, refusal, client = None, exc, "anonymous"
-                for cid, req in zip(batch.ids, batch.calls):
-                    if len(tasks) >= MAX_STREAM_IN_FLIGHT:
-                        outbox.put_nowait((cid, pb.CallReply(status="error", service=req.service,
-                                                             executed_by="coordinator", error=pb.Error(
-                            code="unavailable", message=f"more than {MAX_STREAM_IN_FLIGHT} calls in flight "
-                                                        "on one stream; wait for some answers"))))
-                        continue
-                    try:
-                        if token is None:
-                            raise refusal or AuthError("missing_token", "no bearer token", 401)
-                        self.c.auth.check(token, req.service)
-                    except AuthError as exc:
-                        outbox.put_nowait((cid, auth_refusal(self.c, req.service, exc, client=client, address=peer)))
-                        continue
-                    t = asyncio.create_task(one(cid, req, client))
-                    tasks[cid] = t
-                    t.add_done_callback(lambda t, cid=cid: forget(cid, t))
-                for cid in batch.cancel:  # calls the client gave up on: their jobs stop (the dispatcher's part)
-                    if cid in tasks:
-                        tasks[cid].cancel()
-            while tasks:  # the client finished sending: answer everything it asked
-                await asyncio.wait(list(tasks.values()))
-            outbox.put_nowait(None)  # type: ignore[arg-type]
-            await send_task
-        finally:
-            send_task.cancel()
-            for t in list(tasks.values()):
-                t.cancel()
-
-    async def Status(self, request: pb.StatusRequest, context: aio.ServicerContext) -> pb.StatusReply:
-        return self.c.status(request.recent_calls)
-
-    async def CacheStats(self, request: pb.CacheStatsRequest, context: aio.ServicerContext) -> pb.CacheStatsReply:
-        return pb.CacheStatsReply(json=json.dumps(self.c.cache_stats()).encode())
-
-    async def Publish(self, request: pb.PublishRequest, context: aio.ServicerContext) -> pb.PublishReply:
-        auth = dict(context.invocation_metadata()).get("authorization", "")
-        admin = self.c.state.admin_token(create=False) or ""
-        if not (auth.startswith("Admin ") and admin and hmac.compare_digest(auth[6:].encode(), admin.encode())):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                "publishing needs the operator's admin credential from the coordinator's "
-                                "state directory (pass --state-dir or set MICROSWARM_STATE_DIR)")
-        try:
-            entry, unchanged = await asyncio.get_running_loop().run_in_executor(
-                None, self.c.registry.publish, request.manifest, request.archive)
-        except MicroError as exc:  # PackageError among them
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
-        return pb.PublishReply(name=entry.name, version=entry.version, digest=entry.digest,
-                               revision=entry.revision, unchanged=unchanged)
