@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -265,3 +266,21 @@ def test_async_client_deadline_is_deadline_exceeded(cluster, multiplex):
             assert time.monotonic() - t0 < 5
 
     asyncio.run(main())
+
+
+def test_http_client_that_disconnects_frees_the_agent_slot(tmp_path):
+    """An HTTP caller that goes away cancels its call, and so the job on its agent."""
+    import socket
+
+    with LocalCluster(agents=1, slots=1, workdir=str(tmp_path), http=True) as c, c.client() as client:
+        token = client.token()
+        body = json.dumps({"seconds": 30}).encode()
+        request = (f"POST /v1/demo/sleep HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        with socket.create_connection(("127.0.0.1", c.http_port), timeout=10) as s:
+            s.sendall(request)
+            wait_job_on_agent(client)
+        # the connection is closed: the job stops on its agent and the slot is free again
+        wait_for(lambda: agents_idle(c, client), 10, "the job of the departed HTTP caller to stop")
+        calls = [x for x in client.status(recent_calls=5).calls if x.service == "demo.sleep"]
+        assert calls and calls[-1].error_code == "cancelled", calls
