@@ -118,7 +118,6 @@ class Agent:
         self.key = Ed25519PrivateKey.generate()
         self.packages = PackageStore(Path(config.state_dir).expanduser() / "agent-packages", config.slots,
                                      config.max_packages, config.worker_idle_s, config.volunteer.worker_env)
-        self.pools = self.packages.pools
         self.jobs: dict[str, asyncio.Task[Any]] = {}
         self.claims: dict[str, asyncio.Future[bool]] = {}  # confirm_start jobs waiting for the go
         self.in_worker: set[str] = set()  # jobs running in a worker (not waiting for one)
@@ -157,13 +156,13 @@ class Agent:
         return "active"
 
     def _workers(self) -> list[tuple[Any, bool]]:
-        return [(w, w in pool.busy) for pool in self.pools.values() for w in pool.workers()]
+        return [(w, w in pool.busy) for pool in self.packages.pools.values() for w in pool.workers()]
 
     def _hand_back(self, reason: str, why: str) -> int:
         """Stop every running job; each goes back to the coordinator as an agent fault naming `reason`."""
         self.monitor.release()
         n = 0
-        for pool in self.pools.values():
+        for pool in self.packages.pools.values():
             for w in list(pool.busy):
                 w.stop(f"{reason}: {why}")
                 n += 1
@@ -199,7 +198,7 @@ class Agent:
     def status(self) -> dict[str, Any]:
         return {"ok": True, "agent_id": self.agent_id, "coordinator": self.address, "connected": self.link is not None,
                 "mode": self.mode, "slots": self.config.slots, "running": len(self.jobs),
-                "packages": len(self.pools), "limit_stops": self.limit_stops,
+                "packages": len(self.packages.pools), "limit_stops": self.limit_stops,
                 "jobs_cpu_percent": round(self.monitor.jobs_cpu_percent, 1), "jobs_rss_bytes": self.monitor.jobs_rss,
                 "others_cpu_percent": round(self.monitor.others_cpu_percent, 1),
                 "throttled_s": round(self.monitor.throttled_s, 2), "settings": self.volunteer.describe()}
@@ -274,7 +273,7 @@ class Agent:
             self.monitor.release()
             if self.control is not None:
                 await self.control.close()
-            await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
+            await asyncio.gather(*(p.close() for p in self.packages.pools.values()), return_exceptions=True)
             for h in logging.getLogger().handlers:
                 h.removeFilter(self._log_filter)
 
@@ -567,7 +566,7 @@ class Agent:
         reply = pb.ToCoordinator()
         result = reply.result  # filled in place: no copy of the output into the message sent
         result.job_id = job.job_id
-        pool = self.pools.get(job.digest)
+        pool = self.packages.pools.get(job.digest)
         started = False
         t_in = 0.0
         try:

@@ -99,7 +99,6 @@ class AgentSession:
     strikes: int = 0          # failures in a row (timeouts, faults): quarantined at the limit
     quarantined_until: float = 0.0
     jobs_timed_out: int = 0
-    late_results: int = 0
     ewma_s: float = 0.0       # moving average of its recent round trips (p2c breaks ties with it)
 
     @property
@@ -366,7 +365,6 @@ class AgentLinkService:
                 # (a hedge's loser that finished in its grace after a Cancel is not late, it is the
                 # price of the hedge; a job that must run at most once and still ran is)
                 if not r.cancelled or (r.ok and rec.claimed is not None):
-                    s.late_results += 1
                     self.c.late_result(s, rec)
             else:
                 rec.future.set_result(r)

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("microswarm.dispatch")
 
 MAX_DEPTH = 8
-INSTALL_WAIT_S = 5.0  # how long a call waits for an agent that is installing its package
 
 
 class Strategy:

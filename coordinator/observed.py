@@ -8,6 +8,7 @@ change of load; percentiles are recomputed every few samples, not per call.
 from __future__ import annotations
 
 from collections import deque
+from typing import Iterable
 
 WINDOW = 256          # recent round trips kept per service
 MIN_SAMPLES = 10      # fewer than this: no basis for a learnt timeout, the service's own applies
@@ -16,6 +17,15 @@ TIMEOUT_FACTOR = 8.0  # a job may take this many times the recent p99 ...
 TIMEOUT_FLOOR_S = 1.0  # ... and never less: a host stalled for a moment must not look like a dead agent
                        # (hedging, at the p95, is what keeps the latency low when one is slow)
 HEDGE_FLOOR_S = 0.01
+
+
+def percentiles(samples: Iterable[float], *qs: float) -> list[float]:
+    """Nearest-rank percentiles (each q in 0..1) of the samples; zeros when there are none."""
+    xs = sorted(samples)
+    if not xs:
+        return [0.0] * len(qs)
+    n = len(xs) - 1
+    return [xs[int(n * q)] for q in qs]
 
 
 class ServiceTimes:
@@ -31,9 +41,7 @@ class ServiceTimes:
         self._since += 1
         if self._since >= RECOMPUTE_EVERY or len(self.samples) <= MIN_SAMPLES:
             self._since = 0
-            xs = sorted(self.samples)
-            n = len(xs) - 1
-            self.p50, self.p95, self.p99 = xs[n // 2], xs[int(n * 0.95)], xs[int(n * 0.99)]
+            self.p50, self.p95, self.p99 = percentiles(self.samples, 0.5, 0.95, 0.99)
 
     @property
     def known(self) -> bool:

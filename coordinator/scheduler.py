@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from microcores._worker import NestedHandler, WorkerCrashed
-from microcores.errors import DeadlineExceeded, MicroError, Unavailable, from_code
+from microcores.errors import DeadlineExceeded, Unavailable, from_code
 from protos import microswarm_pb2 as pb
 
 from .agents import AgentSession, JobRecord
 from .attempts import Attempts, Retry
 from .local import LocalRunner
-from .observed import Observed, ServiceTimes
+from .observed import Observed
 from .quarantine import Quarantine
 from .registry import ServiceEntry
 from .slots import LocalSlots, SlotQueue
@@ -117,17 +117,15 @@ class Scheduler:
                 raise Unavailable(f"{entry.name} failed on {reply.attempts} executor(s) (--max-attempts "
                                   f"{self.s.max_attempts}): {'; '.join(failures)}")
             where: AgentSession | None = None
-            if reply.attempts < agent_cap:
+            if reply.attempts < agent_cap:  # without local slots every attempt is an agent's
                 where = await self._acquire(entry, deadline, frozenset(excluded), local_ok)
-            elif not local_ok or not await self.local_slots.take(deadline - time.monotonic()):
-                raise (Unavailable(f"{entry.name} failed on {reply.attempts} agent(s) and this coordinator runs "
-                                   f"no jobs itself (--local-slots 0): {'; '.join(failures)}") if not local_ok
-                       else DeadlineExceeded(f"{entry.name}: no coordinator slot before the deadline"
-                                             f"{_after(reply.attempts, failures)}"))
+            elif not await self.local_slots.take(deadline - time.monotonic()):
+                raise DeadlineExceeded(f"{entry.name}: no coordinator slot before the deadline"
+                                       f"{_after(reply.attempts, failures)}")
             reply.attempts += 1
             if where is None:
                 reply.executed_by = "coordinator"
-                output = await self._run_local(entry, input_bytes, deadline, nested, times)
+                output = await self._run_local(entry, input_bytes, deadline, nested)
                 self.counts["local"] += 1
                 return output, "coordinator"
             reply.executed_by = where.agent_id
@@ -213,8 +211,8 @@ class Scheduler:
             return None
         raise DeadlineExceeded(f"{entry.name}: no agent or coordinator slot came free before the deadline")
 
-    async def _run_local(self, entry: ServiceEntry, input_bytes: bytes, deadline: float, nested: NestedHandler,
-                         times: ServiceTimes) -> bytes:
+    async def _run_local(self, entry: ServiceEntry, input_bytes: bytes, deadline: float,
+                         nested: NestedHandler) -> bytes:
         try:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -244,5 +242,3 @@ def _after(attempts: int, failures: list[str]) -> str:
         return ""
     return f" ({attempts} attempt{'s' if attempts != 1 else ''}{': ' + '; '.join(failures) if failures else ''})"
 
-
-__all__ = ["Scheduler", "SchedulerSettings", "MicroError"]

@@ -15,6 +15,8 @@ from typing import Any, Callable, Protocol
 
 from microcores.errors import Overloaded
 
+from .observed import percentiles
+
 
 class Holder(Protocol):
     agent_id: str
@@ -44,7 +46,6 @@ class SlotQueue:
         self.pick = pick
         self.waiters: deque[Waiter] = deque()  # oldest first; served or expired ones are dropped lazily
         self.queued = 0  # waiters still in line
-        self.waiting: dict[str, int] = {}  # digest -> waiters for it
         self.kinds: dict[tuple[str, frozenset[str]], int] = {}  # (digest, excluded) -> waiters for it
         self.waits: deque[float] = deque(maxlen=512)  # seconds waited by recent calls that queued
         self.overloaded = 0
@@ -57,7 +58,7 @@ class SlotQueue:
         """A free holder now, with its slot reserved, or None. Queued calls come first."""
         if self.queued:
             self.pump()
-            if self.waiting.get(digest):
+            if any(d == digest for d, _ in self.kinds):
                 return None  # FIFO: earlier calls for this package are still waiting
         cands = self.candidates(digest, excluded)
         if not cands:
@@ -76,7 +77,6 @@ class SlotQueue:
         w = Waiter(digest, excluded, loop.create_future())
         self.waiters.append(w)
         self.queued += 1
-        self.waiting[digest] = self.waiting.get(digest, 0) + 1
         key = (digest, excluded)
         self.kinds[key] = self.kinds.get(key, 0) + 1
         # A timer that resolves the waiter with None, rather than wait_for(shield()): two fewer
@@ -102,11 +102,6 @@ class SlotQueue:
     def _unqueue(self, w: Waiter) -> None:
         w.queued = False
         self.queued -= 1
-        n = self.waiting[w.digest] - 1
-        if n:
-            self.waiting[w.digest] = n
-        else:
-            del self.waiting[w.digest]
         key = (w.digest, w.excluded)
         n = self.kinds[key] - 1
         if n:
@@ -162,11 +157,8 @@ class SlotQueue:
                 w.future.set_result(None)
 
     def wait_percentiles(self) -> tuple[float, float]:
-        if not self.waits:
-            return 0.0, 0.0
-        xs = sorted(self.waits)
-        n = len(xs) - 1
-        return xs[n // 2], xs[int(n * 0.99)]
+        p50, p99 = percentiles(self.waits, 0.5, 0.99)
+        return p50, p99
 
 
 def _expire(fut: asyncio.Future[Any]) -> None:
