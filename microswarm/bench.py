@@ -8,6 +8,9 @@ MICROSWARM_GATEWAY_URL when measuring `--coordinator`), observability_overhead_p
 of calls/s lost while /metrics is scraped and the dashboard's feed polled once a second, and
 offload_pct: the percentage of the throughput phase's calls that agents executed (neither the
 coordinator nor the cache).
+The bare-gRPC floor of the same run (bench_floor.py): floor_p50_ms and floor_calls_per_s (unary
+echoes, one at a time and 64 in flight), and p50_vs_floor, calls_per_s_vs_floor: microswarm's
+p50 and calls/s as ratios to them.
 Latency uses math.compute with a fresh input each call, so no answer comes from the cache.
 MB/s counts payload bytes per second of echo round trips (each trip carries them both ways).
 
@@ -329,6 +332,10 @@ def _table(result: dict[str, Any], n_frozen: int) -> Table:
     t.add_row("trivial remote call p50", f"{result['p50_ms']:.2f} ms", "<= 2 ms")
     t.add_row("trivial remote call p99", f"{result['p99_ms']:.2f} ms", "")
     t.add_row("calls/s, 2 agents, 64 in flight", f"{result['calls_per_s']:.0f}", ">= 2000")
+    t.add_row("bare gRPC floor: unary echo p50 / echoes/s, 64 in flight",
+              f"{result['floor_p50_ms']:.2f} ms / {result['floor_calls_per_s']:.0f}", "")
+    t.add_row("p50 / calls/s as a ratio to that floor",
+              f"{result['p50_vs_floor']:.2f}x / {result['calls_per_s_vs_floor']:.2f}x", "")
     t.add_row("echo 100 KB", f"{result['mb_s_100k']:.0f} MB/s", "")
     t.add_row("echo 10 MB", f"{result['mb_s_10m']:.0f} MB/s", ">= 200 MB/s")
     t.add_row("latency calls run by an agent", f"{result['remote_share']:.0%}", "100%")
@@ -345,6 +352,20 @@ def _table(result: dict[str, Any], n_frozen: int) -> Table:
         t.add_row("frozen agent: slowest call", f"{result['frozen_agent_max_ms']:.0f} ms", "")
         t.add_row("frozen agent: failed calls", f"{result['frozen_agent_errors']}", "0")
     return t
+
+
+def _floor(n: int, seconds: float) -> dict[str, float]:
+    """Bare grpc.aio unary echoes on the same loopback, in the same run (bench_floor.py)."""
+    from . import bench_floor
+    from .cluster import free_port
+
+    port = free_port()
+    server = bench_floor.start(port)
+    try:
+        return asyncio.run(bench_floor.measure(port, n, seconds, 64))
+    finally:
+        server.kill()
+        server.wait(10)
 
 
 def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str | None = None) -> int:
@@ -368,6 +389,8 @@ def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str
             cluster.stop()
     n_frozen = FROZEN_CALLS_QUICK if quick else FROZEN_CALLS
     frozen = _frozen_agent(n_frozen) if coordinator is None else dict.fromkeys(FROZEN_KEYS)
+    with _phase("bare-gRPC floor"), console.status("measuring the bare-gRPC floor…"):
+        floor = _floor(n_lat, tp_s)
     remote = sum(v for k, v in lat_by.items() if k not in ("coordinator", "cache"))
     result: dict[str, Any] = {
         "p50_ms": round(statistics.median(lat), 3),
@@ -378,6 +401,9 @@ def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str
         "remote_share": round(remote / len(lat), 3),
         "throughput_executed_by": tp_by,
         "offload_pct": _offload_pct(tp_by),
+        **floor,
+        "p50_vs_floor": round(statistics.median(lat) / floor["floor_p50_ms"], 2),
+        "calls_per_s_vs_floor": round(cps / floor["floor_calls_per_s"], 3),
         **gw,
         **frozen,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",

@@ -1,0 +1,78 @@
+"""The bare-gRPC floor for `microswarm bench`: the same loopback, the same machine, the same run,
+with nothing of microswarm in the path. A grpc.aio server in its own process echoes bytes; the
+bench times unary calls to it, one at a time and 64 in flight, so that microswarm's figures can
+be quoted as ratios to what gRPC alone costs here.
+
+Run as `python -m microswarm.bench_floor PORT` (the bench starts and stops it).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import grpc
+from grpc import aio
+
+METHOD = "/microswarm.floor.Echo/Echo"
+
+
+def _echo(request: bytes, context: Any) -> bytes:
+    return request
+
+
+async def _serve(port: int) -> None:
+    server = aio.server()
+    handler = grpc.method_handlers_generic_handler(
+        "microswarm.floor.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)})
+    server.add_generic_rpc_handlers((handler,))
+    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+        raise SystemExit(f"bench floor: cannot listen on 127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+def start(port: int) -> subprocess.Popen[str]:
+    """The echo server, started and answering."""
+    p = subprocess.Popen([sys.executable, "-m", "microswarm.bench_floor", str(port)], stdout=subprocess.PIPE,
+                         text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert p.stdout is not None
+    if p.stdout.readline().strip() != "ready":
+        p.kill()
+        raise RuntimeError("the bare-gRPC echo server did not start")
+    return p
+
+
+async def measure(port: int, n: int, seconds: float, in_flight: int) -> dict[str, float]:
+    """p50 of `n` sequential unary echoes of a small payload, and echoes/s with `in_flight` at once."""
+    payload = b"x" * 64
+    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        echo = channel.unary_unary(METHOD)
+        for _ in range(100):
+            await echo(payload)
+        lat = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await echo(payload)
+            lat.append((time.perf_counter() - t0) * 1000)
+        done = 0
+        stop = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                await echo(payload)
+                done += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        cps = done / (time.perf_counter() - t0)
+    return {"floor_p50_ms": round(statistics.median(lat), 3), "floor_calls_per_s": round(cps, 1)}
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve(int(sys.argv[1])))
