@@ -17,7 +17,8 @@ from microcores import _codec
 from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
 
-from .agents import AgentLinkService, AgentSession
+from .agents import AgentSession
+from .link import AgentLinkService
 from .auth import ACCESS_TTL_S, Auth
 from .cache import ResultCache, cache_key
 from .calllog import CallLog

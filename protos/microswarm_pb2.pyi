@@ -41,7 +41,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
 
 class CallReply(_message.Message):
-    __slots__ = ("status", "result", "encoding", "error", "executed_by", "attempts", "process_time_ms", "cache_hit", "service", "version")
+    __slots__ = ("status", "result", "encoding", "error", "executed_by", "attempts", "process_time_ms", "cache_hit", "service", "version", "verified")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class CallReply(_message.Message):
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
     status: str
     result: bytes
     encoding: Encoding
@@ -62,7 +63,8 @@ class CallReply(_message.Message):
     cache_hit: bool
     service: str
     version: str
-    def __init__(self, status: _Optional[str] = ..., result: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., executed_by: _Optional[str] = ..., attempts: _Optional[int] = ..., process_time_ms: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., service: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    verified: bool
+    def __init__(self, status: _Optional[str] = ..., result: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., executed_by: _Optional[str] = ..., attempts: _Optional[int] = ..., process_time_ms: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., service: _Optional[str] = ..., version: _Optional[str] = ..., verified: _Optional[bool] = ...) -> None: ...
 
 class StreamChunk(_message.Message):
     __slots__ = ("data", "more")
@@ -99,7 +101,7 @@ class StatusRequest(_message.Message):
     def __init__(self, recent_calls: _Optional[int] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "address", "packages", "slots", "running", "last_heartbeat_s", "state", "connected_s", "jobs_done", "jobs_failed", "cpu_percent", "rss_bytes", "mode", "load1", "jobs_cpu_percent", "jobs_rss_bytes", "others_cpu_percent", "limit_stops", "versions", "max_packages", "quarantine_left_s", "jobs_timed_out", "mean_run_ms")
+    __slots__ = ("agent_id", "address", "packages", "slots", "running", "last_heartbeat_s", "state", "connected_s", "jobs_done", "jobs_failed", "cpu_percent", "rss_bytes", "mode", "load1", "jobs_cpu_percent", "jobs_rss_bytes", "others_cpu_percent", "limit_stops", "versions", "max_packages", "quarantine_left_s", "jobs_timed_out", "mean_run_ms", "trust", "agreements", "disagreements", "slots_asked", "token_name", "agreements_in_row")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PACKAGES_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +125,12 @@ class AgentInfo(_message.Message):
     QUARANTINE_LEFT_S_FIELD_NUMBER: _ClassVar[int]
     JOBS_TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
     MEAN_RUN_MS_FIELD_NUMBER: _ClassVar[int]
+    TRUST_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENTS_FIELD_NUMBER: _ClassVar[int]
+    DISAGREEMENTS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_ASKED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_NAME_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENTS_IN_ROW_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     address: str
     packages: _containers.RepeatedScalarFieldContainer[str]
@@ -146,7 +154,13 @@ class AgentInfo(_message.Message):
     quarantine_left_s: float
     jobs_timed_out: int
     mean_run_ms: float
-    def __init__(self, agent_id: _Optional[str] = ..., address: _Optional[str] = ..., packages: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., running: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., state: _Optional[str] = ..., connected_s: _Optional[float] = ..., jobs_done: _Optional[int] = ..., jobs_failed: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., load1: _Optional[float] = ..., jobs_cpu_percent: _Optional[float] = ..., jobs_rss_bytes: _Optional[int] = ..., others_cpu_percent: _Optional[float] = ..., limit_stops: _Optional[int] = ..., versions: _Optional[_Iterable[str]] = ..., max_packages: _Optional[int] = ..., quarantine_left_s: _Optional[float] = ..., jobs_timed_out: _Optional[int] = ..., mean_run_ms: _Optional[float] = ...) -> None: ...
+    trust: str
+    agreements: int
+    disagreements: int
+    slots_asked: int
+    token_name: str
+    agreements_in_row: int
+    def __init__(self, agent_id: _Optional[str] = ..., address: _Optional[str] = ..., packages: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., running: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., state: _Optional[str] = ..., connected_s: _Optional[float] = ..., jobs_done: _Optional[int] = ..., jobs_failed: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., load1: _Optional[float] = ..., jobs_cpu_percent: _Optional[float] = ..., jobs_rss_bytes: _Optional[int] = ..., others_cpu_percent: _Optional[float] = ..., limit_stops: _Optional[int] = ..., versions: _Optional[_Iterable[str]] = ..., max_packages: _Optional[int] = ..., quarantine_left_s: _Optional[float] = ..., jobs_timed_out: _Optional[int] = ..., mean_run_ms: _Optional[float] = ..., trust: _Optional[str] = ..., agreements: _Optional[int] = ..., disagreements: _Optional[int] = ..., slots_asked: _Optional[int] = ..., token_name: _Optional[str] = ..., agreements_in_row: _Optional[int] = ...) -> None: ...
 
 class SchedulerInfo(_message.Message):
     __slots__ = ("queue_depth", "queue_limit", "queue_wait_s", "queue_wait_p50_ms", "queue_wait_p99_ms", "local_slots", "local_running", "max_attempts", "retries_total", "hedges_total", "late_results_total", "outcome_unknown_total", "quarantines_total", "overloaded_total", "offloaded_total", "local_total")
@@ -209,7 +223,7 @@ class ServiceInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., pure: _Optional[bool] = ..., idempotent: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., builtin: _Optional[bool] = ..., agents: _Optional[int] = ..., revision: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
 
 class CallRecord(_message.Message):
-    __slots__ = ("time", "client", "service", "executed_by", "success", "ms", "error_code", "attempts", "cache_hit")
+    __slots__ = ("time", "client", "service", "executed_by", "success", "ms", "error_code", "attempts", "cache_hit", "via_agent")
     TIME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +233,7 @@ class CallRecord(_message.Message):
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    VIA_AGENT_FIELD_NUMBER: _ClassVar[int]
     time: float
     client: str
     service: str
@@ -228,10 +243,29 @@ class CallRecord(_message.Message):
     error_code: str
     attempts: int
     cache_hit: bool
-    def __init__(self, time: _Optional[float] = ..., client: _Optional[str] = ..., service: _Optional[str] = ..., executed_by: _Optional[str] = ..., success: _Optional[bool] = ..., ms: _Optional[float] = ..., error_code: _Optional[str] = ..., attempts: _Optional[int] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
+    via_agent: str
+    def __init__(self, time: _Optional[float] = ..., client: _Optional[str] = ..., service: _Optional[str] = ..., executed_by: _Optional[str] = ..., success: _Optional[bool] = ..., ms: _Optional[float] = ..., error_code: _Optional[str] = ..., attempts: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., via_agent: _Optional[str] = ...) -> None: ...
+
+class VerifyInfo(_message.Message):
+    __slots__ = ("mode", "trust_after", "spot_check", "agreed_total", "disagreed_total", "unverified_total", "purged_total")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TRUST_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SPOT_CHECK_FIELD_NUMBER: _ClassVar[int]
+    AGREED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DISAGREED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    UNVERIFIED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PURGED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    trust_after: int
+    spot_check: float
+    agreed_total: int
+    disagreed_total: int
+    unverified_total: int
+    purged_total: int
+    def __init__(self, mode: _Optional[str] = ..., trust_after: _Optional[int] = ..., spot_check: _Optional[float] = ..., agreed_total: _Optional[int] = ..., disagreed_total: _Optional[int] = ..., unverified_total: _Optional[int] = ..., purged_total: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("coordinator_id", "listen", "uptime_s", "agents", "services", "calls", "dispatch", "placement", "calls_total", "fallbacks_total", "cache_json", "scheduler")
+    __slots__ = ("coordinator_id", "listen", "uptime_s", "agents", "services", "calls", "dispatch", "placement", "calls_total", "fallbacks_total", "cache_json", "scheduler", "verify", "redacted")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     LISTEN_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +278,8 @@ class StatusReply(_message.Message):
     FALLBACKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CACHE_JSON_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
+    REDACTED_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
     listen: str
     uptime_s: float
@@ -256,7 +292,9 @@ class StatusReply(_message.Message):
     fallbacks_total: int
     cache_json: bytes
     scheduler: SchedulerInfo
-    def __init__(self, coordinator_id: _Optional[str] = ..., listen: _Optional[str] = ..., uptime_s: _Optional[float] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallRecord, _Mapping]]] = ..., dispatch: _Optional[str] = ..., placement: _Optional[str] = ..., calls_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., cache_json: _Optional[bytes] = ..., scheduler: _Optional[_Union[SchedulerInfo, _Mapping]] = ...) -> None: ...
+    verify: VerifyInfo
+    redacted: bool
+    def __init__(self, coordinator_id: _Optional[str] = ..., listen: _Optional[str] = ..., uptime_s: _Optional[float] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallRecord, _Mapping]]] = ..., dispatch: _Optional[str] = ..., placement: _Optional[str] = ..., calls_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., cache_json: _Optional[bytes] = ..., scheduler: _Optional[_Union[SchedulerInfo, _Mapping]] = ..., verify: _Optional[_Union[VerifyInfo, _Mapping]] = ..., redacted: _Optional[bool] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
     __slots__ = ("manifest", "archive")
@@ -445,12 +483,16 @@ class AgentProof(_message.Message):
     def __init__(self, signature: _Optional[bytes] = ..., join_mac: _Optional[bytes] = ...) -> None: ...
 
 class Refusal(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "coordinator_key", "signature")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     code: str
     message: str
-    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    coordinator_key: bytes
+    signature: bytes
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., coordinator_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Sealed(_message.Message):
     __slots__ = ("counter", "ciphertext", "more")
