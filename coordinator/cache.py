@@ -67,6 +67,7 @@ class ResultCache:
         self._evicted_bytes = 0
         self._expired = 0
         self._refusals = 0
+        self._purged = 0
         self.admitting = True
 
     # ------------------------------------------------------------------ reads
@@ -184,6 +185,25 @@ class ResultCache:
         del victims
         return n, freed
 
+    def purge(self, doomed: Callable[[bytes], bool]) -> tuple[int, int]:
+        """Drop every entry whose stored value `doomed` picks (result verification purges what a
+        lying agent computed: see coordinator.verify). A scan, under the lock: it is rare.
+        Returns ``(entries, bytes)`` dropped; they count as neither evictions nor expirations."""
+        victims: list[bytes] = []
+        freed = 0
+        with self._lock:
+            for key in [k for k, v in self._data.items() if doomed(v)]:
+                value = self._data.pop(key)
+                freed += len(key) + len(value) + ENTRY_OVERHEAD
+                if self._expires and self._expires.pop(key, None) is not None:
+                    freed += TTL_OVERHEAD
+                victims.append(value)
+            self._bytes -= freed
+            self._purged += len(victims)
+        n = len(victims)
+        del victims
+        return n, freed
+
     def clear(self) -> None:
         """Drop every entry. Counters are kept (they describe the cache's whole life)."""
         with self._lock:
@@ -216,5 +236,6 @@ class ResultCache:
                 "evicted_bytes": self._evicted_bytes,
                 "expired": self._expired,
                 "refusals": self._refusals,
+                "purged": self._purged,
                 "admitting": bool(self.admitting),
             }

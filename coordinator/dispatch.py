@@ -19,11 +19,13 @@ from microcores import _codec
 from microcores.core import validate_model
 from microcores.errors import (CallCycle, DepthExceeded, InvalidInput, MicroError,
                                Unavailable, from_code)
+from microcores._worker import NestedHandler
 from protos import microswarm_pb2 as pb
 
 from .agents import AgentSession
 from .calllog import CallEntry
 from .registry import ServiceEntry
+from .verify import COORDINATOR, Outcome, Verifier, opened, seal
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -80,9 +82,11 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {"random": Strategy, "round_robi
 
 
 class Dispatcher:
-    def __init__(self, coordinator: "Coordinator", scheduler: "Scheduler", strategy: Strategy) -> None:
+    def __init__(self, coordinator: "Coordinator", scheduler: "Scheduler", strategy: Strategy,
+                 verifier: Verifier) -> None:
         self.c = coordinator
         self.scheduler = scheduler
+        self.verifier = verifier
         self.strategy = strategy
         self.in_flight = 0
         self.accepting = True
@@ -183,17 +187,82 @@ class Dispatcher:
             key = self.c.cache_key(entry, value)
             hit = cache.get(key)
             if hit is not None:
-                reply.executed_by, reply.cache_hit, reply.attempts = "cache", True, 0
-                reply.result = self._encode_result(entry, _codec.unpack(hit), req.encoding)
+                data, _, verified = opened(hit)
+                reply.executed_by, reply.cache_hit, reply.attempts, reply.verified = "cache", True, 0, verified
+                reply.result = self._encode_result(entry, _codec.unpack(data), req.encoding)
                 return
 
-        output, executed_by, attempts = await self._execute(entry, input_bytes, chain + [entry.name], deadline, reply)
-        reply.executed_by, reply.attempts = executed_by, attempts
-        out = entry.cls.validate_output(_codec.unpack(output))
-        out_value = out.model_dump(mode="python")
+        chain = chain + [entry.name]
+        nested = self.nested_handler(chain, deadline)
+        if entry.cls.pure and self.verifier.mode != "off":
+            answer, verified = await self._verified(entry, input_bytes, chain, deadline, reply, nested)
+            reply.executed_by, reply.attempts, reply.verified = answer.executor, answer.attempts, verified
+            if answer.error is not None:
+                raise from_code(*answer.error)
+            out_value = _codec.unpack(answer.output)  # validated by _attempt
+            producers: tuple[str, ...] = (answer.executor, answer.verified_by)
+        else:
+            output, executed_by = await self.scheduler.execute(entry, input_bytes, chain, deadline, reply, nested)
+            reply.executed_by = executed_by
+            out_value = entry.cls.validate_output(_codec.unpack(output)).model_dump(mode="python")
+            reply.verified = executed_by == COORDINATOR
+            producers = (executed_by,)
         if key is not None:
-            cache.put(key, _codec.pack(out_value), entry.cls.cache_ttl)
-        reply.result = self._encode_result(entry, out, req.encoding)
+            cache.put(key, seal(_codec.pack(out_value), producers, reply.verified), entry.cls.cache_ttl)
+        reply.result = self._encode_result(entry, out_value, req.encoding)
+
+    # ------------------------------------------------------------ verified results (verify.py)
+
+    async def _verified(self, entry: ServiceEntry, input_bytes: bytes, chain: list[str], deadline: float,
+                        reply: pb.CallReply, nested: NestedHandler) -> tuple[Outcome, bool]:
+        """Run a pure service's job, confirmed by a second executor when the verifier asks for it."""
+        first = await self._attempt(entry, input_bytes, chain, deadline, reply, nested)
+
+        async def referee() -> Outcome:
+            try:
+                output = await self.scheduler.referee(entry, input_bytes, deadline, nested)
+            except MicroError as exc:
+                if getattr(exc, "executor", ""):
+                    return Outcome(COORDINATOR, error=(exc.code, exc.message, exc.field), attempts=1)
+                raise Unavailable(f"{entry.name}: the result of agent {first.executor} could not be verified "
+                                  f"({exc.message}); retry the call") from None
+            out = entry.cls.validate_output(_codec.unpack(output))
+            return Outcome(COORDINATOR, _codec.pack(out.model_dump(mode="python")), attempts=1)
+
+        async def second() -> Outcome:
+            try:
+                return await self._attempt(entry, input_bytes, chain, deadline, pb.CallReply(), nested,
+                                           self.c.same_volunteer(first.executor), at_once=True)
+            except MicroError as exc:  # no other executor managed it: the coordinator confirms
+                log.info("%s: no second executor for agent %s's result (%s); the coordinator checks it",
+                         entry.name, first.executor, exc.message)
+                return await referee()
+
+        return await self.verifier.settle(first, second, referee, self.c.convict)
+
+    async def _attempt(self, entry: ServiceEntry, input_bytes: bytes, chain: list[str], deadline: float,
+                       reply: pb.CallReply, nested: NestedHandler, avoid: frozenset[str] = frozenset(),
+                       at_once: bool = False) -> Outcome:
+        """One executor's answer: its validated output, or the service's own error."""
+        try:
+            output, executor = await self.scheduler.execute(entry, input_bytes, chain, deadline, reply, nested,
+                                                            avoid, at_once)
+        except MicroError as exc:
+            executor = getattr(exc, "executor", "")
+            if not executor:
+                raise  # nobody answered (unavailable, deadline...): the call fails as it would unverified
+            return Outcome(executor, error=(exc.code, exc.message, exc.field), attempts=reply.attempts)
+        try:
+            out = entry.cls.validate_output(_codec.unpack(output))
+        except Exception as exc:
+            if executor == COORDINATOR:
+                raise
+            # an honest agent's worker validates its output before sending it: this one was made up
+            why = exc.message if isinstance(exc, MicroError) else f"{type(exc).__name__}: {exc}"
+            return Outcome(executor, error=("bad_output", f"agent {executor} sent an output that is not a "
+                                            f"{entry.cls.output_model.__name__}: {why}", ""),
+                           attempts=reply.attempts, forged=True)
+        return Outcome(executor, _codec.pack(out.model_dump(mode="python")), attempts=reply.attempts)
 
     @staticmethod
     def _encode_result(entry: ServiceEntry, out: Any, encoding: int) -> bytes:
@@ -204,13 +273,6 @@ class Dispatcher:
         if not isinstance(out, dict):
             out = out.model_dump(mode="python")
         return _codec.pack(out)
-
-    async def _execute(self, entry: ServiceEntry, input_bytes: bytes, chain: list[str],
-                       deadline: float, reply: pb.CallReply) -> tuple[bytes, str, int]:
-        """Run the job (scheduler.py); an error still tells who ran it and after how many attempts."""
-        output, executed_by = await self.scheduler.execute(entry, input_bytes, chain, deadline, reply,
-                                                           self.nested_handler(chain, deadline))
-        return output, executed_by, reply.attempts
 
     def nested_handler(self, chain: list[str], deadline: float) -> Any:
         async def nested(service: str, data: dict[str, Any]) -> dict[str, Any]:

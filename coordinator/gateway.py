@@ -71,7 +71,7 @@ def envelope_json(reply: pb.CallReply, process_time_ms: float) -> bytes:
         head = b'{"status":"error","error":' + json.dumps(err, separators=(",", ":")).encode()
     tail = json.dumps({"executed_by": reply.executed_by, "attempts": reply.attempts,
                        "process_time_ms": round(process_time_ms, 3), "cache_hit": reply.cache_hit,
-                       "service": reply.service, "version": reply.version}, separators=(",", ":")).encode()
+                       "verified": reply.verified, "service": reply.service, "version": reply.version}, separators=(",", ":")).encode()
     return head + b"," + tail[1:]
 
 

@@ -59,6 +59,14 @@ class _Live:
                           ("outcome_unknown", "Non-idempotent jobs whose agent vanished after they started")):
             yield CounterMetricFamily(f"microswarm_{key}", text, value=sch[key])
         yield CounterMetricFamily("microswarm_quarantines", "Agents put in quarantine", value=c.quarantine.total)
+        verifications = CounterMetricFamily("microswarm_verifications", "Results of pure services by how they were "
+                                            "verified (--verify): agreed, disagreed, unverified, coordinator",
+                                            labels=["outcome"])
+        for outcome, n in c.verifier.counts.as_dict().items():
+            verifications.add_metric([outcome], n)
+        yield verifications
+        yield CounterMetricFamily("microswarm_cache_purged", "Cache entries purged because an agent that computed "
+                                  "them was caught lying", value=c.verifier.counts.purged)
         yield GaugeMetricFamily("microswarm_agents_quarantined", "Agents in quarantine now",
                                 value=sum(1 for a in c.agents.values() if a.quarantined))
         slots = GaugeMetricFamily("microswarm_agent_slots", "Job slots each agent offers", labels=["agent"])

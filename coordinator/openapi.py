@@ -74,6 +74,8 @@ ENVELOPE_FIELDS: dict[str, Any] = {
     "attempts": {"type": "integer", "minimum": 0},
     "process_time_ms": {"type": "number", "description": "time the gateway spent on the call"},
     "cache_hit": {"type": "boolean"},
+    "verified": {"type": "boolean", "description": "a second executor agreed with the result, or the "
+                 "coordinator computed it (see the coordinator's --verify)"},
     "service": {"type": "string"},
     "version": {"type": "string"},
 }

@@ -42,6 +42,22 @@ class Quarantine:
         if agent.strikes >= self.limit:
             self._enter(agent, why)
 
+    def convict(self, agent_id: str, agent: Striker | None, why: str) -> float:
+        """Caught giving a wrong result (coordinator.verify): quarantined at once, connected or not,
+        for at least four times the base period. Returns the period in seconds."""
+        n = self.level[agent_id] = self.level.get(agent_id, 0) + 1
+        period = min(self.cap_s, 4 * self.base_s * 2 ** (n - 1))
+        self.until[agent_id] = time.monotonic() + period
+        if agent is not None:
+            agent.quarantined_until = self.until[agent_id]
+            agent.strikes = 0
+        self.total += 1
+        log.warning("agent %s quarantined for %.0f s (time %d): %s", agent_id, period, n, why,
+                    extra={"agent": agent_id})
+        if self.on_enter is not None:
+            self.on_enter()
+        return period
+
     def cleared(self, agent: Striker) -> None:
         agent.strikes = 0
 

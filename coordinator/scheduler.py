@@ -97,15 +97,20 @@ class Scheduler:
     # ------------------------------------------------------------ one call
 
     async def execute(self, entry: ServiceEntry, input_bytes: bytes, chain: list[str], deadline: float,
-                      reply: pb.CallReply, nested: NestedHandler) -> tuple[bytes, str]:
-        """Run the call's job until one executor answers; `reply.attempts` and `executed_by` follow."""
+                      reply: pb.CallReply, nested: NestedHandler, avoid: frozenset[str] = frozenset(),
+                      at_once: bool = False) -> tuple[bytes, str]:
+        """Run the call's job until one executor answers; `reply.attempts` and `executed_by` follow.
+
+        `avoid`: agents that must not run it (a result's verification needs another volunteer);
+        `at_once`: do not wait in line for an agent when the coordinator has a slot free now.
+        The service's own error is raised with `executor` set on it (see ServiceAnswer)."""
         rerun = bool(entry.cls.pure or entry.cls.idempotent)
         times = self.observed.of(entry.name)
         if times.known and times.p99 < PREFETCH_BELOW_S:
             self.short.add(entry.digest)
         else:
             self.short.discard(entry.digest)
-        excluded: set[str] = set()
+        excluded: set[str] = set(avoid)
         failures: list[str] = []
         local_ok = self.local_slots.n > 0
         agent_cap = self.s.max_attempts - (1 if local_ok and self.s.max_attempts > 1 else 0)
@@ -118,7 +123,7 @@ class Scheduler:
                                   f"{self.s.max_attempts}): {'; '.join(failures)}")
             where: AgentSession | None = None
             if reply.attempts < agent_cap:  # without local slots every attempt is an agent's
-                where = await self._acquire(entry, deadline, frozenset(excluded), local_ok)
+                where = await self._acquire(entry, deadline, frozenset(excluded), local_ok, at_once)
             elif not await self.local_slots.take(deadline - time.monotonic()):
                 raise DeadlineExceeded(f"{entry.name}: no coordinator slot before the deadline"
                                        f"{_after(reply.attempts, failures)}")
@@ -142,12 +147,12 @@ class Scheduler:
                 continue
             reply.executed_by = winner.agent_id
             if not res.ok:  # the service's own answer (a validation error, its exception): not retried
-                raise from_code(res.error.code, res.error.message, res.error.field)
+                raise answered_by(from_code(res.error.code, res.error.message, res.error.field), winner.agent_id)
             self.counts["offloaded"] += 1
             return res.output, winner.agent_id
 
     async def _acquire(self, entry: ServiceEntry, deadline: float, excluded: frozenset[str],
-                       local_ok: bool) -> AgentSession | None:
+                       local_ok: bool, at_once: bool = False) -> AgentSession | None:
         """An agent with a slot reserved for this job, or None with a coordinator slot held."""
         agent = self.queue.take(entry.digest, excluded)
         if agent is not None:
@@ -164,6 +169,8 @@ class Scheduler:
             agent = self.queue.take(entry.digest, excluded)
             if agent is not None:
                 return agent  # type: ignore[return-value]
+        if local_ok and at_once and self.local_slots.try_take():
+            return None
         first = deadline - time.monotonic() if not local_ok else min(self.s.queue_wait_s, deadline - time.monotonic())
         agent = await self.queue.wait(entry.digest, excluded, first)
         if agent is not None:
@@ -228,13 +235,30 @@ class Scheduler:
             self.ran(entry.name, outcome.run_ms / 1000)
         if not outcome.ok:
             e = outcome.error
-            raise from_code(e.get("code", "service_error"), e.get("message", "failed"), e.get("field", ""))
+            raise answered_by(from_code(e.get("code", "service_error"), e.get("message", "failed"), e.get("field", "")),
+                              "coordinator")
         return outcome.output
+
+    async def referee(self, entry: ServiceEntry, input_bytes: bytes, deadline: float, nested: NestedHandler) -> bytes:
+        """Run the job on the coordinator to settle a disagreement between executors: its answer
+        stands. Runs even with --local-slots 0 (then one at a time in the coordinator's own worker)."""
+        if self.local_slots.n > 0:
+            if not await self.local_slots.take(deadline - time.monotonic()):
+                raise DeadlineExceeded(f"{entry.name}: no coordinator slot to settle a disagreement before the deadline")
+        else:
+            self.local_slots.used += 1  # released by _run_local
+        return await self._run_local(entry, input_bytes, deadline, nested)
 
     def late_result(self, agent: AgentSession, rec: JobRecord) -> None:
         self.counts["late_results"] += 1
         log.info("late result of job %s (%s) from agent %s dropped: its call was already answered",
                  rec.job_id, rec.service, agent.agent_id, extra={"agent": agent.agent_id, "job": rec.job_id})
+
+
+def answered_by(exc: Exception, executor: str) -> Exception:
+    """Mark an error as the service's own answer (not a failure to run it), given by `executor`."""
+    exc.executor = executor  # type: ignore[attr-defined]
+    return exc
 
 
 def _after(attempts: int, failures: list[str]) -> str:

@@ -32,6 +32,7 @@ from .quarantine import Quarantine
 from .registry import Registry, ServiceEntry
 from .scheduler import Scheduler, SchedulerSettings
 from .state import StateDir
+from .verify import Verifier, made_by
 
 log = logging.getLogger("microswarm.coordinator")
 
@@ -61,7 +62,10 @@ class CoordinatorConfig:
     token_ttl_s: float = ACCESS_TTL_S  # lifetime of access tokens
     advertise: bool | None = None    # zeroconf on the LAN; None: unless listening on loopback
     metrics_auth: bool = False
-    governor: GovernorSettings | None = None  # None: the defaults (see coordinator/governor.py)       # /metrics needs a bearer token (off: readable, as exporters are)
+    governor: GovernorSettings | None = None  # None: the defaults (see coordinator/governor.py)
+    verify: str = "adaptive"         # results of pure services: adaptive | always | off (coordinator/verify.py)
+    trust_after: int = 10            # agreements in a row before an agent's results are only spot-checked
+    spot_check: float = 0.05         # chance a trusted agent's result is still confirmed
 
 
 class Coordinator:
@@ -98,7 +102,8 @@ class Coordinator:
                                                        config.max_attempts, config.hedge),
             strategy.pick, self.link.next_job_id, self.quarantine, self.place, self.wait_holdings)
         self.scheduler.ran = lambda service, seconds: self.placement.observe(service, seconds * 1000)
-        self.dispatcher = Dispatcher(self, self.scheduler, strategy)
+        self.verifier = Verifier(config.verify, config.trust_after, config.spot_check)
+        self.dispatcher = Dispatcher(self, self.scheduler, strategy, self.verifier)
         self.heartbeat_s = config.heartbeat_s
         self.liveness_s = config.liveness_s
         self.cache: Any = None
@@ -173,6 +178,26 @@ class Coordinator:
 
     def slot_freed(self, agent: AgentSession | None = None) -> None:
         self.scheduler.slot_freed()
+
+    def convict(self, agent_id: str, why: str) -> None:
+        """An agent's result was contradicted by the coordinator's own (verify.py): quarantine it,
+        reset its trust (done by the verifier) and purge every cache entry it helped compute."""
+        self.quarantine.convict(agent_id, self.agents.get(agent_id), why)
+        purged = 0
+        if self.cache is not None:
+            purged, _ = self.cache.purge(made_by(agent_id))
+            self.verifier.counts.purged += purged
+        log.warning("agent %s gave a wrong result; %d cache entr%s it computed purged", agent_id, purged,
+                    "y" if purged == 1 else "ies", extra={"agent": agent_id, "event": "wrong_result"})
+
+    def same_volunteer(self, agent_id: str) -> frozenset[str]:
+        """The agents a result of `agent_id` must not be confirmed by: itself, and the other agents of
+        its volunteer (the same named join token), who could lie in concert."""
+        a = self.agents.get(agent_id)
+        name = getattr(a, "token_name", "") if a is not None else ""
+        if not name:
+            return frozenset({agent_id})
+        return frozenset({agent_id} | {b.agent_id for b in self.agents.values() if getattr(b, "token_name", "") == name})
 
     def late_result(self, agent: AgentSession, rec: Any) -> None:
         self.scheduler.late_result(agent, rec)
@@ -258,8 +283,16 @@ class Coordinator:
             hedges_total=n["hedges"], late_results_total=n["late_results"], outcome_unknown_total=n["outcome_unknown"],
             quarantines_total=self.quarantine.total, overloaded_total=sch.queue.overloaded,
             offloaded_total=n["offloaded"], local_total=n["local"]))
+        v = self.verifier
+        reply.verify.CopyFrom(pb.VerifyInfo(mode=v.mode, trust_after=v.trust_after, spot_check=v.spot_check,
+                                            agreed_total=v.counts.agreed, disagreed_total=v.counts.disagreed,
+                                            unverified_total=v.counts.unverified, purged_total=v.counts.purged))
         for a in sorted(self.agents.values(), key=lambda a: a.agent_id):
-            reply.agents.append(a.info())
+            info = a.info()
+            t = v.of(a.agent_id)
+            info.trust = v.trust(a.agent_id, a.quarantined)
+            info.agreements, info.disagreements, info.agreements_in_row = t.agreements, t.disagreements, t.in_row
+            reply.agents.append(info)
         for e in self.registry.current():
             holders = sum(1 for a in self.agents.values() if e.digest in a.holdings)
             reply.services.append(pb.ServiceInfo(

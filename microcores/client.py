@@ -66,6 +66,7 @@ class Envelope:
     cache_hit: bool = False
     service: str = ""
     version: str = ""
+    verified: bool = False   # a second executor agreed, or the coordinator computed it (--verify)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -86,7 +87,7 @@ class Envelope:
             d["error"] = self.error
         d.update(executed_by=self.executed_by, attempts=self.attempts,
                  process_time_ms=round(self.process_time_ms, 3), cache_hit=self.cache_hit,
-                 service=self.service, version=self.version)
+                 verified=self.verified, service=self.service, version=self.version)
         return d
 
     @classmethod
@@ -100,7 +101,7 @@ class Envelope:
             if reply.error.field:
                 error["field"] = reply.error.field
         return cls(reply.status, result, error, reply.executed_by, reply.attempts, reply.process_time_ms,
-                   reply.cache_hit, reply.service, reply.version)
+                   reply.cache_hit, reply.service, reply.version, reply.verified)
 
 
 def _request(service: str, data: Any, encoding: int, timeout: float | None) -> pb.CallRequest:

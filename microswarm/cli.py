@@ -54,7 +54,8 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
                             drain_s=a.drain, cache=not a.no_cache, http=a.http or "", token_ttl_s=a.token_ttl,
                             metrics_auth=a.metrics_auth, placement=a.placement, local_slots=a.local_slots,
                             queue_wait_s=a.queue_wait, queue_limit=a.queue_limit, max_attempts=a.max_attempts,
-                            quarantine_s=a.quarantine, hedge=a.hedge, worker_idle_s=a.worker_idle)
+                            quarantine_s=a.quarantine, hedge=a.hedge, worker_idle_s=a.worker_idle,
+                            verify=a.verify, trust_after=a.trust_after, spot_check=a.spot_check)
     cfg.advertise = a.advertise
     try:
         from coordinator.governor import GovernorSettings
@@ -249,7 +250,7 @@ def cmd_call(a: argparse.Namespace) -> int:
         if isinstance(exc, MicroError):
             if a.json:
                 print(json.dumps({"status": "error", "error": exc.to_dict(), "executed_by": "", "attempts": 0,
-                                  "process_time_ms": 0.0, "cache_hit": False}))
+                                  "process_time_ms": 0.0, "cache_hit": False, "verified": False}))
             err.print(f"[red]error:[/] {exc.message}")
             return 3
         if exc is not None:
@@ -260,7 +261,7 @@ def cmd_call(a: argparse.Namespace) -> int:
         elif env.ok:
             print(json.dumps(env.result))
             err.print(f"[dim]{env.service}@{env.version} by {env.executed_by} in {env.process_time_ms:.1f} ms"
-                      f"{' (cache)' if env.cache_hit else ''}[/]")
+                      f"{' (cache)' if env.cache_hit else ''}{', verified' if env.verified else ''}[/]")
         else:
             e = env.error or {}
             err.print(f"[red]{e.get('code')}:[/] {e.get('message')}")
@@ -372,14 +373,17 @@ def status_dict(reply: Any) -> dict[str, Any]:
 
 def status_tables(reply: Any) -> list[Table]:
     t = Table(title=f"agents ({len(reply.agents)})", title_justify="left")
-    for col in ("id", "address", "state", "packages", "slots", "load", "last heartbeat", "done", "failed"):
+    for col in ("id", "address", "state", "trust", "packages", "slots", "load", "last heartbeat", "done", "failed"):
         t.add_column(col)
     for ag in reply.agents:
         state = ag.state + (f" ({ag.mode})" if ag.mode and ag.mode != "active" else "")
         if ag.state == "quarantined":
             state = f"[red]quarantined[/] ({ag.quarantine_left_s:.0f} s left)"
         pkgs = ", ".join(ag.packages) if len(ag.packages) <= 3 else f"{len(ag.packages)} packages"
-        t.add_row(ag.agent_id, ag.address, state, pkgs or "-", str(ag.slots),
+        trust = {"trusted": "[green]trusted[/]", "quarantined": "[red]quarantined[/]"}.get(ag.trust, ag.trust or "-")
+        if ag.agreements or ag.disagreements:
+            trust += f" ({ag.agreements}/{ag.disagreements})"
+        t.add_row(ag.agent_id, ag.address, state, trust, pkgs or "-", str(ag.slots),
                   f"{ag.running}/{ag.slots}", f"{ag.last_heartbeat_s:.1f} s ago", str(ag.jobs_done),
                   str(ag.jobs_failed))
     s = Table(title=f"services ({len(reply.services)})", title_justify="left")
@@ -520,6 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "idempotent services only)")
     st.add_argument("--worker-idle", type=float, default=120.0, metavar="S",
                     help="the coordinator's own workers stop after sitting idle this long (0: never)")
+    st.add_argument("--verify", choices=["adaptive", "always", "off"], default="adaptive",
+                    help="results of pure services: 'always' confirms each on a second executor; 'adaptive' "
+                         "confirms those of agents that have not earned trust, and spot-checks the rest; "
+                         "'off' accepts them as they come")
+    st.add_argument("--trust-after", type=int, default=10, metavar="N",
+                    help="agreements in a row after which an agent's results are only spot-checked (adaptive)")
+    st.add_argument("--spot-check", type=float, default=0.05, metavar="P",
+                    help="chance that a trusted agent's result is still confirmed (adaptive)")
     st.add_argument("--heartbeat", type=float, default=1.0, metavar="S", help="agent heartbeat interval")
     st.add_argument("--liveness", type=float, default=6.0, metavar="S",
                     help="an agent silent this long is removed (suspect after half)")

@@ -1,0 +1,71 @@
+"""A lying volunteer for the verification tests: the real agent (agent.daemon), whose results are
+rewritten on their way out.
+
+    python lying_agent.py [--lie-after N] [--lie-every K] [--lie-log PATH] [--forge]
+                          -- <the arguments of `microswarm agent start`>
+
+It joins, installs and runs jobs like any agent; of its successful results, after the first
+`--lie-after` (default 0), every `--lie-every`-th (default 1) has each number in its output
+replaced by 1337 (with `--forge`: the output is replaced by bytes that are not the service's
+model at all). Each lie is appended to `--lie-log` as `<job_id>`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from agent import daemon  # noqa: E402
+from microcores import _codec  # noqa: E402
+from microswarm import cli  # noqa: E402
+from protos import microswarm_pb2 as pb  # noqa: E402
+
+
+def lie(value: Any) -> Any:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return 1337
+    if isinstance(value, dict):
+        return {k: lie(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [lie(v) for v in value]
+    return value
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--lie-after", type=int, default=0)
+    p.add_argument("--lie-every", type=int, default=1)
+    p.add_argument("--lie-log", default="")
+    p.add_argument("--forge", action="store_true")
+    a, rest = p.parse_known_args()
+    rest = [r for r in rest if r != "--"]
+    seen = 0
+    send = daemon.Link.send
+
+    def lying_send(self: daemon.Link, msg: pb.ToCoordinator) -> None:
+        nonlocal seen
+        if msg.WhichOneof("kind") == "result" and msg.result.ok:
+            seen += 1
+            if seen > a.lie_after and (seen - a.lie_after) % a.lie_every == 0:
+                r = msg.result
+                r.output = b"\xc1not msgpack" if a.forge else _codec.pack(lie(_codec.unpack(r.output)))
+                if a.lie_log:
+                    fd = os.open(a.lie_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                    try:
+                        os.write(fd, f"{r.job_id}\n".encode())
+                    finally:
+                        os.close(fd)
+        send(self, msg)
+
+    daemon.Link.send = lying_send  # type: ignore[method-assign]
+    return cli.main(["agent", "start", *rest])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
