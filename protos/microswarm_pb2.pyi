@@ -517,18 +517,20 @@ class PackageRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("agent_id", "heartbeat_s", "liveness_s", "max_frame", "coordinator_id")
+    __slots__ = ("agent_id", "heartbeat_s", "liveness_s", "max_frame", "coordinator_id", "slots")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_S_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     heartbeat_s: float
     liveness_s: float
     max_frame: int
     coordinator_id: str
-    def __init__(self, agent_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., liveness_s: _Optional[float] = ..., max_frame: _Optional[int] = ..., coordinator_id: _Optional[str] = ...) -> None: ...
+    slots: int
+    def __init__(self, agent_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., liveness_s: _Optional[float] = ..., max_frame: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., slots: _Optional[int] = ...) -> None: ...
 
 class Holdings(_message.Message):
     __slots__ = ("packages",)
