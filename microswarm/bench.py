@@ -7,7 +7,10 @@ same call over gRPC, interleaved) and http_calls_per_s (its own cluster's gatewa
 MICROSWARM_GATEWAY_URL when measuring `--coordinator`), observability_overhead_pct: the share
 of calls/s lost while /metrics is scraped and the dashboard's feed polled once a second, and
 offload_pct: the percentage of the throughput phase's calls that agents executed (neither the
-coordinator nor the cache).
+coordinator nor the cache). verify_cost_pct: the share of calls/s that result verification costs
+at the default (--verify adaptive, the agents trusted by then, 5% spot checks) against a second
+cluster with --verify off, in interleaved bursts (calls_per_s_verify_adaptive, _off); null with
+`--coordinator`.
 The bare-gRPC floor of the same run (bench_floor.py): floor_p50_ms and floor_calls_per_s (unary
 echoes, one at a time and 64 in flight), and p50_vs_floor, calls_per_s_vs_floor: microswarm's
 p50 and calls/s as ratios to them.
@@ -102,7 +105,8 @@ async def _latency(addr: str, n: int) -> tuple[list[float], dict[str, int]]:
     return lat, by
 
 
-async def _throughput(addr: str, seconds: float, in_flight: int) -> tuple[float, dict[str, int]]:
+async def _throughput(addr: str, seconds: float, in_flight: int,
+                      state_dir: str | None = None) -> tuple[float, dict[str, int]]:
     from microcores.client import AsyncClient
     by: dict[str, int] = {}
     done = 0
@@ -110,7 +114,7 @@ async def _throughput(addr: str, seconds: float, in_flight: int) -> tuple[float,
     base = random.random() * 1e9
     counter = iter(range(10**15))
 
-    async with AsyncClient(addr, client_name="bench", state_dir=_STATE_DIR) as c:
+    async with AsyncClient(addr, client_name="bench", state_dir=state_dir or _STATE_DIR) as c:
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < stop:
@@ -300,6 +304,23 @@ def _tick_calls(client: Client, n: int) -> tuple[list[float], int]:
     return lat, errors
 
 
+def _verify_cost(main: LocalCluster, off: LocalCluster, rounds: int, seconds: float) -> dict[str, Any]:
+    """Throughput with --verify adaptive (the main cluster, its agents trusted by now: spot checks
+    only) against --verify off (a cluster like it), in interleaved bursts so that both see the same
+    host: verify_cost_pct is the share of calls/s that verification costs."""
+    async def bursts() -> tuple[float, float]:
+        await _throughput(off.addr, 1.0, 64, str(off.state))  # warm-up: its workers start
+        on_total = off_total = 0.0
+        for _ in range(rounds):
+            off_total += (await _throughput(off.addr, seconds, 64, str(off.state)))[0]
+            on_total += (await _throughput(main.addr, seconds, 64, str(main.state)))[0]
+        return on_total / rounds, off_total / rounds
+    with _phase("verification cost"), console.status("measuring what --verify adaptive costs against off…"):
+        on, off_cps = asyncio.run(bursts())
+    return {"verify_cost_pct": round(100 * (off_cps - on) / off_cps, 1),
+            "calls_per_s_verify_off": round(off_cps, 1), "calls_per_s_verify_adaptive": round(on, 1)}
+
+
 def _frozen_agent(n: int) -> dict[str, Any]:
     """Two agents of their own cluster, one frozen with SIGSTOP for the whole phase: `n` sequential
     10 ms calls: their p50, p99 and slowest latency, and how many failed."""
@@ -345,6 +366,10 @@ def _table(result: dict[str, Any], n_frozen: int) -> Table:
         t.add_row("HTTP gateway overhead p99", f"{result['gateway_overhead_p99_ms']:.2f} ms", "")
         t.add_row("HTTP calls/s, 64 connections", f"{result['http_calls_per_s']:.0f}", "")
         t.add_row("calls/s cost of /metrics + dashboard, each 1/s", f"{result['observability_overhead_pct']:.1f}%", "< 5%")
+    if result.get("verify_cost_pct") is not None:
+        t.add_row("calls/s cost of --verify adaptive (trusted agents, 5% spot checks) vs off",
+                  f"{result['verify_cost_pct']:.1f}% ({result['calls_per_s_verify_adaptive']:.0f} vs "
+                  f"{result['calls_per_s_verify_off']:.0f})", "")
     if result.get("frozen_agent_errors") is not None:
         what = f"{n_frozen} calls of {FROZEN_TICK_MS:.0f} ms"
         t.add_row(f"frozen agent: p50 of {what}", f"{result['frozen_agent_p50_ms']:.0f} ms", "")
@@ -370,8 +395,9 @@ def _floor(n: int, seconds: float) -> dict[str, float]:
 
 def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str | None = None) -> int:
     global _STATE_DIR
-    cluster = None
+    cluster = second = None
     http_url = os.environ.get("MICROSWARM_GATEWAY_URL") or None
+    cost: dict[str, Any] = {"verify_cost_pct": None}
     try:
         if coordinator is None:
             cluster = LocalCluster(agents=2, slots=2, http=True)
@@ -384,9 +410,15 @@ def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str
         tp_s = 3.0 if quick else 8.0
         with console.status("measuring: latency, throughput, payloads…"):
             lat, lat_by, cps, tp_by, mb100k, mb10m, gw = asyncio.run(_measure(addr, n_lat, tp_s, quick, http_url))
-    finally:
         if cluster is not None:
-            cluster.stop()
+            second = LocalCluster(agents=2, slots=2, coordinator_args=["--verify", "off"])
+            with _phase("starting a second cluster"), console.status("starting a second cluster (--verify off)…"):
+                second.start()
+            cost = _verify_cost(cluster, second, 2 if quick else 3, 1.5 if quick else 2.5)
+    finally:
+        for c in (second, cluster):
+            if c is not None:
+                c.stop()
     n_frozen = FROZEN_CALLS_QUICK if quick else FROZEN_CALLS
     frozen = _frozen_agent(n_frozen) if coordinator is None else dict.fromkeys(FROZEN_KEYS)
     with _phase("bare-gRPC floor"), console.status("measuring the bare-gRPC floor…"):
@@ -405,6 +437,7 @@ def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str
         "p50_vs_floor": round(statistics.median(lat) / floor["floor_p50_ms"], 2),
         "calls_per_s_vs_floor": round(cps / floor["floor_calls_per_s"], 3),
         **gw,
+        **cost,
         **frozen,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
     }
