@@ -199,17 +199,19 @@ class Dispatcher:
             reply.executed_by, reply.attempts, reply.verified = answer.executor, answer.attempts, verified
             if answer.error is not None:
                 raise from_code(*answer.error)
-            out_value = _codec.unpack(answer.output)  # validated by _attempt
+            out_value, out = answer.data, answer.model
             producers: tuple[str, ...] = (answer.executor, answer.verified_by)
         else:
             output, executed_by = await self.scheduler.execute(entry, input_bytes, chain, deadline, reply, nested)
             reply.executed_by = executed_by
-            out_value = entry.cls.validate_output(_codec.unpack(output)).model_dump(mode="python")
+            out = entry.cls.validate_output(_codec.unpack(output))
+            out_value = out.model_dump(mode="python")
             reply.verified = executed_by == COORDINATOR
             producers = (executed_by,)
         if key is not None:
             cache.put(key, seal(_codec.pack(out_value), producers, reply.verified), entry.cls.cache_ttl)
-        reply.result = self._encode_result(entry, out_value, req.encoding)
+        reply.result = self._encode_result(entry, out if req.encoding == pb.JSON and out is not None else out_value,
+                                           req.encoding)
 
     # ------------------------------------------------------------ verified results (verify.py)
 
@@ -226,8 +228,7 @@ class Dispatcher:
                     return Outcome(COORDINATOR, error=(exc.code, exc.message, exc.field), attempts=1)
                 raise Unavailable(f"{entry.name}: the result of agent {first.executor} could not be verified "
                                   f"({exc.message}); retry the call") from None
-            out = entry.cls.validate_output(_codec.unpack(output))
-            return Outcome(COORDINATOR, _codec.pack(out.model_dump(mode="python")), attempts=1)
+            return _validated(entry, COORDINATOR, output, 1)
 
         async def second() -> Outcome:
             try:
@@ -262,7 +263,7 @@ class Dispatcher:
             return Outcome(executor, error=("bad_output", f"agent {executor} sent an output that is not a "
                                             f"{entry.cls.output_model.__name__}: {why}", ""),
                            attempts=reply.attempts, forged=True)
-        return Outcome(executor, _codec.pack(out.model_dump(mode="python")), attempts=reply.attempts)
+        return Outcome(executor, attempts=reply.attempts, value=out.model_dump(mode="python"), model=out)
 
     @staticmethod
     def _encode_result(entry: ServiceEntry, out: Any, encoding: int) -> bytes:
@@ -283,3 +284,8 @@ class Dispatcher:
                 raise from_code(reply.error.code, reply.error.message, reply.error.field)
             return _codec.unpack(reply.result)
         return nested
+
+
+def _validated(entry: ServiceEntry, executor: str, output: bytes, attempts: int) -> Outcome:
+    out = entry.cls.validate_output(_codec.unpack(output))
+    return Outcome(executor, attempts=attempts, value=out.model_dump(mode="python"), model=out)

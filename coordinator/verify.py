@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 from microcores import _codec
 
@@ -32,17 +32,23 @@ class Outcome:
     """One executor's answer: an output (validated, canonical) or the service's own error."""
 
     executor: str                 # an agent id or "coordinator"
-    output: bytes = b""           # msgpack of the validated output
+    output: bytes = b""           # msgpack of the output (when `value` is not given)
     error: tuple[str, str, str] | None = None   # (code, message, field) of the service's own error
     attempts: int = 0
     verified_by: str = ""        # who confirmed it
     forged: bool = False         # an output no honest agent sends (it fails the service's model)
+    value: Any = None            # the validated output as plain data
+    model: Any = None            # ...and as the service's output model
+
+    @property
+    def data(self) -> Any:
+        return self.value if self.value is not None else _codec.unpack(self.output)
 
     @property
     def fingerprint(self) -> bytes:
         if self.error is not None:
             return b"error\0" + "\0".join(self.error).encode()
-        return b"ok\0" + _codec.canonical(_codec.unpack(self.output))
+        return b"ok\0" + _codec.canonical(self.data)
 
 
 @dataclass
@@ -167,7 +173,7 @@ class Verifier:
 def _show(o: Outcome) -> str:
     if o.error is not None:
         return f"error {o.error[0]}"
-    return f"{len(o.output)}-byte output"
+    return "another output"
 
 
 # ------------------------------------------------------------ provenance of cache entries
