@@ -133,10 +133,10 @@ def start_liar(c: LocalCluster, agent_id: str, *liar_args: str) -> Path:
 def make_cluster(tmp_path: Path) -> Iterator:
     made: list[LocalCluster] = []
 
-    def make(agents: int, *coordinator_args: str) -> LocalCluster:
+    def make(agents: int, *coordinator_args: str, http: bool = False) -> LocalCluster:
         (tmp_path / f"c{len(made)}").mkdir()
         c = LocalCluster(agents=agents, slots=2, workdir=str(tmp_path / f"c{len(made)}"),
-                         coordinator_args=list(coordinator_args))
+                         coordinator_args=list(coordinator_args), http=http)
         made.append(c)
         return c.start()
     yield make
@@ -230,3 +230,39 @@ def test_a_trusted_agent_that_turns_liar_is_caught_by_spot_checks_and_its_cache_
         for a in answered:
             env = cl.envelope("math.compute", {"a": a, "b": 0.5, "op": "sub"})
             assert env.result == {"result": a - 0.5}, (a, env)
+
+
+def test_over_http_a_forged_output_is_caught_and_metrics_count_the_disagreement(make_cluster) -> None:
+    import json
+    import urllib.request
+
+    c = make_cluster(0, "--queue-wait", "0.2", http=True)
+    lies = start_liar(c, "forger", "--forge")
+    with c.client() as cl:
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {cl.token()}"}
+
+    def call(a: float) -> dict:
+        req = urllib.request.Request(f"{c.http_url}/v1/math/compute", data=json.dumps({"a": a, "b": 2, "op": "mul"}).encode(),
+                                     headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    envs = [call(float(i)) for i in range(6)]
+    assert lines(lies), "the forger never got a job"
+    assert all(e["status"] == "ok" and e["result"] == {"result": i * 2.0} for i, e in enumerate(envs)), envs
+    assert all(e["verified"] for e in envs)
+    assert agent_info(c, "forger").trust == "quarantined"
+    with urllib.request.urlopen(f"{c.http_url}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    disagreed = [ln for ln in metrics.splitlines() if ln.startswith('microswarm_verifications_total{outcome="disagreed"}')]
+    assert disagreed and float(disagreed[0].split()[-1]) >= 1, disagreed
+
+
+def test_verify_off_accepts_what_agents_say(make_cluster) -> None:
+    """The control: without verification a liar's answer does reach the client (why adaptive is the default)."""
+    c = make_cluster(0, "--verify", "off", "--queue-wait", "5")
+    lies = start_liar(c, "liar")
+    with c.client() as cl:
+        env = cl.envelope("math.compute", {"a": 2, "b": 2})
+    assert lines(lies) and env.executed_by == "liar"
+    assert env.result == {"result": 1337} and not env.verified
