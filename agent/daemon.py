@@ -7,8 +7,13 @@ pool per package version. On SIGTERM it takes no new jobs, finishes the running 
 goodbye and exits 0; when the coordinator goes away it reconnects with backoff.
 
 With `--discover` it finds the coordinator on the LAN (zeroconf), among the advertisements whose
-key fingerprint is the one its token pins; the handshake still proves the key. The volunteer's
-limits, idle-only mode and pause/resume live in `agent.volunteer`.
+key fingerprint is the one its token pins; the handshake still proves the key, and an address that
+fails it is skipped: the agent goes on looking. The volunteer's limits, idle-only mode and
+pause/resume live in `agent.volunteer`; its key and id, kept across restarts, in `agent.identity`.
+
+A refusal stops the agent only when it is authentic: sealed after Welcome, or signed by the
+pinned key over this attempt's nonce and the handshake messages the agent sent (a relay that
+injected or provoked it cannot do that). Anything else ends the attempt, and it retries.
 """
 from __future__ import annotations
 
@@ -26,18 +31,18 @@ from typing import Any
 
 import grpc
 import psutil
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc import aio
 
 from microcores import __version__, _codec
 from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, check_len, collect, derive_keys,
-                                fingerprint, hello_transcript, join_mac, new_ephemeral, public_bytes, sign, split,
-                                verify)
+                                fingerprint, handshake_seen, hello_transcript, join_mac, new_ephemeral, public_bytes,
+                                refusal_verifies, sign, split, verify)
 from microcores._worker import LimitExceeded, WorkerCrashed
 from microcores.errors import MicroError, ProtocolError, from_code
 from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
 
+from .identity import claim
 from .packages import PackageStore
 from .volunteer import ControlServer, Monitor, VolunteerSettings, socket_path
 
@@ -55,10 +60,16 @@ CANCEL_GRACE_S = 1.0  # a cancelled job already in a worker gets this long to fi
 # short (LINGER_BELOW_S), and never when no other job is in a worker (a lone call is answered at once).
 LINGER_S = 0.001
 LINGER_BELOW_S = 0.005
+SPOOF_MEMORY_S = 300.0  # a discovered address that failed the key check is tried last for this long
 
-# Refusals after which retrying cannot help: the agent stops with an error.
-FATAL_REFUSALS = {"bad_join_secret", "duplicate_agent_id", "protocol_version", "bad_agent_id", "bad_slots",
-                  "coordinator_key_mismatch", "protocol_error"}
+# Authentic refusals after which retrying cannot help: the agent stops with an error (exit 2). Not
+# protocol_error: an on-path relay can provoke that one by garbling frames.
+FATAL_REFUSALS = {"bad_join_secret", "agent_id_taken", "token_revoked", "protocol_version", "bad_agent_id",
+                  "bad_slots"}
+# Authentic refusals that may clear later (another of the volunteer's agents leaves): retried after
+# the longest back-off.
+WAIT_REFUSALS = {"token_max_agents", "token_max_slots", "token_max_ids"}
+KEY_MISMATCH = "coordinator_key_mismatch"
 
 
 def reconnect_delay(backoff: float, cap: float, rnd: float | None = None) -> float:
@@ -68,10 +79,14 @@ def reconnect_delay(backoff: float, cap: float, rnd: float | None = None) -> flo
 
 
 class AgentRefused(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    """A refusal: from the coordinator (`authenticated` when it proved to be), or the agent's own
+    finding that the coordinator presented another key than the pinned one."""
+
+    def __init__(self, code: str, message: str, authenticated: bool = True) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.authenticated = authenticated
 
 
 @dataclass
@@ -99,6 +114,8 @@ class Link:
     outbox: asyncio.Queue[pb.ToCoordinator | None] = field(default_factory=asyncio.Queue)
     pending: list[pb.ToAgent] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    nonce: bytes = b""   # this attempt's hello nonce and handshake_seen: what a signed refusal must bind
+    seen: bytes = b""
 
     def send(self, msg: pb.ToCoordinator) -> None:
         self.outbox.put_nowait(msg)
@@ -114,8 +131,11 @@ class Agent:
             raise ValueError(f"--max-packages {config.max_packages} must be 0 (no limit) or more")
         if config.worker_idle_s < 0:
             raise ValueError(f"--worker-idle {config.worker_idle_s} must be 0 (never stop) or more seconds")
-        self.agent_id = config.agent_id or f"{socket.gethostname().split('.')[0][:40]}-{secrets.token_hex(3)}"
-        self.key = Ed25519PrivateKey.generate()
+        self.identity = claim(config.state_dir, config.agent_id)  # ValueError with a clear message
+        self.agent_id = self.identity.agent_id
+        self.key = self.identity.key
+        self.slots = config.slots  # what the coordinator granted, once joined (Welcome.slots)
+        self._spoofed: dict[str, float] = {}  # discovered addresses that failed the key check, and when
         self.packages = PackageStore(Path(config.state_dir).expanduser() / "agent-packages", config.slots,
                                      config.max_packages, config.worker_idle_s, config.volunteer.worker_env)
         self.jobs: dict[str, asyncio.Task[Any]] = {}
@@ -197,7 +217,7 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         return {"ok": True, "agent_id": self.agent_id, "coordinator": self.address, "connected": self.link is not None,
-                "mode": self.mode, "slots": self.config.slots, "running": len(self.jobs),
+                "mode": self.mode, "slots": self.slots, "running": len(self.jobs),
                 "packages": len(self.packages.pools), "limit_stops": self.limit_stops,
                 "jobs_cpu_percent": round(self.monitor.jobs_cpu_percent, 1), "jobs_rss_bytes": self.monitor.jobs_rss,
                 "others_cpu_percent": round(self.monitor.others_cpu_percent, 1),
@@ -246,11 +266,20 @@ class Agent:
                         break
                     log.warning("link to the coordinator ended; reconnecting")
                 except AgentRefused as r:
-                    if r.code in FATAL_REFUSALS:
-                        log.error("the coordinator refused this agent: %s", r.message)
+                    if self._fatal(r):
+                        log.error("the coordinator refused this agent (%s): %s", r.code, r.message)
                         print(f"error: the coordinator refused this agent ({r.code}): {r.message}", flush=True)
                         return 2
-                    log.warning("refused (%s): %s; retrying", r.code, r.message)
+                    if not r.authenticated:
+                        log.warning("ignored an unauthenticated refusal (%r: %r) from %s: neither sealed nor signed "
+                                    "by the coordinator's key over what this agent sent; retrying", r.code[:64],
+                                    r.message[:200], self.address or "(not found)")
+                    elif r.code == KEY_MISMATCH:
+                        log.warning("%s; looking again", r.message)
+                    else:
+                        log.warning("refused (%s): %s; retrying", r.code, r.message)
+                    if r.authenticated and r.code in WAIT_REFUSALS:
+                        backoff = self.config.max_backoff_s
                 except (grpc.RpcError, ConnectionError, ProtocolError, OSError) as exc:
                     if self.draining:
                         await self.stop_event.wait()
@@ -276,6 +305,14 @@ class Agent:
             await asyncio.gather(*(p.close() for p in self.packages.pools.values()), return_exceptions=True)
             for h in logging.getLogger().handlers:
                 h.removeFilter(self._log_filter)
+            self.identity.release()
+
+    def _fatal(self, r: AgentRefused) -> bool:
+        """Stop for good only on an authentic fatal refusal, or a pinned-key mismatch outside --discover
+        (with --discover, anyone may advertise anything: the agent goes on looking)."""
+        if r.code == KEY_MISMATCH:
+            return not self.config.discover
+        return r.authenticated and r.code in FATAL_REFUSALS
 
     def _begin_stop(self) -> None:
         if self.draining:
@@ -312,7 +349,11 @@ class Agent:
         from microcores._discovery import browse
 
         self.address = ""
-        matching, others = await browse(self.config.discover_timeout_s, self.token.fingerprint_hex)
+        now = time.monotonic()
+        self._spoofed = {t: when for t, when in self._spoofed.items() if now - when < SPOOF_MEMORY_S}
+        # After a spoofed answer, listen a little longer: the real coordinator may answer second.
+        settle = min(2.0, self.config.discover_timeout_s) if self._spoofed else 0.3
+        matching, others = await browse(self.config.discover_timeout_s, self.token.fingerprint_hex, settle=settle)
         if not matching:
             if others:
                 raise ConnectionError(
@@ -320,13 +361,14 @@ class Agent:
                     f"({', '.join(a.fingerprint[:16] + ' at ' + a.targets[0] for a in others)}), none with the key "
                     f"this token pins ({self.token.fingerprint_hex[:16]})")
             raise ConnectionError(f"LAN discovery found no coordinator in {self.config.discover_timeout_s:.0f} s")
-        targets = [t for ad in matching for t in ad.targets]
+        targets = sorted((t for ad in matching for t in ad.targets), key=lambda t: t in self._spoofed)
         log.info("LAN discovery: coordinator %s at %s", self.token.fingerprint_hex[:16], ", ".join(targets))
         return targets
 
     async def _connect(self) -> None:
-        """One session with the first target that answers; a spoofed address is skipped only if
-        a later one proves the pinned key, else its key mismatch is the answer."""
+        """One session with the first target that answers. A target that presents another key than
+        the pinned one, or answers with an unauthenticated refusal, is skipped for the next; if none
+        is left, the last failure is the answer (run() decides whether to go on)."""
         targets = await self._targets()
         last: BaseException | None = None
         for target in targets:
@@ -336,10 +378,11 @@ class Agent:
                 await self._session(target)
                 return
             except AgentRefused as r:
-                if r.code != "coordinator_key_mismatch" or self._joined:
+                if self._joined or (r.authenticated and r.code != KEY_MISMATCH):
                     raise
-                if self.config.discover:
+                if r.code == KEY_MISMATCH and self.config.discover:
                     r.message += " (found by LAN discovery: a spoofed or stale advertisement)"
+                    self._spoofed[target] = time.monotonic()
                 last = r
             except (grpc.RpcError, ConnectionError, ProtocolError, OSError) as exc:
                 if self._joined:
@@ -375,13 +418,19 @@ class Agent:
                 self.claims.clear()
                 call.cancel()
 
-    async def _read(self, call: Any) -> pb.LinkFrame:
+    async def _read(self, call: Any, nonce: bytes, seen: bytes) -> pb.LinkFrame:
+        """The next frame; a plaintext refusal is raised, authenticated only if signed by the pinned
+        key over this attempt's `nonce` and `seen` (handshake_seen of what this agent sent)."""
         frame = await call.read()
         if not isinstance(frame, pb.LinkFrame):
             raise ConnectionError("the coordinator closed the stream")
         if frame.WhichOneof("kind") == "refusal":
-            raise AgentRefused(frame.refusal.code, frame.refusal.message)
+            raise self._refusal(frame.refusal, nonce, seen)
         return frame
+
+    def _refusal(self, r: pb.Refusal, nonce: bytes, seen: bytes) -> AgentRefused:
+        ok = refusal_verifies(self.token.fingerprint, r.coordinator_key, r.signature, nonce, r.code, r.message, seen)
+        return AgentRefused(r.code, r.message, authenticated=ok)
 
     async def _handshake(self, call: Any) -> Link:
         eph, eph_pub = new_ephemeral()
@@ -391,42 +440,48 @@ class Agent:
             protocol=PROTOCOL, agent_id=self.agent_id, agent_key=my_key, ephemeral=eph_pub, nonce=nonce,
             slots=self.config.slots, hostname=socket.gethostname(), software=__version__,
             max_packages=self.config.max_packages)))
-        frame = await asyncio.wait_for(self._read(call), 15)
+        t = hello_transcript(PROTOCOL, self.agent_id, my_key, eph_pub, nonce, self.config.slots)
+        seen = handshake_seen(t.digest())
+        frame = await asyncio.wait_for(self._read(call, nonce, seen), 15)
         if frame.WhichOneof("kind") != "coordinator_hello":
-            raise AgentRefused("protocol_error", "expected CoordinatorHello")
+            raise ProtocolError(f"expected CoordinatorHello, got {frame.WhichOneof('kind')}")
         ch = frame.coordinator_hello
         check_len("coordinator_key", ch.coordinator_key, 32)
         presented = fingerprint(ch.coordinator_key)
         if presented != self.token.fingerprint:
-            raise AgentRefused("coordinator_key_mismatch",
+            raise AgentRefused(KEY_MISMATCH,
                                f"the coordinator at {self.address} presented key "
                                f"{presented.hex()[:16]}, but the token pins {self.token.fingerprint_hex[:16]}: "
                                "wrong coordinator, a spoofed one, or an old token")
-        t = hello_transcript(PROTOCOL, self.agent_id, my_key, eph_pub, nonce, self.config.slots)
         t.add(ch.coordinator_key, ch.ephemeral, ch.nonce, ch.suite)
         th = t.digest()
         verify(ch.coordinator_key, ch.signature, th, b"coordinator", "the coordinator")
         k_a2c, k_c2a = derive_keys(eph, ch.ephemeral, th)
-        await call.write(pb.LinkFrame(agent_proof=pb.AgentProof(signature=sign(self.key, th, b"agent"),
-                                                                join_mac=join_mac(self.token.secret, th))))
-        link = Link(call, agent_channel(ch.suite, k_a2c, k_c2a), bytes(ch.coordinator_key))
+        proof = pb.AgentProof(signature=sign(self.key, th, b"agent"), join_mac=join_mac(self.token.secret, th))
+        await call.write(pb.LinkFrame(agent_proof=proof))
+        link = Link(call, agent_channel(ch.suite, k_a2c, k_c2a), bytes(ch.coordinator_key), nonce=nonce,
+                    seen=handshake_seen(th, proof.signature, proof.join_mac))
         first = await asyncio.wait_for(self._next(link), 15)
         welcome, link.pending = first[0], first[1:]
         if welcome.WhichOneof("kind") == "refusal":
-            raise AgentRefused(welcome.refusal.code, welcome.refusal.message)
+            # Sealed with this session's keys, but a relay could have altered our proof to provoke it:
+            # it counts only if signed over the proof we sent.
+            raise self._refusal(welcome.refusal, link.nonce, link.seen)
         if welcome.WhichOneof("kind") != "welcome":
-            raise AgentRefused("protocol_error", f"expected Welcome, got {welcome.WhichOneof('kind')}")
+            raise ProtocolError(f"expected Welcome, got {welcome.WhichOneof('kind')}")
         self.heartbeat_s = welcome.welcome.heartbeat_s or 1.0
+        self.slots = welcome.welcome.slots or self.config.slots
         self._joined = True
-        log.info("joined coordinator %s at %s as %s with %d slots", welcome.welcome.coordinator_id[:16],
-                 self.address, self.agent_id, self.config.slots)
+        log.info("joined coordinator %s at %s as %s with %d slots%s", welcome.welcome.coordinator_id[:16],
+                 self.address, self.agent_id, self.slots,
+                 f" (of {self.config.slots} asked: the token's cap)" if self.slots < self.config.slots else "")
         print(f"agent {self.agent_id} joined {self.address}", flush=True)
         return link
 
     async def _next(self, link: Link) -> list[pb.ToAgent]:
         """The next sealed batch of messages."""
         while True:
-            frame = await self._read(link.call)
+            frame = await self._read(link.call, link.nonce, link.seen)
             if frame.WhichOneof("kind") != "sealed":
                 raise ProtocolError("plaintext frame after the handshake")
             s = frame.sealed
@@ -484,7 +539,7 @@ class Agent:
         mode = self.mode
         m = self.monitor
         return pb.ToCoordinator(heartbeat=pb.Heartbeat(
-            running=len(self.jobs), slots=self.config.slots, cpu_percent=self._proc.cpu_percent(None),
+            running=len(self.jobs), slots=self.slots, cpu_percent=self._proc.cpu_percent(None),
             rss_bytes=self._proc.memory_info().rss, load1=load1, paused=mode != "active", mode=mode,
             jobs_cpu_percent=m.jobs_cpu_percent, jobs_rss_bytes=m.jobs_rss,
             others_cpu_percent=m.others_cpu_percent, limit_stops=self.limit_stops))
@@ -493,14 +548,10 @@ class Agent:
         batch, link.pending = link.pending, []
         while True:
             for msg in batch:
+                if msg.WhichOneof("kind") == "refusal" and msg.refusal.code in FATAL_REFUSALS:
+                    raise AgentRefused(msg.refusal.code, msg.refusal.message)  # sealed: authentic
                 self._dispatch(link, msg)
-            try:
-                batch = await self._next(link)
-            except AgentRefused as r:
-                if r.code in FATAL_REFUSALS:
-                    raise
-                log.warning("coordinator said %s: %s", r.code, r.message)
-                return
+            batch = await self._next(link)  # a plaintext refusal ends the session: run() judges it
 
     def _dispatch(self, link: Link, msg: pb.ToAgent) -> None:
         kind = msg.WhichOneof("kind")
@@ -574,8 +625,8 @@ class Agent:
                 raise LimitExceeded(self.mode, f"{self.mode}: this agent takes no jobs now")
             if pool is None:
                 raise WorkerCrashed(f"package {job.digest[:12]} for {job.service} is not installed here")
-            if len(self.jobs) > self.config.slots * 2:
-                raise WorkerCrashed(f"all {self.config.slots} slots are busy")
+            if len(self.jobs) > self.slots * 2:
+                raise WorkerCrashed(f"all {self.slots} slots are busy")
 
             async def start() -> bool:
                 """A worker is ready: a confirm_start job asks the coordinator first (at most once)."""

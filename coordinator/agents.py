@@ -68,7 +68,9 @@ class AgentSession:
     closed: bool = False
     ping_seq: int = 0
     nested_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    join_secret: bytes = b""  # sha256 of the join secret it proved: SIGHUP drops it if revoked
+    join_secret: bytes = b""  # sha256 of the join secret it proved: dropped when that is revoked
+    token_name: str = ""      # the volunteer token it joined with ("" for a shared one)
+    slots_asked: int = 0      # what it asked for; `slots` is what the token's caps granted
     max_packages: int = 0
     planned: set[str] = field(default_factory=set)  # service names placement gave it
     welcomed: bool = False    # Welcome sent: other messages may follow
@@ -170,4 +172,5 @@ class AgentSession:
                             load1=self.heartbeat.load1, jobs_cpu_percent=self.heartbeat.jobs_cpu_percent,
                             jobs_rss_bytes=self.heartbeat.jobs_rss_bytes,
                             others_cpu_percent=self.heartbeat.others_cpu_percent,
-                            limit_stops=self.heartbeat.limit_stops)
+                            limit_stops=self.heartbeat.limit_stops, slots_asked=self.slots_asked or self.slots,
+                            token_name=self.token_name)

@@ -15,7 +15,7 @@ from microcores.errors import MicroError
 from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
 
-from .auth import AuthError
+from .auth import OPERATOR, AuthError
 from .auth_grpc import TokenService, auth_refusal, caller_label
 
 if TYPE_CHECKING:
@@ -140,7 +140,22 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
                 t.cancel()
 
     async def Status(self, request: pb.StatusRequest, context: aio.ServicerContext) -> pb.StatusReply:
-        return self.c.status(request.recent_calls)
+        """Everything for the operator (`Admin <admin.token>`, or a bearer token of the operator
+        client); for anyone else volunteers' ids and addresses are hidden (Coordinator.status)."""
+        auth = dict(context.invocation_metadata()).get("authorization", "")
+        return self.c.status(request.recent_calls, operator=self._is_operator(auth))
+
+    def _is_operator(self, auth: str) -> bool:
+        if auth.startswith("Admin "):
+            admin = self.c.state.admin_token(create=False) or ""
+            return bool(admin) and hmac.compare_digest(auth[6:].encode(), admin.encode())
+        if auth[:7].lower() == "bearer ":
+            try:
+                token = self.c.auth.verify(auth)
+            except AuthError:
+                return False
+            return token.client_id == OPERATOR and not token.revoked
+        return False
 
     async def CacheStats(self, request: pb.CacheStatsRequest, context: aio.ServicerContext) -> pb.CacheStatsReply:
         return pb.CacheStatsReply(json=json.dumps(self.c.cache_stats()).encode())

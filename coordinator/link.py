@@ -35,7 +35,7 @@ class AgentLinkService:
             session = await asyncio.wait_for(accept(self.c, context, address), HANDSHAKE_TIMEOUT)
         except Refused as r:
             log.warning("refused agent from %s: %s", address, r.message)
-            await context.write(pb.LinkFrame(refusal=pb.Refusal(code=r.code, message=r.message)))
+            await context.write(r.frame)  # signed, and sealed once keys exist (handshake.py)
             return
         except asyncio.TimeoutError:
             log.warning("agent from %s did not finish the handshake in %.0f s", address, HANDSHAKE_TIMEOUT)
@@ -52,7 +52,7 @@ class AgentLinkService:
                  extra={"agent": s.agent_id})
         s.send(pb.ToAgent(welcome=pb.Welcome(agent_id=s.agent_id, heartbeat_s=c.heartbeat_s,
                                              liveness_s=c.liveness_s, max_frame=MAX_FRAME,
-                                             coordinator_id=c.state.fingerprint.hex())))
+                                             coordinator_id=c.state.fingerprint.hex(), slots=s.slots)))
         s.welcomed = True
         c.agent_joined(s)
         sender = asyncio.create_task(self._sender(s, context))

@@ -32,6 +32,7 @@ from .quarantine import Quarantine
 from .registry import Registry, ServiceEntry
 from .scheduler import Scheduler, SchedulerSettings
 from .state import StateDir
+from .volunteers import Volunteers
 from .verify import Verifier, made_by
 
 log = logging.getLogger("microswarm.coordinator")
@@ -76,6 +77,9 @@ class Coordinator:
         self.auth = Auth(self.state.path, access_ttl=config.token_ttl_s)
         if not self.state.join_secrets():
             self.state.add_join_secret()
+        self.volunteers = Volunteers(self.state.path)  # tokens in memory; agent ids bound to keys
+        self.volunteers.tokens.load()
+        self._tokens_error = ""
         self.registry = Registry(self.state)
         self.agents: dict[str, AgentSession] = {}
         self.calllog = CallLog(path=self.state.path / "calls.jsonl")
@@ -242,6 +246,7 @@ class Coordinator:
                     self.drop_agent(a, f"silent for {silent:.1f} s")
                 elif silent > self.liveness_s / 2:
                     self.suspect(a, f"no heartbeat for {silent:.1f} s")
+            self._watch_tokens()
             self.quarantine.tick()
             if self.placement.due():
                 self.replan()
@@ -268,7 +273,28 @@ class Coordinator:
 
     # ------------------------------------------------------------ status
 
-    def status(self, recent: int) -> pb.StatusReply:
+    def status(self, recent: int, operator: bool = True) -> pb.StatusReply:
+        """What `microswarm status` shows. Only the operator sees volunteers' ids, addresses and token
+        names; anyone else gets `redacted` and stable pseudonyms instead (see _redact)."""
+        reply = self._status(recent)
+        if not operator:
+            self._redact(reply)
+        return reply
+
+    def _redact(self, reply: pb.StatusReply) -> None:
+        alias = self.state.pseudonym
+        reply.redacted = True
+        for a in reply.agents:
+            a.agent_id, a.address, a.token_name = alias(a.agent_id), "", ""
+        for call in reply.calls:
+            if call.executed_by not in ("coordinator", "cache", "", "-"):
+                call.executed_by = alias(call.executed_by)
+            if call.via_agent:
+                call.via_agent = alias(call.via_agent)
+            if call.client.startswith("agent:"):  # a nested call: the agent whose job asked
+                call.client = "agent:" + alias(call.client[6:])
+
+    def _status(self, recent: int) -> pb.StatusReply:
         reply = pb.StatusReply(coordinator_id=self.state.fingerprint.hex()[:16], listen=self.config.listen,
                                uptime_s=time.time() - self.started, dispatch=self.dispatcher.strategy.name,
                                placement=self.placement.name, calls_total=self.calllog.total,
@@ -364,28 +390,52 @@ class Coordinator:
         Published packages (registry.json: versions published by another process, restored, or
         removed), join secrets (agents that joined with a secret no longer listed are dropped,
         and their reconnection is refused), and the gateway's client list (auth's reload hook)."""
-        import hashlib
-
         changed = self.registry.reload()
         if changed:
             self._broadcast_holdings()
             self.holdings_changed()
-        current = {hashlib.sha256(s).digest() for s in self.state.join_secrets()}
-        revoked = [a for a in list(self.agents.values())
-                   if getattr(a, "join_secret", b"") and a.join_secret not in current]
-        for a in revoked:
-            self.drop_agent(a, "its join secret was revoked")
+        current, revoked = self._reload_tokens()
         clients = -1
         hook = getattr(self.auth, "reload", None) or getattr(self.auth, "load", None)
         if hook is not None:
             hook()
             clients = len(getattr(self.auth, "clients", {}))
         summary = {"services_changed": changed, "agents_dropped": [a.agent_id for a in revoked],
-                   "join_secrets": len(current), "clients": clients}
+                   "join_secrets": current, "clients": clients}
         log.info("reloaded: %d service(s) changed%s, %d join secret(s), %d agent(s) dropped%s",
-                 len(changed), f" ({', '.join(changed)})" if changed else "", len(current), len(revoked),
+                 len(changed), f" ({', '.join(changed)})" if changed else "", current, len(revoked),
                  f", {clients} client(s)" if clients >= 0 else "", extra={"event": "reload"})
         return summary
+
+    def _reload_tokens(self) -> tuple[int, list[AgentSession]]:
+        """Re-read the join tokens; drop the agents whose token is gone or revoked at once (a revoked
+        named token's agents are told so, sealed, and stop). (tokens in force, agents dropped)."""
+        book = self.volunteers.tokens
+        book.load()
+        active = book.active_digests()
+        dropped = [a for a in list(self.agents.values()) if a.join_secret and a.join_secret not in active]
+        for a in dropped:
+            tok = book.by_digest.get(a.join_secret)
+            if tok is not None and tok.revoked:
+                a.send(pb.ToAgent(refusal=pb.Refusal(code="token_revoked", message=(
+                    f"the token {tok.name!r} was revoked by the operator; ask for a new one"))))
+                self.drop_agent(a, f"its token {tok.name!r} was revoked")
+            else:
+                self.drop_agent(a, "its join secret was revoked")
+        return len(active), dropped
+
+    def _watch_tokens(self) -> None:
+        """`microswarm coordinator token|tokens` run in another process and only write the file:
+        a changed file is reloaded here, within half a second."""
+        try:
+            if self.volunteers.tokens.changed():
+                self._reload_tokens()
+        except (OSError, ValueError) as exc:  # damaged or half-restored: keep the tokens in memory
+            if str(exc) != self._tokens_error:
+                log.error("join tokens not reloaded, keeping the current ones: %s", exc)
+            self._tokens_error = str(exc)
+        else:
+            self._tokens_error = ""
 
     def _on_sighup(self) -> None:
         try:

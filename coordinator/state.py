@@ -3,7 +3,8 @@
 Everything a restart must keep lives here, in plain files (secrets 0600), so the embedded
 default needs no server. Layout:
     identity.pem            Ed25519 key; its fingerprint is pinned by every join token
-    join_secrets.json       join secrets (hex); tokens carry one
+    join_secrets.json       join secrets (hex), shared and per volunteer; tokens carry one (volunteers.py)
+    agent_keys.json         each agent id and the key that owns it (volunteers.py)
     admin.token             the operator's credential for publishing
     registry.json           published services and their versions, newest last
     packages/<digest>/      manifest.json, manifest.sig, archive.zip, files/ (extracted)
@@ -12,17 +13,22 @@ default needs no server. Layout:
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import secrets
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from microcores._package import Package, extract
 from microcores.client import default_state_dir as client_default_state_dir
-from microcores._secure import JoinToken, fingerprint, load_or_create_identity, new_secret, public_bytes, write_private
+from microcores._secure import JoinToken, fingerprint, load_or_create_identity, public_bytes, write_private
+
+from . import volunteers
 
 
 def default_state_dir() -> Path:
@@ -34,6 +40,7 @@ class StateDir:
         self.path = Path(path).expanduser().resolve()
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._identity: Ed25519PrivateKey | None = None
+        self._alias_key: bytes | None = None
 
     # -- identity
 
@@ -53,27 +60,37 @@ class StateDir:
 
     # -- join secrets and tokens
 
+    @property
+    def secrets_path(self) -> Path:
+        return self.path / volunteers.SECRETS_FILE
+
     def join_secrets(self) -> list[bytes]:
-        p = self.path / "join_secrets.json"
-        if not p.exists():
-            return []
-        try:
-            return [bytes.fromhex(s) for s in json.loads(p.read_text())["secrets"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{p} is damaged ({exc}); remove it and issue new tokens") from None
+        """The secrets agents may join with: the shared ones and the named tokens not revoked."""
+        return [t.secret for t in volunteers.load_tokens(self.secrets_path) if not t.revoked]
 
     def add_join_secret(self) -> bytes:
-        secrets_ = self.join_secrets()
-        s = new_secret()
-        secrets_.append(s)
-        write_private(self.path / "join_secrets.json",
-                      json.dumps({"secrets": [x.hex() for x in secrets_]}).encode())
-        return s
+        return volunteers.add_shared(self.secrets_path)
 
     def token(self, new: bool = False) -> str:
-        secrets_ = self.join_secrets()
-        secret = self.add_join_secret() if new or not secrets_ else secrets_[0]
+        """The shared join token (the first shared secret; a new one with `new`)."""
+        shared = [t.secret for t in volunteers.load_tokens(self.secrets_path) if not t.name]
+        secret = self.add_join_secret() if new or not shared else shared[0]
         return JoinToken(self.fingerprint, secret).encode()
+
+    def volunteer_token(self, name: str, max_agents: int | None = None, max_slots: int | None = None
+                        ) -> tuple[str, volunteers.VolunteerToken, str]:
+        """(token text, its entry, "minted" | "unchanged" | "updated") for the volunteer `name`."""
+        tok, what = volunteers.mint(self.secrets_path, name, max_agents, max_slots)
+        return JoinToken(self.fingerprint, tok.secret).encode(), tok, what
+
+    def pseudonym(self, agent_id: str) -> str:
+        """A stable stand-in for an agent id, shown to callers who are not the operator: keyed by a
+        secret derived from the coordinator's identity, so it cannot be matched to a guessed id."""
+        if self._alias_key is None:
+            raw = self.identity.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                              serialization.NoEncryption())
+            self._alias_key = hashlib.sha256(b"microswarm/agent-pseudonym\0" + raw).digest()
+        return "agent-" + hmac.new(self._alias_key, agent_id.encode(), hashlib.sha256).hexdigest()[:12]
 
     # -- the operator's credential
 

@@ -9,6 +9,10 @@ A checks sha256(C's key) against the fingerprint pinned in its token before trus
 C checks Sig_A and the join MAC. Session keys: HKDF-SHA256 over X25519(eA, eC), salted with
 th, one key per direction. Frames carry a counter that is also the AEAD nonce: a replayed,
 reordered, dropped or tampered frame fails and ends the session.
+
+Refusals: before C's hello, a refusal is plaintext but signed by C over the agent's nonce and the
+hello C received (refusal_payload); after it, also sealed with the new keys and signed over the
+proof C received too. After Welcome every refusal is sealed. An agent ignores any other refusal.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import hmac
 import os
 import secrets
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,6 +42,7 @@ PROTOCOL = 1
 TOKEN_PREFIX = "msw1."
 MAX_FRAME = 1024 * 1024            # plaintext bytes in one sealed frame
 MAX_MESSAGE = 80 * 1024 * 1024     # plaintext bytes of one message, reassembled from frames
+MIN_PIECE = 64 * 1024              # a piece that is not its message's last carries at least this (or max_frame)
 BATCH_BYTES = 256 * 1024           # queued messages are coalesced into one sealed message up to this
 _LEN = struct.Struct(">I")
 SUITES = ("AES-256-GCM", "CHACHA20-POLY1305")
@@ -172,6 +178,42 @@ def join_mac(secret: bytes, th: bytes) -> bytes:
     return hmac.new(secret, b"join" + th, hashlib.sha256).digest()
 
 
+# ---------------------------------------------------------------- refusals during the handshake
+
+def handshake_seen(hello_th: bytes, proof_signature: bytes = b"", proof_mac: bytes = b"") -> bytes:
+    """A digest of the agent's handshake messages as one side has them: the hello transcript, and
+    the AgentProof once sent. Both sides compute it; a relay that altered a message makes them differ."""
+    t = Transcript()
+    t.add(b"seen", hello_th, proof_signature, proof_mac)
+    return t.digest()
+
+
+def refusal_payload(nonce: bytes, code: str, message: str, seen: bytes = b"") -> bytes:
+    """What the coordinator signs in a refusal during the handshake: "refusal" | the agent's hello
+    nonce (fresh per attempt: no replay) | `seen` (handshake_seen of what it received: a relay that
+    changed the agent's hello or proof cannot turn the answer into an authentic refusal) | code |
+    message, each length-prefixed."""
+    parts = (b"refusal", nonce, seen, code.encode(), message.encode())
+    return b"microswarm/refusal/1" + b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def sign_refusal(key: Ed25519PrivateKey, nonce: bytes, code: str, message: str, seen: bytes = b"") -> bytes:
+    return key.sign(refusal_payload(nonce, code, message, seen))
+
+
+def refusal_verifies(pinned_fingerprint: bytes, coordinator_key: bytes, signature: bytes, nonce: bytes,
+                     code: str, message: str, seen: bytes = b"") -> bool:
+    """True only for a refusal signed by the pinned key over this attempt's nonce and what the agent sent."""
+    if len(coordinator_key) != 32 or not hmac.compare_digest(fingerprint(coordinator_key), pinned_fingerprint):
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(coordinator_key).verify(signature,
+                                                                   refusal_payload(nonce, code, message, seen))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
 def new_ephemeral() -> tuple[X25519PrivateKey, bytes]:
     k = X25519PrivateKey.generate()
     return k, k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -201,6 +243,18 @@ class Channel:
         self.max_frame = max_frame
         self.max_message = max_message
         self._pieces: list[bytes] = []
+        self._assembled = 0
+        self.partial_since = 0.0   # monotonic time the message being reassembled began
+        self.partial_last = 0.0    # ...and its latest piece came
+
+    @property
+    def buffered(self) -> int:
+        """Plaintext bytes held of a message not complete yet (what a peer can make us keep)."""
+        return self._assembled
+
+    def discard(self) -> None:
+        """Drop a partial message (the session is over): its memory is free at once."""
+        self._pieces.clear()
         self._assembled = 0
 
     @staticmethod
@@ -241,11 +295,20 @@ class Channel:
             raise ProtocolError(f"tampered frame {counter}: authentication failed; the session ends") from None
         self.recv_counter += 1
         if more or self._pieces:
+            if more and len(piece) < min(MIN_PIECE, self.max_frame):
+                # an honest sender cuts at max_frame: tiny pieces would only cost us a frame each
+                raise ProtocolError(f"frame {counter} carries {len(piece)} bytes of a message that goes on; "
+                                    f"pieces before the last carry at least {min(MIN_PIECE, self.max_frame)}")
             self._assembled += len(piece)
             if self._assembled > self.max_message:
+                self.discard()
                 raise TooLarge(f"message exceeds the limit of {self.max_message} bytes")
             self._pieces.append(piece)
             if more:
+                now = time.monotonic()
+                if len(self._pieces) == 1:
+                    self.partial_since = now
+                self.partial_last = now
                 return None
             whole = b"".join(self._pieces)
             self._pieces.clear()

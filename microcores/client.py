@@ -282,9 +282,11 @@ class Client:
         return self.envelope(service, data, timeout=timeout).unwrap()
 
     def status(self, recent_calls: int = 20, timeout: float = 10) -> pb.StatusReply:
+        """The coordinator's status; volunteers' ids and addresses only for the operator (this client
+        sends the admin credential when it read one from the state directory), else `redacted`."""
+        md = self._metadata + ([("authorization", f"Admin {self._tokens.admin}")] if self._tokens.admin else [])
         try:
-            return self._stub.Status(pb.StatusRequest(recent_calls=recent_calls), timeout=timeout,
-                                     metadata=self._metadata)
+            return self._stub.Status(pb.StatusRequest(recent_calls=recent_calls), timeout=timeout, metadata=md)
         except grpc.RpcError as exc:
             raise _unavailable(exc, self.target) from None
 

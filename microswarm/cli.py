@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -78,10 +79,67 @@ def cmd_coordinator_token(a: argparse.Namespace) -> int:
     from coordinator.state import StateDir
 
     state = StateDir(a.state_dir or _state_default())
-    token = state.token(new=a.new)
-    err.print(f"join token for coordinator {state.fingerprint.hex()[:16]} "
-              f"(keep it secret; agents join with --token):")
+    if a.name is None:
+        if a.max_agents is not None or a.max_slots is not None:
+            return _fail("--max-agents and --max-slots are caps of a volunteer's own token: give --name too")
+        token = state.token(new=a.new)
+        err.print(f"join token for coordinator {state.fingerprint.hex()[:16]} "
+                  f"(keep it secret; agents join with --token):")
+        print(token)
+        return 0
+    if a.new:
+        return _fail("--new makes another shared token; a named one is made by its first `token --name` "
+                     "(revoke it with `microswarm coordinator tokens revoke NAME` to replace it)")
+    try:
+        token, tok, what = state.volunteer_token(a.name, a.max_agents, a.max_slots)
+    except ValueError as exc:
+        return _fail(str(exc))
+    caps = ", ".join(f"{v} {unit}" for v, unit in ((tok.max_agents, "agent(s)"), (tok.max_slots, "slot(s)")) if v)
+    said = {"minted": "new", "unchanged": "existing", "updated": "existing (caps updated)"}[what]
+    err.print(f"{said} join token [bold]{tok.name}[/] for coordinator {state.fingerprint.hex()[:16]}, "
+              f"{'at most ' + caps if caps else 'no caps'} (keep it secret; the volunteer's agents join with "
+              f"--token; a running coordinator picks it up within a second):")
     print(token)
+    return 0
+
+
+def cmd_coordinator_tokens_list(a: argparse.Namespace) -> int:
+    from coordinator.volunteers import KEYS_FILE, SECRETS_FILE, KeyBindings, load_tokens
+
+    state = Path(a.state_dir or _state_default()).expanduser()
+    try:
+        tokens = load_tokens(state / SECRETS_FILE)
+        bound = KeyBindings(state / KEYS_FILE)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    rows = [{**t.describe(), "agent_ids": bound.count(t.name)} for t in tokens if t.name]
+    if a.json:
+        print(json.dumps(rows))
+        return 0
+    shared = sum(1 for t in tokens if not t.name)
+    t = Table(title=f"volunteer tokens ({len(rows)}; and {shared} shared join secret(s))", title_justify="left")
+    for col in ("name", "max agents", "max slots", "agent ids bound", "created", "state"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], str(r["max_agents"] or "-"), str(r["max_slots"] or "-"), str(r["agent_ids"]),
+                  datetime.fromtimestamp(r["created"]).strftime("%Y-%m-%d %H:%M") if r["created"] else "-",
+                  "[red]revoked[/]" if r["revoked"] else "active")
+    out.print(t)
+    return 0
+
+
+def cmd_coordinator_tokens_revoke(a: argparse.Namespace) -> int:
+    from coordinator.volunteers import SECRETS_FILE, revoke
+
+    try:
+        tok, now = revoke(Path(a.state_dir or _state_default()).expanduser() / SECRETS_FILE, a.name)
+    except (KeyError, ValueError) as exc:
+        return _fail(exc.args[0] if exc.args else str(exc))
+    if not now:
+        out.print(f"token {tok.name} was already revoked")
+        return 0
+    out.print(f"token {tok.name} revoked: a running coordinator disconnects its agents within a second and "
+              "refuses them from now on")
     return 0
 
 
@@ -431,8 +489,8 @@ def cmd_status(a: argparse.Namespace) -> int:
     from microcores.client import Client
     from microcores.errors import MicroError
 
-    try:
-        with Client(a.coordinator) as c:
+    try:  # with the admin credential of the state directory, when readable: the operator's full view
+        with Client(a.coordinator, state_dir=a.state_dir) as c:
             if a.watch:
                 from rich.live import Live
                 from rich.console import Group
@@ -451,6 +509,9 @@ def cmd_status(a: argparse.Namespace) -> int:
     else:
         out.print(f"coordinator {reply.coordinator_id} on {reply.listen}, up {reply.uptime_s:.0f} s, "
                   f"dispatch {reply.dispatch}")
+        if reply.redacted:
+            err.print("[dim]agents' ids and addresses are hidden: they are the operator's (run where the "
+                      "coordinator's state directory is readable: --state-dir or MICROSWARM_STATE_DIR)[/]")
         for t in status_tables(reply):
             out.print(t)
     return 0
@@ -555,10 +616,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="advertise on the LAN with zeroconf (default: yes, unless listening on loopback)")
     _daemon_args(st, "coordinator")
     st.set_defaults(func=cmd_coordinator_start, config_section="coordinator")
-    tk = cosub.add_parser("token", help="print a join token for agents")
+    tk = cosub.add_parser("token", help="print a join token for agents (shared, or one volunteer's with --name)")
     tk.add_argument("--state-dir", default=None, metavar="DIR")
-    tk.add_argument("--new", action="store_true", help="mint a new join secret instead of the default one")
+    tk.add_argument("--new", action="store_true", help="mint a new shared join secret instead of the default one")
+    tk.add_argument("--name", default=None, metavar="NAME",
+                    help="a token of the volunteer NAME's own (the same one again if it exists), revocable alone")
+    tk.add_argument("--max-agents", type=int, default=None, metavar="N",
+                    help="with --name: at most N of its agents at once (0: no cap)")
+    tk.add_argument("--max-slots", type=int, default=None, metavar="M",
+                    help="with --name: at most M slots for its agents together; an agent asking more gets what "
+                         "remains (0: no cap)")
     tk.set_defaults(func=cmd_coordinator_token)
+    tks = cosub.add_parser("tokens", help="volunteers' join tokens: list, revoke")
+    tksub = tks.add_subparsers(dest="tokens_action", required=True)
+    tl = tksub.add_parser("list", help="the volunteer tokens, their caps and state (never their secrets)")
+    tl.add_argument("--state-dir", default=None, metavar="DIR")
+    tl.add_argument("--json", action="store_true")
+    tl.set_defaults(func=cmd_coordinator_tokens_list)
+    tr = tksub.add_parser("revoke", help="revoke a volunteer's token: its agents are disconnected and refused")
+    tr.add_argument("name")
+    tr.add_argument("--state-dir", default=None, metavar="DIR")
+    tr.set_defaults(func=cmd_coordinator_tokens_revoke)
 
     ag = sub.add_parser("agent", help="run a volunteer agent")
     agsub = ag.add_subparsers(dest="action", required=True)
@@ -567,8 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
     ast.add_argument("--token", default=None, help="join token (env MICROSWARM_TOKEN)")
     ast.add_argument("--slots", type=int, default=max(1, (os.cpu_count() or 2) // 2), metavar="N",
                      help="jobs run at once")
-    ast.add_argument("--id", default=None, help="agent id (default: host name and a random suffix)")
-    ast.add_argument("--state-dir", default=None, metavar="DIR", help="where verified packages are kept")
+    ast.add_argument("--id", default=None,
+                     help="agent id (default: host name and a random suffix, kept in the state directory)")
+    ast.add_argument("--state-dir", default=None, metavar="DIR",
+                     help="where the agent's key, its id and verified packages are kept")
     ast.add_argument("--drain", type=float, default=60.0, metavar="S",
                      help="on SIGTERM, wait this long for running jobs")
     ast.add_argument("--discover", action="store_true",
