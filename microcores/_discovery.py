@@ -6,7 +6,10 @@ started with `--discover` browses for that type and keeps the advertisements who
 the fingerprint pinned by its join token. The TXT record is only a hint for picking among
 coordinators: anyone on the LAN can advertise anything, so trust is still decided by the
 handshake, where the coordinator must prove it holds the pinned key. A spoofed advertisement
-leads the agent to a coordinator that fails that check (`coordinator_key_mismatch`).
+leads the agent to a coordinator that fails that check (`coordinator_key_mismatch`), or that
+refuses it without the pinned key's signature: the agent skips that address (trying it last for
+a while, and listening longer for the real answer: `browse(settle=...)`) and goes on looking.
+It never stops for an advertisement.
 
 Interfaces: an advertiser for a specific listen address advertises on that address's interface
 only; one for a wildcard listen (0.0.0.0, [::]) on every interface. `MICROSWARM_DISCOVERY_INTERFACES`
