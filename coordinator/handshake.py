@@ -131,7 +131,7 @@ async def _accept(c: "Coordinator", context: Any, address: str, attempt: _Attemp
                       "key; give each agent its own --id")
     others = [a for a in c.agents.values()
               if a is not existing and not a.closed and a.token_name == token.name and token.name]
-    granted = c.volunteers.admit(token, h.agent_id, key, h.slots, others)  # Denied: refused
+    granted = c.volunteers.admit(token, h.agent_id, key, h.slots, others, c.agents)  # Denied: refused
     if existing is not None:
         log.info("agent %s reconnected; replacing its old session", h.agent_id)
         c.drop_agent(existing, "replaced by a new connection from the same agent")

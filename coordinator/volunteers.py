@@ -17,7 +17,9 @@ file changes (TokenBook.changed(), checked twice a second).
 
 `agent_keys.json` (0600) binds each agent id to the first key that joined under it, so after a
 restart nobody else can take an id: another key asking for it is refused (`agent_id_taken`). The
-ids one token may bind are bounded, so one token cannot grow the file without end.
+ids one token may bind are bounded, so one token cannot grow the file without end; at the bound,
+a binding of that token unseen for a week (an agent whose state directory was thrown away) gives
+way to the new id, else the join is refused (`token_max_ids`).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ SHARED_MAX_IDS = 4096          # ids the shared token(s) may bind
 NAMED_MAX_IDS = 256            # ids a named token without --max-agents may bind
 IDS_PER_AGENT = 4              # ...with --max-agents N: max(16, 4 N)
 BINDING_TTL_S = 180 * 86400.0  # a binding unseen this long is forgotten
+STALE_S = 7 * 86400.0          # at its token's cap, a binding unseen this long gives way to a new id
 SEEN_EVERY_S = 3600.0          # how often a binding's last-seen time is written back
 
 
@@ -244,15 +247,21 @@ class KeyBindings:
     def count(self, token_name: str) -> int:
         return sum(1 for b in self.agents.values() if b["token"] == token_name)
 
-    def bind(self, agent_id: str, key: bytes, token: VolunteerToken) -> None:
-        """Record that `key` owns `agent_id` (first join), or that its owner was seen again."""
+    def bind(self, agent_id: str, key: bytes, token: VolunteerToken, connected: Any = ()) -> None:
+        """Record that `key` owns `agent_id` (first join), or that its owner was seen again. At the
+        token's cap the binding seen longest ago gives way if it is stale (agents whose state was
+        thrown away, as a container's), never one of the `connected` ids; else token_max_ids."""
         now = round(time.time(), 3)
         b = self.agents.get(agent_id)
         if b is None:
             if self.count(token.name) >= token.max_ids():
-                who = f"token {token.name!r}" if token.name else "the shared join token"
-                raise Denied("token_max_ids", f"{who} has bound {token.max_ids()} agent ids already; reuse an "
-                                              "agent's id (its state directory keeps it), or ask the operator")
+                stale = [(v["seen"], k) for k, v in self.agents.items()
+                         if v["token"] == token.name and k not in connected and now - v["seen"] > STALE_S]
+                if not stale:
+                    who = f"token {token.name!r}" if token.name else "the shared join token"
+                    raise Denied("token_max_ids", f"{who} has bound {token.max_ids()} agent ids already; reuse "
+                                                  "an agent's id (its state directory keeps it), or ask the operator")
+                del self.agents[min(stale)[1]]
             self.agents[agent_id] = {"key": key.hex(), "token": token.name, "since": now, "seen": now}
         elif b["token"] != token.name or now - b["seen"] > SEEN_EVERY_S:
             b["token"], b["seen"] = token.name, now
@@ -268,9 +277,11 @@ class Volunteers:
         self.tokens = TokenBook(state_path / SECRETS_FILE)
         self.bindings = KeyBindings(state_path / KEYS_FILE)
 
-    def admit(self, token: VolunteerToken, agent_id: str, key: bytes, asked: int, others: list[Any]) -> int:
+    def admit(self, token: VolunteerToken, agent_id: str, key: bytes, asked: int, others: list[Any],
+              connected: Any = ()) -> int:
         """The slots granted to an agent joining with `token`, or Denied. `others`: the sessions
-        connected with the same token (not one this join replaces), each with `.slots` granted."""
+        connected with the same token (not one this join replaces), each with `.slots` granted;
+        `connected`: the ids of every connected agent (their bindings are never given away)."""
         if token.revoked:
             raise Denied("token_revoked", f"the token {token.name!r} was revoked by the operator on "
                                           f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(token.revoked))}")
@@ -288,5 +299,5 @@ class Volunteers:
                 raise Denied("token_max_slots", f"token {token.name!r} allows {token.max_slots} slot(s) in all "
                                                 "and its connected agents hold them; this one retries later")
             granted = min(asked, left)
-        self.bindings.bind(agent_id, key, token)
+        self.bindings.bind(agent_id, key, token, connected)
         return granted

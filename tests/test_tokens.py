@@ -81,6 +81,10 @@ def test_caps_and_bindings(tmp_path):
     with pytest.raises(Denied) as e:
         v.admit(bob, "b17", k1, 1, [])
     assert e.value.code == "token_max_ids"
+    for aid in ("b1", "b2"):  # two agents whose state was thrown away long ago; b1 is connected now
+        v.bindings.agents[aid]["seen"] -= 30 * 86400
+    v.admit(bob, "b17", k2, 1, [], connected={"b1": object()})  # the stale one not connected gives way
+    assert v.bindings.owner("b2") is None and v.bindings.owner("b1") == k1 and v.bindings.owner("b17") == k2
     (tmp_path / KEYS_FILE).write_text("{damaged")
     with pytest.raises(ValueError, match="damaged"):  # never silently forget who owns an id
         Volunteers(tmp_path)
