@@ -430,6 +430,7 @@ class Coordinator:
         try:
             if self.volunteers.tokens.changed():
                 self._reload_tokens()
+            self.volunteers.bindings.touch(self.agents)
         except (OSError, ValueError) as exc:  # damaged or half-restored: keep the tokens in memory
             if str(exc) != self._tokens_error:
                 log.error("join tokens not reloaded, keeping the current ones: %s", exc)

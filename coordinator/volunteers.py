@@ -219,6 +219,7 @@ class KeyBindings:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.agents: dict[str, dict[str, Any]] = {}
+        self._touched = time.time()
         self.load()
 
     def load(self) -> None:
@@ -243,6 +244,18 @@ class KeyBindings:
     def owner(self, agent_id: str) -> bytes | None:
         b = self.agents.get(agent_id)
         return bytes.fromhex(b["key"]) if b is not None else None
+
+    def touch(self, connected: Any) -> None:
+        """Connected agents are seen (hourly at most): a long session does not make a binding stale."""
+        now = time.time()
+        if now - self._touched < SEEN_EVERY_S:
+            return
+        self._touched = now
+        touched = [b for aid, b in self.agents.items() if aid in connected]
+        for b in touched:
+            b["seen"] = round(now, 3)
+        if touched:
+            self.save()
 
     def count(self, token_name: str) -> int:
         return sum(1 for b in self.agents.values() if b["token"] == token_name)
