@@ -14,8 +14,14 @@ from typing import TYPE_CHECKING, Any
 from microcores._secure import Channel
 from protos import microswarm_pb2 as pb
 
+from .caller import CALLER, Caller
+from .ratelimit import Limits
+
 if TYPE_CHECKING:
     from .server import Coordinator
+
+OUTBOX_BASE = 4096  # messages queued for one agent (plus 16 a slot) before it counts as not reading its link
+
 
 class AgentLost(Exception):
     """The agent's session ended before it answered."""
@@ -39,6 +45,20 @@ class JobRecord:
     claimed: asyncio.Future[None] | None = None  # confirm_start jobs: set when we let it start
     abandoned: bool = False
     sent_at: float = field(default_factory=time.monotonic)
+    caller: Caller | None = None  # whose call it is: its nested calls run as them (caller.py)
+    nested: set[asyncio.Task[Any]] | None = None  # its nested calls running now (cancelled when it ends)
+    nested_total: int = 0
+
+    @property
+    def in_flight(self) -> bool:
+        """Still wanted from its agent: not given up on, not answered, and (confirm_start) let start."""
+        return not self.abandoned and not self.future.done() and (self.claimed is None or self.started)
+
+    def end_nested(self) -> None:
+        """The job is over (answered or given up on): its nested calls stop at once."""
+        if self.nested:
+            for t in list(self.nested):
+                t.cancel()
 
     @property
     def started(self) -> bool:
@@ -79,6 +99,13 @@ class AgentSession:
     quarantined_until: float = 0.0
     jobs_timed_out: int = 0
     ewma_s: float = 0.0       # moving average of its recent round trips (p2c breaks ties with it)
+    # the link's limits (link.py): message buckets, what it claimed that was not so, memory it holds
+    limits: Limits = field(default_factory=Limits)
+    jobs_bogus: int = 0       # results for jobs it was never sent (or already answered): faults, not work
+    claims_ignored: int = 0   # installed/fetch for packages not given to it, repeated fetches, stray claims
+    fetched: dict[str, float] = field(default_factory=dict)  # digest -> when its package was last sent
+    install_logged: set[tuple[str, bool]] = field(default_factory=set)  # (digest, ok) install reports logged
+    charged: int = 0          # partial-frame bytes counted against the coordinator's link budget
 
     @property
     def running(self) -> int:
@@ -119,12 +146,15 @@ class AgentSession:
     def send(self, msg: pb.ToAgent) -> None:
         if not self.closed:
             self.outbox.put_nowait(msg)
+            if self.outbox.qsize() > OUTBOX_BASE + 16 * self.slots:  # it does not read what we send
+                self.coordinator.drop_agent(self, f"it stopped reading its link ({self.outbox.qsize()} "
+                                                  "messages waiting for it)")
 
     def start_job(self, job: pb.Job) -> JobRecord:
         """Send a job on a slot reserved for it (see slots.SlotQueue); its result resolves the record."""
         loop = asyncio.get_running_loop()
         rec = JobRecord(job.job_id, loop.create_future(), list(job.chain), time.monotonic() + job.deadline_s,
-                        job.service, loop.create_future() if job.confirm_start else None)
+                        job.service, loop.create_future() if job.confirm_start else None, caller=CALLER.get())
         if self.reserved > 0:
             self.reserved -= 1
         self.jobs[job.job_id] = rec
@@ -136,6 +166,7 @@ class AgentSession:
         if rec.abandoned or self.jobs.get(rec.job_id) is not rec:
             return
         rec.abandoned = True
+        rec.end_nested()
         if not rec.future.done():
             rec.future.cancel()
         if rec.claimed is not None and not rec.claimed.done():

@@ -17,6 +17,7 @@ from microcores.errors import OutcomeUnknown
 from protos import microswarm_pb2 as pb
 
 from .agents import AgentLost, AgentSession, AgentSilent, JobRecord
+from .logsafe import safe
 from .observed import HedgeBudget, ServiceTimes
 from .quarantine import Quarantine
 from .registry import ServiceEntry
@@ -196,5 +197,5 @@ class Attempts:
             return f"agent {agent.agent_id} {'fell silent' if isinstance(exc, AgentSilent) else 'was lost'}: {exc}"
         assert res is not None
         if res.error.code not in HANDED_BACK:
-            self.quarantine.strike(agent, f"{entry.name} failed there: {res.error.message}")
-        return f"agent {agent.agent_id}: {res.error.message or res.error.code}"
+            self.quarantine.strike(agent, f"{entry.name} failed there: {safe(res.error.message)}")
+        return f"agent {agent.agent_id}: {safe(res.error.message or res.error.code)}"  # logged: the agent's text escaped

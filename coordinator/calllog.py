@@ -1,4 +1,8 @@
-"""The call log (the paper's figure 3): who called what, when, from where, run where, and how it went."""
+"""The call log (the paper's figure 3): who called what, when, from where, run where, and how it went.
+
+A nested call is logged as its caller's (client, address) with `via_agent`, the agent whose job
+asked for it; the JSON-lines file has that key only on such lines (older readers see no change).
+"""
 from __future__ import annotations
 
 import collections
@@ -23,6 +27,7 @@ class CallEntry:
     error_code: str = ""
     attempts: int = 0
     cache_hit: bool = False
+    via_agent: str = ""   # a nested call: the agent (or "coordinator") whose job asked; `client` is the caller
 
 
 class CallLog:
@@ -43,7 +48,11 @@ class CallLog:
         if not entry.success:
             self.failures += 1
         if self._file is not None:
-            line = _encode(entry.__dict__) + "\n"
+            d = entry.__dict__
+            if not entry.via_agent:  # lines of direct calls stay as they were (readers of the old format)
+                d = d.copy()
+                del d["via_agent"]
+            line = _encode(d) + "\n"
             self._file.write(line)
             self._written += len(line)
             if self._written > self.max_file_bytes:

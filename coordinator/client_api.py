@@ -17,6 +17,7 @@ from protos import microswarm_pb2_grpc as pbg
 
 from .auth import OPERATOR, AuthError
 from .auth_grpc import TokenService, auth_refusal, caller_label
+from .caller import Caller
 
 if TYPE_CHECKING:
     from .server import Coordinator
@@ -43,7 +44,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
             self.c.auth.check(token, request.service)
         except AuthError as exc:
             return auth_refusal(self.c, request.service, exc, client=client, address=context.peer())
-        return await self.c.dispatcher.call(request, client=client, address=context.peer())
+        return await self.c.dispatcher.call(request, caller=Caller(client, token, context.peer()))
 
     async def CallStream(self, request_iterator: Any, context: aio.ServicerContext) -> None:
         """Calls multiplexed on one stream; replies are batched in completion order."""
@@ -60,9 +61,9 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
         outbox: asyncio.Queue[tuple[int, pb.CallReply] | None] = asyncio.Queue()
         tasks: dict[int, asyncio.Task[None]] = {}  # the client's id -> its call in flight
 
-        async def one(cid: int, req: pb.CallRequest, client: str) -> None:
+        async def one(cid: int, req: pb.CallRequest, caller: Caller) -> None:
             req.ClearField("chain")
-            reply = await self.c.dispatcher.call(req, client=client, address=peer)
+            reply = await self.c.dispatcher.call(req, caller=caller)
             task = asyncio.current_task()
             if task is None or not task.cancelling():  # a call the client cancelled gets no reply
                 outbox.put_nowait((cid, reply))
@@ -124,7 +125,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
                     except AuthError as exc:
                         outbox.put_nowait((cid, auth_refusal(self.c, req.service, exc, client=client, address=peer)))
                         continue
-                    t = asyncio.create_task(one(cid, req, client))
+                    t = asyncio.create_task(one(cid, req, Caller(client, token, peer)))
                     tasks[cid] = t
                     t.add_done_callback(lambda t, cid=cid: forget(cid, t))
                 for cid in batch.cancel:  # calls the client gave up on: their jobs stop (the dispatcher's part)

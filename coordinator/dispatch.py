@@ -23,6 +23,7 @@ from microcores._worker import NestedHandler
 from protos import microswarm_pb2 as pb
 
 from .agents import AgentSession
+from .caller import CALLER, Caller
 from .calllog import CallEntry
 from .registry import ServiceEntry
 from .verify import COORDINATOR, Outcome, Verifier, opened, seal
@@ -107,17 +108,26 @@ class Dispatcher:
 
     # ------------------------------------------------------------ the call pipeline
 
-    async def call(self, req: pb.CallRequest, *, client: str = "", address: str = "") -> pb.CallReply:
+    async def call(self, req: pb.CallRequest, *, client: str = "", address: str = "",
+                   caller: Caller | None = None) -> pb.CallReply:
+        """One call, run as `caller` (caller.py: its client, token and address; `client` and `address`
+        alone make a caller without a token, an in-process one). The caller is in CALLER for the call's
+        task, so the jobs it sends carry it and their nested calls run as it, in its scope."""
         t0 = time.perf_counter()
+        if caller is None:
+            caller = Caller(client or req.client or "anonymous", None, address)
         self.in_flight += 1
         reply = pb.CallReply(service=req.service, encoding=req.encoding)
         task = asyncio.current_task()
         if task is not None:
             self.tasks.add(task)
+        as_caller = CALLER.set(caller)
         try:
             if not self.accepting:
                 raise Unavailable("the coordinator is shutting down; retry against another coordinator "
                                   "or after it restarts")
+            if caller.via_agent:  # a nested call: only within the scope of the call whose job made it
+                caller.check(req.service)
             try:
                 await self._call(req, reply)
             except asyncio.CancelledError:
@@ -129,7 +139,7 @@ class Dispatcher:
         except asyncio.CancelledError:  # the caller gave up: the job was stopped; log it, no answer
             reply.status = "error"
             reply.error.CopyFrom(pb.Error(code="cancelled", message="the caller cancelled the call"))
-            self._log(req, reply, t0, client, address)
+            self._log(req, reply, t0, caller)
             raise
         except MicroError as exc:
             reply.status = "error"
@@ -142,16 +152,18 @@ class Dispatcher:
         finally:
             self.in_flight -= 1
             self.tasks.discard(task)  # type: ignore[arg-type]
-        self._log(req, reply, t0, client, address)
+            CALLER.reset(as_caller)
+        self._log(req, reply, t0, caller)
         return reply
 
-    def _log(self, req: pb.CallRequest, reply: pb.CallReply, t0: float, client: str, address: str) -> None:
+    def _log(self, req: pb.CallRequest, reply: pb.CallReply, t0: float, caller: Caller) -> None:
         if not reply.executed_by:
             reply.executed_by = "coordinator"  # refused before anything ran: the coordinator answered
         reply.process_time_ms = (time.perf_counter() - t0) * 1000
-        entry = CallEntry(time.time(), client or req.client or "anonymous", address, req.service,
+        entry = CallEntry(time.time(), caller.client, caller.address, req.service,
                           reply.executed_by or "-", reply.status == "ok", reply.process_time_ms,
-                          reply.error.code if reply.status != "ok" else "", reply.attempts, reply.cache_hit)
+                          reply.error.code if reply.status != "ok" else "", reply.attempts, reply.cache_hit,
+                          caller.via_agent)
         self.c.calllog.add(entry)
         if log.isEnabledFor(logging.DEBUG):  # one event per call: --log-level debug --log-format json
             log.debug("call %s by %s: %s, run by %s in %.1f ms", entry.service, entry.client,
@@ -276,10 +288,14 @@ class Dispatcher:
         return _codec.pack(out)
 
     def nested_handler(self, chain: list[str], deadline: float) -> Any:
+        """Nested calls of a job the coordinator runs itself: as the caller of the call being made
+        (read here, in its task), within its scope, logged `via_agent` "coordinator"."""
+        caller = (CALLER.get() or Caller("coordinator")).via("coordinator")
+
         async def nested(service: str, data: dict[str, Any]) -> dict[str, Any]:
             req = pb.CallRequest(service=service, input=_codec.pack(data), encoding=pb.MSGPACK, chain=chain,
                                  deadline_s=max(0.001, deadline - time.monotonic()))
-            reply = await self.call(req, client="coordinator")
+            reply = await self.call(req, caller=caller)
             if reply.status != "ok":
                 raise from_code(reply.error.code, reply.error.message, reply.error.field)
             return _codec.unpack(reply.result)

@@ -28,6 +28,7 @@ from protos import microswarm_pb2 as pb
 from . import openapi
 from .auth import AuthError, ClientRecord, Token
 from .auth_grpc import auth_refusal, caller_label, refuse
+from .caller import Caller
 
 if TYPE_CHECKING:
     from .server import Coordinator
@@ -224,7 +225,7 @@ class Gateway:
                                client=client, address=address, t0=t0)
                 return self._respond(reply, t0)
         req = pb.CallRequest(service=service, input=b"{}" if not raw or raw.isspace() else raw, encoding=pb.JSON)
-        reply = await self.c.dispatcher.call(req, client=client, address=address)
+        reply = await self.c.dispatcher.call(req, caller=Caller(client, token, address))
         return self._respond(reply, t0)
 
     async def wrong_method(self, request: web.Request) -> web.Response:

@@ -1,25 +1,159 @@
 """The AgentLink stream: after the handshake (handshake.py), one encrypted stream per agent that
 multiplexes package holdings and transfers, jobs and their results, nested calls and heartbeats.
+
+No agent can flood it (figures and reasons in docs/design.md, "Link limits"):
+- before the handshake: at most PREAUTH_TOTAL handshakes read at once (PREAUTH_PER_HOST from one
+  host, PREAUTH_QUEUE_PER_HOST more waiting), a slot taken before the first read (gRPC does not read
+  a message off the wire until the handler asks for it), each hello at most HELLO_MAX bytes and the
+  whole handshake within HANDSHAKE_S;
+- after it: messages per kind are rate-limited (ratelimit.py; past a limit: a sealed `rate_limited`
+  refusal and the stream ends); a partial message may hold PARTIAL_IDLE bytes, or up to the
+  channel's MAX_MESSAGE while the agent owes us a job's result, must keep flowing (PARTIAL_STALL_S,
+  PARTIAL_MAX_S), and every session's partial bytes together stay under LINK_BUDGET;
+- claims are checked against what was published and given to that agent; results for jobs not in
+  flight are faults, not work; the text an agent sends is escaped before it reaches a log;
+- a dropped agent's stream ends within TICK_S, its buffers freed.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from microcores._secure import MAX_FRAME, collect, split
+from microcores._secure import MAX_FRAME, MAX_MESSAGE, collect, split
 from microcores.errors import MicroError, ProtocolError
 from protos import microswarm_pb2 as pb
 
-from .agents import AgentSession
-from .handshake import HANDSHAKE_TIMEOUT, Refused, accept
+from .agents import AgentSession, JobRecord
+from .caller import Caller
+from .handshake import Refused, accept
+from .logsafe import safe
+from .ratelimit import KIND_TEXT, Bucket
 
 if TYPE_CHECKING:
     from .server import Coordinator
 
 log = logging.getLogger("microswarm.agents")
+
+# Before the handshake. A hello is a few hundred bytes; the server-wide gRPC limit (80 MiB, for
+# clients' calls) is no bound here: the number of handshakes reading at once is.
+HANDSHAKE_S = 5.0              # dial to proof; was 10 s (a handshake is 1.5 round trips)
+HELLO_MAX = 64 * 1024          # bytes of one handshake frame
+PREAUTH_TOTAL = 2              # handshakes past their first read at once, all hosts together
+PREAUTH_PER_HOST = 1           # ...from one host
+PREAUTH_QUEUE_PER_HOST = 64    # one host's handshakes waiting for a slot (unread: ~64 KiB each); more: `busy`
+PREAUTH_RATE = (10.0, 40.0)    # handshakes a host may start per second, burst (each costs signatures)
+# After it: partial messages (frames of a message that is not complete).
+PARTIAL_IDLE = 4 * MAX_FRAME   # a few frames: no honest message is larger unless it is a job's result
+PARTIAL_STALL_S = 10.0         # a partial message that gets no frame this long ends the session
+PARTIAL_MAX_S = 120.0          # nor may one take longer than this in all (64 MiB at ~4 Mbit/s)
+LINK_BUDGET = 256 * 1024 * 1024  # partial bytes of all sessions together (4 results of the largest size)
+TICK_S = 1.0                   # how often a session checks it was dropped or stalls
+FETCH_AGAIN_S = 5.0            # a package is sent again to the same agent at most this often
+NESTED_AT_ONCE = 4             # nested calls of one job running at once (a worker makes them one by one)
+NESTED_PER_JOB = 128           # nested calls of one job in all
+MODES = frozenset({"", "active", "paused", "owner_busy", "draining"})
+
+
+class LinkLimit(Exception):
+    """The agent broke a limit of the link: it is told (sealed) and disconnected."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Busy(Exception):
+    pass
+
+
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer string (`ipv4:1.2.3.4:5`, `ipv6:[::1]:5`), for per-host limits."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1:rest.find("]")]
+    return rest.rpartition(":")[0] or rest
+
+
+class PreAuthGate:
+    """Bounds unauthenticated handshakes in number (and so in memory): a slot is taken before the
+    first read, per host and in all, waited for at most `wait_s`."""
+
+    def __init__(self, total: int = PREAUTH_TOTAL, per_host: int = PREAUTH_PER_HOST,
+                 queue_per_host: int = PREAUTH_QUEUE_PER_HOST, wait_s: float = HANDSHAKE_S) -> None:
+        self.total, self.per_host, self.queue_per_host, self.wait_s = total, per_host, queue_per_host, wait_s
+        self._all: asyncio.Semaphore | None = None
+        self._hosts: dict[str, tuple[asyncio.Semaphore, int]] = {}  # host -> (its slots, handshakes there)
+        self._rates: dict[str, Bucket] = {}  # host -> handshakes it may start
+        self.refused = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, host: str) -> AsyncIterator[None]:
+        if self._all is None:
+            self._all = asyncio.Semaphore(self.total)
+        now = time.monotonic()
+        rate = self._rates.get(host)
+        if rate is None:
+            if len(self._rates) >= 4096:  # forget hosts that have been quiet (their buckets are full again)
+                self._rates = {h: b for h, b in self._rates.items() if b.take(now, 0.0) and b.tokens < b.burst}
+                if len(self._rates) >= 4096:  # that many hosts at once: the global bound is what is left
+                    self._rates.clear()
+            rate = self._rates[host] = Bucket(*PREAUTH_RATE, stamp=now)
+        if not rate.take(now):
+            self.refused += 1
+            raise Busy(f"more than {PREAUTH_RATE[0]:g} handshakes a second from {host}; retry later")
+        sem, n = self._hosts.get(host, (None, 0))
+        if n >= self.per_host + self.queue_per_host:
+            self.refused += 1
+            raise Busy(f"{n} handshakes from {host} are already under way; retry later")
+        if sem is None:
+            sem = asyncio.Semaphore(self.per_host)
+        self._hosts[host] = (sem, n + 1)
+        try:
+            try:
+                async with asyncio.timeout(self.wait_s):
+                    await sem.acquire()
+                    try:
+                        await self._all.acquire()
+                    except BaseException:
+                        sem.release()
+                        raise
+            except TimeoutError:
+                self.refused += 1
+                raise Busy(f"the coordinator is busy with other handshakes (waited {self.wait_s:g} s)") from None
+            try:
+                yield
+            finally:
+                self._all.release()
+                sem.release()
+        finally:
+            sem2, n2 = self._hosts[host]
+            if n2 <= 1:
+                del self._hosts[host]
+            else:
+                self._hosts[host] = (sem2, n2 - 1)
+
+
+class _Handshaking:
+    """The stream as handshake.py sees it: each frame it reads is at most HELLO_MAX bytes."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    async def read(self) -> Any:
+        frame = await self._context.read()
+        size = frame.ByteSize() if isinstance(frame, pb.LinkFrame) else 0
+        if size > HELLO_MAX:
+            del frame  # not kept alive by the refusal's traceback
+            raise Refused("too_large", f"a handshake frame of {size} bytes; the limit is {HELLO_MAX}")
+        return frame
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 class AgentLinkService:
@@ -28,23 +162,36 @@ class AgentLinkService:
     def __init__(self, coordinator: "Coordinator") -> None:
         self.c = coordinator
         self._job_ids = itertools.count(1)
+        self.gate = PreAuthGate()
+        self.budget = LINK_BUDGET
+        self.partial_bytes = 0      # partial-frame bytes held by every session together
+        self.counts = {"rate_limited": 0, "too_large": 0, "over_budget": 0, "stalled": 0, "bogus_results": 0,
+                       "claims_ignored": 0}
 
     async def Connect(self, request_iterator: AsyncIterator[pb.LinkFrame], context: Any) -> None:
         address = context.peer()
         try:
-            session = await asyncio.wait_for(accept(self.c, context, address), HANDSHAKE_TIMEOUT)
+            async with self.gate.slot(peer_host(address)):  # before the first read: see PreAuthGate
+                session = await self._handshake(context, address)  # a refusal is answered inside the slot
+        except Busy as b:
+            log.warning("agent from %s not let in: %s", address, b)
+            await context.write(pb.LinkFrame(refusal=pb.Refusal(code="busy", message=str(b))))
+            return
+        if session is not None:
+            await self._serve(session, context)
+
+    async def _handshake(self, context: Any, address: str) -> AgentSession | None:
+        try:
+            return await asyncio.wait_for(accept(self.c, _Handshaking(context), address), HANDSHAKE_S)
         except Refused as r:
-            log.warning("refused agent from %s: %s", address, r.message)
+            log.warning("refused agent from %s: %s", address, safe(r.message))
             await context.write(r.frame)  # signed, and sealed once keys exist (handshake.py)
-            return
         except asyncio.TimeoutError:
-            log.warning("agent from %s did not finish the handshake in %.0f s", address, HANDSHAKE_TIMEOUT)
-            return
+            log.warning("agent from %s did not finish the handshake in %.0f s", address, HANDSHAKE_S)
         except ProtocolError as exc:
-            log.warning("handshake with %s failed: %s", address, exc.message)
+            log.warning("handshake with %s failed: %s", address, safe(exc.message))
             await context.write(pb.LinkFrame(refusal=pb.Refusal(code=exc.code, message=exc.message)))
-            return
-        await self._serve(session, context)
+        return None
 
     async def _serve(self, s: AgentSession, context: Any) -> None:
         c = self.c
@@ -56,53 +203,135 @@ class AgentLinkService:
         s.welcomed = True
         c.agent_joined(s)
         sender = asyncio.create_task(self._sender(s, context))
-        reason = "stream closed"
+        reader = asyncio.create_task(self._reader(s, context))
+        reason, refusal = "stream closed", None
+        try:
+            while True:  # the reader ends the session, or its removal (liveness, revocation...), or a stall
+                done, _ = await asyncio.wait((reader, sender), timeout=TICK_S, return_when=asyncio.FIRST_COMPLETED)
+                if reader in done:
+                    reason, refusal = reader.result()
+                    break
+                if s.closed or sender in done:
+                    break
+                stalled = self._stalled(s)
+                if stalled is not None:
+                    reason, refusal = stalled
+                    break
+            if refusal is not None and not s.closed:
+                s.send(pb.ToAgent(refusal=refusal))  # sealed: the sender writes it before the end
+            c.drop_agent(s, reason)
+            if not sender.done():  # what was queued before the end (a refusal among it) still goes out
+                await asyncio.wait((sender,), timeout=1.0)
+        except asyncio.CancelledError:
+            reason = "session cancelled"
+            reader.cancel()
+            raise
+        finally:
+            c.drop_agent(s, reason)
+            s.outbox.put_nowait(None)
+            sender.cancel()
+            # The reader is not cancelled: its pending read ends by itself once this handler has returned
+            # (cancelling a read in progress makes gRPC end the stream INTERNAL instead of OK).
+            reader.add_done_callback(_retrieved)
+            for t in list(s.nested_tasks):
+                t.cancel()
+            self._release(s)
+            if s.jobs_bogus or s.claims_ignored:  # counted, not logged one by one
+                log.warning("agent %s sent %d result(s) for jobs it was not given and %d claim(s) that were "
+                            "ignored", s.agent_id, s.jobs_bogus, s.claims_ignored, extra={"agent": s.agent_id})
+        # returning ends the gRPC stream: a dropped agent's link is closed, not left open
+
+    async def _reader(self, s: AgentSession, context: Any) -> tuple[str, pb.Refusal | None]:
+        """Read, open and handle frames until the stream ends; (why, the refusal to send or None)."""
+        c = self.c
+        ch = s.channel
         try:
             while True:
                 frame = await context.read()
                 if frame is None or not isinstance(frame, pb.LinkFrame):
-                    break
+                    return "stream closed", None
                 if s.closed:  # dropped (revoked, replaced, silent): end its stream too
-                    break
+                    return "removed", None
                 if frame.WhichOneof("kind") != "sealed":
                     raise ProtocolError("plaintext frame after the handshake")
                 sealed = frame.sealed
-                data = s.channel.open(sealed.counter, sealed.ciphertext, sealed.more)
-                s.last_seen = time.monotonic()
+                data = ch.open(sealed.counter, sealed.ciphertext, sealed.more)
+                if data is None or s.charged:
+                    self._account(s)
+                now = time.monotonic()
+                s.last_seen = now
                 if s.state == "suspect":
                     s.state = "ready"
-                    self.c.slot_freed(s)
+                    c.slot_freed(s)
                 if data is None:
                     continue
                 left = False
                 for piece in split(data):
                     msg = pb.ToCoordinator()
                     msg.ParseFromString(piece)
-                    left = self._handle(s, msg) or left
+                    left = self._handle(s, msg, now) or left
                 if left:
                     s.state = "leaving"  # no new jobs; close once every job sent is answered
                 if s.state == "leaving" and all(r.future.done() for r in s.jobs.values()):
-                    reason = "agent left"
-                    break
+                    return "agent left", None
+        except LinkLimit as exc:
+            self.counts[exc.code if exc.code in self.counts else "rate_limited"] += 1
+            log.warning("agent %s disconnected: %s", s.agent_id, exc.message, extra={"agent": s.agent_id})
+            code = "rate_limited" if exc.code == "rate_limited" else "too_large" if exc.code != "over_budget" \
+                else "overloaded"
+            return exc.message, pb.Refusal(code=code, message=exc.message)
         except MicroError as exc:
-            reason = exc.message
-            log.warning("agent %s: %s", s.agent_id, exc.message)
-            try:
-                await context.write(pb.LinkFrame(refusal=pb.Refusal(code=exc.code, message=exc.message)))
-            except Exception:  # the stream may already be gone
-                pass
-        except asyncio.CancelledError:
-            reason = "session cancelled"
-            raise
+            log.warning("agent %s: %s", s.agent_id, safe(exc.message), extra={"agent": s.agent_id})
+            return exc.message, pb.Refusal(code=exc.code, message=exc.message)
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            log.warning("agent %s stream ended: %s", s.agent_id, reason)
-        finally:
-            c.drop_agent(s, reason)
-            s.outbox.put_nowait(None)
-            sender.cancel()
-            for t in list(s.nested_tasks):
-                t.cancel()
+            reason = f"{type(exc).__name__}: {safe(exc)}"
+            if not s.closed:  # (a read pending when the session ended fails once the stream is over)
+                log.warning("agent %s stream ended: %s", s.agent_id, reason, extra={"agent": s.agent_id})
+            return reason, None
+
+    # ------------------------------------------------------------ link memory
+
+    def _account(self, s: AgentSession) -> None:
+        """Charge the session's partial message to the link budget; LinkLimit past a bound."""
+        held = s.channel.buffered
+        if held > s.charged:
+            limit = MAX_MESSAGE if s.jobs else PARTIAL_IDLE  # a job's result may be large; nothing else is
+            if held > limit:
+                s.channel.discard()
+                self._release(s)
+                raise LinkLimit("too_large", f"a partial message of over {held} bytes while "
+                                f"{'it owes results' if s.jobs else 'no job of it is in flight'} (limit {limit})")
+            if self.partial_bytes + held - s.charged > self.budget:
+                s.channel.discard()
+                self._release(s)
+                raise LinkLimit("over_budget", f"partial messages of all agents would exceed the coordinator's "
+                                f"link budget of {self.budget >> 20} MiB")
+        self.partial_bytes += held - s.charged
+        s.charged = held
+
+    def _release(self, s: AgentSession) -> None:
+        self.partial_bytes -= s.charged
+        s.charged = 0
+        s.channel.discard()
+
+    def _stalled(self, s: AgentSession) -> tuple[str, pb.Refusal] | None:
+        ch = s.channel
+        if not ch.buffered:
+            return None
+        now = time.monotonic()
+        if now - ch.partial_last > PARTIAL_STALL_S:
+            why = f"a partial message got no frame for {now - ch.partial_last:.0f} s"
+        elif now - ch.partial_since > PARTIAL_MAX_S:
+            why = f"a partial message took over {PARTIAL_MAX_S:.0f} s"
+        else:
+            return None
+        self.counts["stalled"] += 1
+        log.warning("agent %s disconnected: %s (%d bytes held)", s.agent_id, why, ch.buffered,
+                    extra={"agent": s.agent_id})
+        self._release(s)
+        return why, pb.Refusal(code="too_large", message=why)
+
+    # ------------------------------------------------------------ sending
 
     async def _sender(self, s: AgentSession, context: Any) -> None:
         try:
@@ -122,13 +351,27 @@ class AgentLinkService:
             log.info("agent %s: sending failed: %s", s.agent_id, exc)
             self.c.drop_agent(s, f"send failed: {exc}")
 
-    def _handle(self, s: AgentSession, msg: pb.ToCoordinator) -> bool:
+    # ------------------------------------------------------------ what an agent sends
+
+    def _limit(self, s: AgentSession, kind: str, now: float) -> None:
+        if not s.limits.allow(kind, now):
+            b = s.limits.buckets[kind]
+            raise LinkLimit("rate_limited", f"more {KIND_TEXT.get(kind, kind)} than the limit of {b.rate:g}/s "
+                            f"(burst {b.burst:g}): disconnected")
+
+    def _handle(self, s: AgentSession, msg: pb.ToCoordinator, now: float) -> bool:
         kind = msg.WhichOneof("kind")
         if kind == "result":
             r = msg.result
             rec = s.jobs.pop(r.job_id, None)
-            if rec is None:
-                return False  # never sent to it, or answered twice: nothing to count
+            if rec is None:  # never sent to it, or answered already: a fault, not work
+                s.jobs_bogus += 1
+                self.counts["bogus_results"] += 1
+                self.c.quarantine.strike(s, "it sent a result for a job it was not given")
+                self._limit(s, "bogus", now)
+                self._limit(s, "all", now)
+                return False
+            rec.end_nested()
             if rec.claimed is not None and not rec.claimed.done():
                 rec.claimed.cancel()
             if rec.future.done():  # given up on (abandoned) or already failed: a late answer, dropped
@@ -143,72 +386,151 @@ class AgentLinkService:
             elif not r.cancelled:
                 s.jobs_failed += 1
             self.c.slot_freed(s)
-        elif kind == "claim":
+            return False
+        if kind == "claim":
             rec = s.jobs.get(msg.claim.job_id)
             go = (rec is not None and rec.claimed is not None and not rec.claimed.done() and not rec.abandoned)
-            if go:
+            if go:  # one per job sent (bounded by them): not charged
                 rec.claimed.set_result(None)  # type: ignore[union-attr]
+            else:
+                self._limit(s, "all", now)
+                if rec is None or rec.claimed is None:  # no such job, or one that needs no claim
+                    s.claims_ignored += 1
+                    self._limit(s, "bogus", now)
+                else:  # asked again, or after we gave up on it: the answer is no
+                    self._limit(s, "claim", now)
             s.send(pb.ToAgent(start=pb.StartJob(job_id=msg.claim.job_id, go=go)))
-        elif kind == "heartbeat":
+            return False
+        self._limit(s, "all", now)
+        if kind == "heartbeat":
+            self._limit(s, "heartbeat", now)
+            hb = msg.heartbeat
+            if hb.mode not in MODES:
+                hb.mode = safe(hb.mode, 20)
             was_paused = s.heartbeat.paused
-            s.heartbeat = msg.heartbeat
-            if was_paused and not msg.heartbeat.paused:
+            s.heartbeat = hb
+            if was_paused and not hb.paused:
                 self.c.slot_freed(s)
         elif kind == "fetch":
-            entry = self.c.registry.by_digest.get(msg.fetch.ref.digest)
-            if entry is None:
-                s.send(pb.ToAgent(refusal=pb.Refusal(code="unknown_package",
-                                                     message=f"no package with digest {msg.fetch.ref.digest[:12]}")))
-            else:
-                p = entry.package
-                s.send(pb.ToAgent(package=pb.PackageData(ref=entry.ref, manifest=p.manifest,
-                                                         signature=p.signature, archive=p.archive)))
+            self._limit(s, "fetch", now)
+            digest = msg.fetch.ref.digest
+            entry = self.c.registry.by_digest.get(digest)
+            last = s.fetched.get(digest)
+            if entry is None or not s.planned_digest(digest) or (last is not None and now - last < FETCH_AGAIN_S):
+                s.claims_ignored += 1  # not given to it, or just sent: no package, no log line
+                self.counts["claims_ignored"] += 1
+                return False
+            s.fetched[digest] = now
+            p = entry.package
+            s.send(pb.ToAgent(package=pb.PackageData(ref=entry.ref, manifest=p.manifest,
+                                                     signature=p.signature, archive=p.archive)))
         elif kind == "installed":
-            ref = msg.installed.ref
-            if msg.installed.ok and not s.planned_digest(ref.digest):
-                log.debug("agent %s installed %s@%s, which placement no longer gives it: not counted", s.agent_id,
-                          ref.name, ref.version)
-            elif msg.installed.ok:
-                s.holdings.add(ref.digest)
-                s.install_failed.discard(ref.digest)
-                self.c.holdings_changed()
-                if s.state == "joining":
-                    s.state = "ready"
-                log.info("agent %s holds %s@%s", s.agent_id, ref.name, ref.version)
-            else:
-                s.holdings.discard(ref.digest)
-                s.install_failed.add(ref.digest)
-                self.c.holdings_changed()
-                log.warning("agent %s could not install %s@%s: %s", s.agent_id, ref.name, ref.version,
-                            msg.installed.error)
-            if s.state == "joining" and not self.c.holdings_for(s).packages:
-                s.state = "ready"
+            self._limit(s, "installed", now)
+            self._installed(s, msg.installed)
         elif kind == "nested_call":
-            t = asyncio.create_task(self._nested(s, msg.nested_call))
-            s.nested_tasks.add(t)
-            t.add_done_callback(s.nested_tasks.discard)
+            self._nested_call(s, msg.nested_call, now)
         elif kind == "pong":
-            pass
+            self._limit(s, "pong", now)
         elif kind == "leaving":
-            log.info("agent %s is leaving: %s", s.agent_id, msg.leaving.reason)
+            log.info("agent %s is leaving: %s", s.agent_id, safe(msg.leaving.reason), extra={"agent": s.agent_id})
             return True
         return False
 
-    async def _nested(self, s: AgentSession, nc: pb.NestedCall) -> None:
-        rec = s.jobs.get(nc.job_id)
-        if rec is None or rec.abandoned:
-            reply = pb.CallReply(status="error", error=pb.Error(
-                code="protocol_error" if rec is None else "cancelled",
-                message=f"nested call from unknown job {nc.job_id!r}" if rec is None
-                else f"job {nc.job_id} was cancelled: its nested calls are refused"))
+    def _installed(self, s: AgentSession, inst: pb.Installed) -> None:
+        """A holdings claim: counted only for a package published and given to this agent. The names
+        logged are the registry's, not the agent's; its error text is escaped."""
+        entry = self.c.registry.by_digest.get(inst.ref.digest)
+        if entry is None or not s.planned_digest(entry.digest):
+            s.claims_ignored += 1  # not published, or not (any more) given to it: not counted, not logged
+            self.counts["claims_ignored"] += 1
+            return
+        if inst.ok:
+            s.holdings.add(entry.digest)
+            s.install_failed.discard(entry.digest)
+            if s.state == "joining":
+                s.state = "ready"
         else:
-            req = pb.CallRequest()
-            req.CopyFrom(nc.request)
-            del req.chain[:]
-            req.chain.extend(rec.chain)
-            req.deadline_s = max(0.001, rec.deadline - time.monotonic())
-            reply = await self.c.dispatcher.call(req, client=f"agent:{s.agent_id}", address=s.address)
+            s.holdings.discard(entry.digest)
+            s.install_failed.add(entry.digest)
+        self.c.holdings_changed()
+        said = (entry.digest, inst.ok)
+        if said not in s.install_logged:  # one line per package and outcome a session: a flood logs nothing more
+            s.install_logged.add(said)
+            if inst.ok:
+                log.info("agent %s holds %s", s.agent_id, entry.label, extra={"agent": s.agent_id})
+            else:
+                log.warning("agent %s could not install %s: %s", s.agent_id, entry.label, safe(inst.error),
+                            extra={"agent": s.agent_id})
+        if s.state == "joining" and not self.c.holdings_for(s).packages:
+            s.state = "ready"
+
+    # ------------------------------------------------------------ nested calls
+
+    def _nested_call(self, s: AgentSession, nc: pb.NestedCall, now: float) -> None:
+        """A nested call runs as the caller of its job, only while that job is in flight here, at most
+        NESTED_AT_ONCE at once and NESTED_PER_JOB in all for one job."""
+        self._limit(s, "nested_call", now)
+        rec = s.jobs.get(nc.job_id)
+        if rec is None or not rec.in_flight:
+            self._limit(s, "bogus", now)
+            s.claims_ignored += 1
+            self._nested_reply(s, nc, "protocol_error" if rec is None else "cancelled",
+                               f"nested call from unknown job {safe(nc.job_id, 40)!r}" if rec is None
+                               else f"job {nc.job_id} is no longer running here: its nested calls are refused")
+            return
+        running = rec.nested or ()
+        if len(running) >= NESTED_AT_ONCE or rec.nested_total >= NESTED_PER_JOB:
+            self._nested_reply(s, nc, "rate_limited", (
+                f"job {nc.job_id} already has {len(running)} nested calls running (the limit is {NESTED_AT_ONCE})"
+                if len(running) >= NESTED_AT_ONCE else
+                f"job {nc.job_id} made {rec.nested_total} nested calls: the limit for one job is {NESTED_PER_JOB}"))
+            return
+        rec.nested_total += 1
+        t = asyncio.create_task(self._nested(s, rec, nc))
+        if rec.nested is None:
+            rec.nested = set()
+        rec.nested.add(t)
+        s.nested_tasks.add(t)
+        t.add_done_callback(s.nested_tasks.discard)
+        t.add_done_callback(rec.nested.discard)
+
+    def _nested_reply(self, s: AgentSession, nc: pb.NestedCall, code: str, message: str) -> None:
+        s.send(pb.ToAgent(nested_id=nc.nested_id, nested_reply=pb.CallReply(
+            status="error", service=nc.request.service, executed_by="coordinator",
+            error=pb.Error(code=code, message=message))))
+
+    async def _nested(self, s: AgentSession, rec: JobRecord, nc: pb.NestedCall) -> None:
+        req = pb.CallRequest()
+        req.CopyFrom(nc.request)
+        del req.chain[:]
+        req.chain.extend(rec.chain)
+        req.deadline_s = max(0.001, rec.deadline - time.monotonic())
+        caller = rec.caller or Caller(f"unknown caller of job {rec.job_id}", _NO_SCOPE, s.address)
+        try:
+            reply = await self.c.dispatcher.call(req, caller=caller.via(s.agent_id))
+        except asyncio.CancelledError:  # its job ended: the call stopped; the agent's worker hears so
+            self._nested_reply(s, nc, "cancelled", f"job {rec.job_id} ended: its nested call was stopped")
+            return
         s.send(pb.ToAgent(nested_reply=reply, nested_id=nc.nested_id))
 
     def next_job_id(self) -> str:
         return f"j{next(self._job_ids)}"
+
+
+def _retrieved(t: asyncio.Task[Any]) -> None:
+    if not t.cancelled():
+        t.exception()
+
+
+class _NoScope:
+    """The scope of a job whose caller is not known: nothing."""
+
+    revoked = False
+    scopes: tuple[str, ...] = ()
+
+    @staticmethod
+    def permits(service: str) -> bool:
+        return False
+
+
+_NO_SCOPE = _NoScope()

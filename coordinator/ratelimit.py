@@ -39,13 +39,18 @@ class Bucket:
         return True
 
 
+# what a kind is called in a refusal
+KIND_TEXT = {"heartbeat": "heartbeats", "pong": "pongs", "installed": "install reports", "fetch": "package fetches",
+             "nested_call": "nested calls", "claim": "repeated job claims", "all": "messages",
+             "bogus": "messages about jobs not in flight (results, claims, nested calls)"}
+
 # kind -> (rate per second, burst). "all" is every message an agent sends except results and
 # claims for jobs in flight; "bogus" is what refers to no job in flight (results, claims, nested
 # calls): each is also a fault.
 AGENT_LIMITS: dict[str, tuple[float, float]] = {
     "heartbeat": (5.0, 30.0),
     "pong": (5.0, 30.0),
-    "installed": (20.0, 512.0),
+    "installed": (50.0, 512.0),
     "fetch": (20.0, 512.0),
     "nested_call": (500.0, 1000.0),
     "claim": (500.0, 1000.0),

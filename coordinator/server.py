@@ -328,7 +328,8 @@ class Coordinator:
         for c in self.calllog.recent(recent or 20):
             reply.calls.append(pb.CallRecord(time=c.time, client=c.client, service=c.service,
                                              executed_by=c.executed_by, success=c.success, ms=c.ms,
-                                             error_code=c.error_code, attempts=c.attempts, cache_hit=c.cache_hit))
+                                             error_code=c.error_code, attempts=c.attempts, cache_hit=c.cache_hit,
+                                             via_agent=c.via_agent))
         stats = self.cache_stats()
         if stats:
             reply.cache_json = json.dumps(stats).encode()
@@ -346,7 +347,12 @@ class Coordinator:
                 ("grpc.max_send_message_length", MAX_CLIENT_MESSAGE),
                 ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-                ("grpc.keepalive_permit_without_calls", 1), ("grpc.so_reuseport", 0)]
+                ("grpc.keepalive_permit_without_calls", 1), ("grpc.so_reuseport", 0),
+                # No BDP probing: with it gRPC grows a stream's window (to tens of MiB) and buffers what a
+                # peer sends before the handler asks for a message, so unauthenticated agent streams
+                # could park memory before any check (300 unread streams: 649 vs 67 MiB). A message the
+                # handler does ask for still flows whole: the window opens to its size (docs/design.md).
+                ("grpc.http2.bdp_probe", 0)]
         self.server = aio.server(options=opts)
         pbg.add_CoordinatorServicer_to_server(ClientService(self), self.server)
         pbg.add_AgentLinkServicer_to_server(self.link, self.server)

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from microcores._secure import (JoinToken, agent_channel, derive_keys, hello_transcript, join_mac, new_ephemeral,
-                                public_bytes, sign)
+                                public_bytes, sign, split)
 from microcores.client import publish
 from microswarm.cluster import LocalCluster, wait_for
 from protos import microswarm_pb2 as pb
@@ -71,8 +71,10 @@ def test_nested_call_goes_through_the_coordinator(cluster):
         assert env.result == {"result": -5.0, "positive": False}
         assert env.executed_by.startswith("agent")
         calls = c.status(recent_calls=10).calls
-        nested = [x for x in calls if x.client.startswith("agent:")]
+        nested = [x for x in calls if x.via_agent.startswith("agent")]  # asked by the agent's job...
         assert {x.service for x in nested} >= {"math.compute", "numbers.is_positive"}
+        parent = next(x for x in calls if x.service == "math.compute_and_classify")
+        assert {x.client for x in nested} == {parent.client}  # ...run as the caller (tests/test_nested_identity.py)
 
 
 def test_cyclic_nested_call_is_refused(cluster):
@@ -232,8 +234,12 @@ async def _rogue_session(addr: str, token: str, attack: str) -> pb.Refusal:
         while True:
             frame = await asyncio.wait_for(call.read(), 10)
             assert isinstance(frame, pb.LinkFrame), "the coordinator closed without saying why"
-            if frame.WhichOneof("kind") == "refusal":
-                return frame.refusal
+            assert frame.WhichOneof("kind") == "sealed", "after the handshake a refusal is sealed"
+            data = chan.open(frame.sealed.counter, frame.sealed.ciphertext, frame.sealed.more)
+            for piece in split(data or b""):
+                msg = pb.ToAgent.FromString(piece)
+                if msg.WhichOneof("kind") == "refusal":
+                    return msg.refusal
 
 
 @pytest.mark.parametrize("attack,words", [("tampered", "tampered frame"), ("replayed", "replayed frame")])
