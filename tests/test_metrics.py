@@ -97,13 +97,14 @@ def test_label_values_stay_bounded_as_agents_come_and_go():
 
     from coordinator.calllog import CallEntry
     from coordinator.metrics import MAX_OUTCOMES, Metrics
+    from coordinator.verify import Verifier
 
     class Queue(list):  # the scheduler's line for agent slots, empty
         on_wait = None
 
     c = SimpleNamespace(agents={}, registry=SimpleNamespace(services={"math.compute": None}),
                         dispatcher=SimpleNamespace(observers=[], in_flight=0), local=SimpleNamespace(running=0),
-                        cache_stats=lambda: {}, quarantine=SimpleNamespace(total=0),
+                        cache_stats=lambda: {}, quarantine=SimpleNamespace(total=0), verifier=Verifier(),
                         scheduler=SimpleNamespace(queue=Queue(), counts=dict.fromkeys(
                             ("retries", "hedges", "late_results", "outcome_unknown"), 0)))
     m = Metrics(c)  # type: ignore[arg-type]
