@@ -13,7 +13,7 @@ the agents connected now.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -36,8 +36,9 @@ BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10
 class _Live:
     """Values read when Prometheus scrapes."""
 
-    def __init__(self, c: "Coordinator") -> None:
+    def __init__(self, c: "Coordinator", label: Callable[[str], str]) -> None:
         self.c = c
+        self.label = label
 
     def collect(self) -> Iterator[Any]:
         c = self.c
@@ -71,7 +72,7 @@ class _Live:
                                 value=sum(1 for a in c.agents.values() if a.quarantined))
         slots = GaugeMetricFamily("microswarm_agent_slots", "Job slots each agent offers", labels=["agent"])
         for a in c.agents.values():
-            slots.add_metric([a.agent_id], a.slots)
+            slots.add_metric([self.label(a.agent_id)], a.slots)
         yield slots
         stats = c.cache_stats()
         if stats:
@@ -94,6 +95,8 @@ class Metrics:
     def __init__(self, coordinator: "Coordinator", require_token: bool = False) -> None:
         self.c = coordinator
         self.require_token = require_token
+        # Volunteers' ids are for the operator only: an open /metrics labels agents by pseudonym
+        self.label: Callable[[str], str] = (lambda aid: aid) if require_token else coordinator.state.pseudonym
         self.registry = CollectorRegistry(auto_describe=True)
         self.calls = Counter("microswarm_calls", "Calls answered, by service, outcome and who ran them",
                              ["service", "outcome", "executed_by"], registry=self.registry)
@@ -102,7 +105,7 @@ class Metrics:
         self.queue_wait = Histogram("microswarm_queue_wait_seconds", "Time calls waited in line for an agent slot",
                                     buckets=BUCKETS, registry=self.registry)
         coordinator.scheduler.queue.on_wait = self.queue_wait.observe
-        self.registry.register(_Live(coordinator))
+        self.registry.register(_Live(coordinator, self.label))
         self._outcomes: set[str] = {"success"}
         self._agent_series: dict[str, set[tuple[str, str]]] = {}  # agent id -> (service, outcome) it has
         coordinator.dispatcher.observers.append(self.observe)
@@ -125,7 +128,7 @@ class Metrics:
                 series.add((service, outcome))
             else:
                 who = "agent"  # it left before its answer came back
-        self.calls.labels(service, outcome, who).inc()
+        self.calls.labels(service, outcome, self.label(who) if who in self._agent_series else who).inc()
         self.duration.labels(service).observe(entry.ms / 1000.0)
 
     def prune(self) -> None:
@@ -133,7 +136,7 @@ class Metrics:
         for agent_id in [a for a in self._agent_series if a not in self.c.agents]:
             for service, outcome in self._agent_series.pop(agent_id):
                 try:
-                    self.calls.remove(service, outcome, agent_id)
+                    self.calls.remove(service, outcome, self.label(agent_id))
                 except KeyError:
                     pass
 
