@@ -104,7 +104,10 @@ class Dashboard:
         agents = []
         for a in sorted(c.agents.values(), key=lambda a: a.agent_id):
             info = a.info()
+            t = c.verifier.of(a.agent_id)
             agents.append({"id": a.agent_id, "address": peer(a.address)["address"], "state": info.state, "slots": a.slots,
+                           "trust": c.verifier.trust(a.agent_id, a.quarantined), "agreements": t.agreements,
+                           "disagreements": t.disagreements,
                            "running": a.running, "last_heartbeat_s": round(now - a.last_seen, 2),
                            "packages": list(info.packages), "done": a.jobs_done, "failed": a.jobs_failed,
                            "cpu_percent": round(info.cpu_percent, 1), "rss_bytes": info.rss_bytes})

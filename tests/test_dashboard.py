@@ -67,6 +67,7 @@ def test_data_has_the_papers_call_log_columns(dash):
     d = json.loads(body)
     assert {a["id"] for a in d["agents"]} == {"agent1", "agent2"}
     assert all({"running", "slots", "last_heartbeat_s"} <= a.keys() for a in d["agents"])
+    assert all(a["trust"] in ("new", "trusted", "quarantined") for a in d["agents"])
     assert "numbers.is_positive" in {s["name"] for s in d["services"]}
     row = next(x for x in d["calls"] if x["service"] == "numbers.is_positive")
     assert row["executed_by"] == env.executed_by and row["success"] is True

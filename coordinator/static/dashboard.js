@@ -34,7 +34,9 @@
       `${d.queue_depth} waiting for a slot · placement ${d.placement} · dispatch ${d.dispatch}`;
     $("#agent-count").textContent = `(${d.agents.length})`;
     $("#service-count").textContent = `(${d.services.length})`;
-    fill("#agents", d.agents.map((a) => [cell(a.id), cell(a.address), cell(a.state), cell(`${a.running}/${a.slots}`, "num"),
+    fill("#agents", d.agents.map((a) => [cell(a.id), cell(a.address), cell(a.state),
+      cell(`${a.trust} (${a.agreements}/${a.disagreements})`, a.trust === "quarantined" ? "bad" : a.trust === "trusted" ? "ok" : ""),
+      cell(`${a.running}/${a.slots}`, "num"),
       cell(`${a.last_heartbeat_s.toFixed(1)} s ago`, "num"), cell(a.packages.join(", ") || "–"), cell(a.done, "num"),
       cell(a.failed, "num"), cell(`${a.cpu_percent}%`, "num"), cell(fmtBytes(a.rss_bytes), "num")]));
     fill("#services", d.services.map((s) => [cell(s.name), cell(s.version), cell(s.revision, "num"),
