@@ -246,7 +246,7 @@ class Coordinator:
                     self.drop_agent(a, f"silent for {silent:.1f} s")
                 elif silent > self.liveness_s / 2:
                     self.suspect(a, f"no heartbeat for {silent:.1f} s")
-            self._watch_tokens()
+            self.watch_tokens()
             self.quarantine.tick()
             if self.placement.due():
                 self.replan()
@@ -430,7 +430,7 @@ class Coordinator:
                 self.drop_agent(a, "its join secret was revoked")
         return len(active), dropped
 
-    def _watch_tokens(self) -> None:
+    def watch_tokens(self) -> None:
         """`microswarm coordinator token|tokens` run in another process and only write the file:
         a changed file is reloaded here, within half a second."""
         try:

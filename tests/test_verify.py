@@ -116,12 +116,12 @@ def test_cache_entries_carry_their_producers_and_a_liars_are_purged() -> None:
 # ---------------------------------------------------------------- real clusters
 
 
-def start_liar(c: LocalCluster, agent_id: str, *liar_args: str) -> Path:
+def start_liar(c: LocalCluster, agent_id: str, *liar_args: str, token: str = "") -> Path:
     lies = c.dir / f"{agent_id}.lies"
     f = open(c.dir / f"agent-{agent_id}.log", "ab")
     c._logs.append(f)
     p = subprocess.Popen([sys.executable, str(LIAR), "--lie-log", str(lies), *liar_args, "--",
-                          "--coordinator", c.addr, "--token", c.token, "--id", agent_id, "--slots", "2",
+                          "--coordinator", c.addr, "--token", token or c.token, "--id", agent_id, "--slots", "2",
                           "--state-dir", str(c.agent_state(agent_id))],
                          stdout=f, stderr=subprocess.STDOUT, env=c.env(), start_new_session=True)
     c.agents[agent_id] = p
@@ -266,3 +266,23 @@ def test_verify_off_accepts_what_agents_say(make_cluster) -> None:
         env = cl.envelope("math.compute", {"a": 2, "b": 2})
     assert lines(lies) and env.executed_by == "liar"
     assert env.result == {"result": 1337} and not env.verified
+
+
+def test_two_agents_of_one_volunteer_cannot_confirm_each_others_lies(make_cluster) -> None:
+    """Both agents of the named token 'mallory' tell the same lie: were one allowed to confirm the
+    other, 1337 would go out verified. The second opinion must come from another volunteer (here,
+    with none, the coordinator)."""
+    c = make_cluster(0, "--verify", "always", "--queue-wait", "5")
+    minted = subprocess.run([sys.executable, "-m", "microswarm.cli", "coordinator", "token", "--state-dir", str(c.state),
+                             "--name", "mallory"], capture_output=True, text=True, env=c.env(), timeout=60)
+    token = minted.stdout.strip().splitlines()[-1]
+    lies = [start_liar(c, f"mallory{i}", token=token) for i in (1, 2)]
+    with c.client() as cl:
+        for i in range(8):
+            env = cl.envelope("math.compute", {"a": float(i), "b": 1.0})
+            assert env.ok and env.result == {"result": i + 1.0} and env.verified, env
+        told = [aid for aid, log in zip(("mallory1", "mallory2"), lies) if lines(log)]
+        assert told, "neither agent of the volunteer got a job"
+        for aid in told:
+            info = agent_info(c, aid)
+            assert info.trust == "quarantined" and info.agreements == 0, (aid, info)
