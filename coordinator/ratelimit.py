@@ -66,7 +66,8 @@ class Limits:
 
     def __init__(self, limits: dict[str, tuple[float, float]] | None = None) -> None:
         now = time.monotonic()
-        self.buckets = {k: Bucket(r, b, stamp=now) for k, (r, b) in (limits or AGENT_LIMITS).items()}
+        given = AGENT_LIMITS if limits is None else limits
+        self.buckets = {k: Bucket(r, b, stamp=now) for k, (r, b) in given.items()}
         self.tripped = ""  # the kind that ran out, once one has
 
     def allow(self, kind: str, now: float) -> bool:
