@@ -456,7 +456,8 @@ def status_tables(reply: Any) -> list[Table]:
         c.add_column(col)
     for call in reply.calls:
         ok = "[green]yes[/]" if call.success else f"[red]no[/] {call.error_code}"
-        c.add_row(datetime.fromtimestamp(call.time).strftime("%H:%M:%S.%f")[:-3], call.client, call.service,
+        who = f"{call.client} via {call.via_agent}" if call.via_agent else call.client  # a nested call: who asked
+        c.add_row(datetime.fromtimestamp(call.time).strftime("%H:%M:%S.%f")[:-3], who, call.service,
                   call.executed_by, ok, f"{call.ms:.1f}")
     q = reply.scheduler
     sched = Table(title=f"scheduler (placement {reply.placement}, dispatch {reply.dispatch})", title_justify="left")
