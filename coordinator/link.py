@@ -396,6 +396,7 @@ class AgentLinkService:
                 self._limit(s, "all", now)
                 if rec is None or rec.claimed is None:  # no such job, or one that needs no claim
                     s.claims_ignored += 1
+                    self.counts["claims_ignored"] += 1
                     self._limit(s, "bogus", now)
                 else:  # asked again, or after we gave up on it: the answer is no
                     self._limit(s, "claim", now)
@@ -474,6 +475,7 @@ class AgentLinkService:
         if rec is None or not rec.in_flight:
             self._limit(s, "bogus", now)
             s.claims_ignored += 1
+            self.counts["claims_ignored"] += 1
             self._nested_reply(s, nc, "protocol_error" if rec is None else "cancelled",
                                f"nested call from unknown job {safe(nc.job_id, 40)!r}" if rec is None
                                else f"job {nc.job_id} is no longer running here: its nested calls are refused")

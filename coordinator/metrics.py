@@ -68,6 +68,17 @@ class _Live:
         yield verifications
         yield CounterMetricFamily("microswarm_cache_purged", "Cache entries purged because an agent that computed "
                                   "them was caught lying", value=c.verifier.counts.purged)
+        served = getattr(c, "link", None)
+        if served is not None:
+            link = CounterMetricFamily("microswarm_link_limits", "What the agent link refused or did not count "
+                                       "(link.py): sessions cut off (rate_limited, too_large, over_budget, "
+                                       "stalled), results for jobs not sent (bogus_results), claims ignored",
+                                       labels=["reason"])
+            for reason, n in served.counts.items():
+                link.add_metric([reason], n)
+            yield link
+            yield GaugeMetricFamily("microswarm_link_partial_bytes", "Bytes of agents' unfinished messages held "
+                                    "now (at most the link budget)", value=served.partial_bytes)
         yield GaugeMetricFamily("microswarm_agents_quarantined", "Agents in quarantine now",
                                 value=sum(1 for a in c.agents.values() if a.quarantined))
         slots = GaugeMetricFamily("microswarm_agent_slots", "Job slots each agent offers", labels=["agent"])
