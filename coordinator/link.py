@@ -3,9 +3,10 @@ multiplexes package holdings and transfers, jobs and their results, nested calls
 
 No agent can flood it (figures and reasons in docs/design.md, "Link limits"):
 - before the handshake: at most PREAUTH_TOTAL handshakes read at once (PREAUTH_PER_HOST from one
-  host, PREAUTH_QUEUE_PER_HOST more waiting), a slot taken before the first read (gRPC does not read
-  a message off the wire until the handler asks for it), each hello at most HELLO_MAX bytes and the
-  whole handshake within HANDSHAKE_S;
+  host, PREAUTH_QUEUE_PER_HOST more waiting, PREAUTH_RATE started a second per host), a slot taken
+  before the first read (with BDP probing off, server.py, gRPC does not take a message off the wire
+  until the handler asks for it), each hello at most HELLO_MAX bytes and the whole handshake within
+  HANDSHAKE_S;
 - after it: messages per kind are rate-limited (ratelimit.py; past a limit: a sealed `rate_limited`
   refusal and the stream ends); a partial message may hold PARTIAL_IDLE bytes, or up to the
   channel's MAX_MESSAGE while the agent owes us a job's result, must keep flowing (PARTIAL_STALL_S,
