@@ -8,9 +8,9 @@ MICROSWARM_GATEWAY_URL when measuring `--coordinator`), observability_overhead_p
 of calls/s lost while /metrics is scraped and the dashboard's feed polled once a second, and
 offload_pct: the percentage of the throughput phase's calls that agents executed (neither the
 coordinator nor the cache). verify_cost_pct: the share of calls/s that result verification costs
-at the default (--verify adaptive, the agents trusted by then, 5% spot checks) against a second
-cluster with --verify off, in interleaved bursts (calls_per_s_verify_adaptive, _off); null with
-`--coordinator`.
+at the default (--verify adaptive, the agents trusted by then, 5% spot checks) against
+--verify off: two fresh clusters alike but for that flag, in interleaved bursts
+(calls_per_s_verify_adaptive, _off); null with `--coordinator`.
 The bare-gRPC floor of the same run (bench_floor.py): floor_p50_ms and floor_calls_per_s (unary
 echoes, one at a time and 64 in flight), and p50_vs_floor, calls_per_s_vs_floor: microswarm's
 p50 and calls/s as ratios to them.
@@ -304,21 +304,32 @@ def _tick_calls(client: Client, n: int) -> tuple[list[float], int]:
     return lat, errors
 
 
-def _verify_cost(main: LocalCluster, off: LocalCluster, rounds: int, seconds: float) -> dict[str, Any]:
-    """Throughput with --verify adaptive (the main cluster, its agents trusted by now: spot checks
-    only) against --verify off (a cluster like it), in interleaved bursts so that both see the same
-    host: verify_cost_pct is the share of calls/s that verification costs."""
+def _verify_cost(rounds: int, seconds: float) -> dict[str, Any]:
+    """Throughput of two fresh clusters alike but for --verify: adaptive (the default; its agents
+    earn trust in the warm-up, then only spot checks) and off, in interleaved bursts so that both
+    see the same host: verify_cost_pct is the share of calls/s that verification costs."""
+    on, off = LocalCluster(agents=2, slots=2), LocalCluster(agents=2, slots=2, coordinator_args=["--verify", "off"])
+
     async def bursts() -> tuple[float, float]:
-        await _throughput(off.addr, 1.0, 64, str(off.state))  # warm-up: its workers start
+        for c in (on, off):  # workers started; the adaptive cluster's agents earn their trust
+            await _throughput(c.addr, 1.0, 64, str(c.state))
         on_total = off_total = 0.0
         for _ in range(rounds):
             off_total += (await _throughput(off.addr, seconds, 64, str(off.state)))[0]
-            on_total += (await _throughput(main.addr, seconds, 64, str(main.state)))[0]
+            on_total += (await _throughput(on.addr, seconds, 64, str(on.state)))[0]
         return on_total / rounds, off_total / rounds
-    with _phase("verification cost"), console.status("measuring what --verify adaptive costs against off…"):
-        on, off_cps = asyncio.run(bursts())
-    return {"verify_cost_pct": round(100 * (off_cps - on) / off_cps, 1),
-            "calls_per_s_verify_off": round(off_cps, 1), "calls_per_s_verify_adaptive": round(on, 1)}
+    try:
+        with _phase("verification cost: starting two clusters"), \
+                console.status("verification cost: starting two clusters (--verify adaptive, off)…"):
+            on.start()
+            off.start()
+        with _phase("verification cost"), console.status("measuring what --verify adaptive costs against off…"):
+            on_cps, off_cps = asyncio.run(bursts())
+    finally:
+        for c in (on, off):
+            c.stop()
+    return {"verify_cost_pct": round(100 * (off_cps - on_cps) / off_cps, 1),
+            "calls_per_s_verify_off": round(off_cps, 1), "calls_per_s_verify_adaptive": round(on_cps, 1)}
 
 
 def _frozen_agent(n: int) -> dict[str, Any]:
@@ -395,7 +406,7 @@ def _floor(n: int, seconds: float) -> dict[str, float]:
 
 def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str | None = None) -> int:
     global _STATE_DIR
-    cluster = second = None
+    cluster = None
     http_url = os.environ.get("MICROSWARM_GATEWAY_URL") or None
     cost: dict[str, Any] = {"verify_cost_pct": None}
     try:
@@ -410,15 +421,11 @@ def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str
         tp_s = 3.0 if quick else 8.0
         with console.status("measuring: latency, throughput, payloads…"):
             lat, lat_by, cps, tp_by, mb100k, mb10m, gw = asyncio.run(_measure(addr, n_lat, tp_s, quick, http_url))
-        if cluster is not None:
-            second = LocalCluster(agents=2, slots=2, coordinator_args=["--verify", "off"])
-            with _phase("starting a second cluster"), console.status("starting a second cluster (--verify off)…"):
-                second.start()
-            cost = _verify_cost(cluster, second, 2 if quick else 3, 1.5 if quick else 2.5)
     finally:
-        for c in (second, cluster):
-            if c is not None:
-                c.stop()
+        if cluster is not None:
+            cluster.stop()
+    if coordinator is None:
+        cost = _verify_cost(2 if quick else 3, 1.5 if quick else 2.5)
     n_frozen = FROZEN_CALLS_QUICK if quick else FROZEN_CALLS
     frozen = _frozen_agent(n_frozen) if coordinator is None else dict.fromkeys(FROZEN_KEYS)
     with _phase("bare-gRPC floor"), console.status("measuring the bare-gRPC floor…"):
