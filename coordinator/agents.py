@@ -106,6 +106,8 @@ class AgentSession:
     fetched: dict[str, float] = field(default_factory=dict)  # digest -> when its package was last sent
     install_logged: set[tuple[str, bool]] = field(default_factory=set)  # (digest, ok) install reports logged
     charged: int = 0          # partial-frame bytes counted against the coordinator's link budget
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set when the coordinator drops it
+    end_reason: str = ""      # why the link ended it (a stall), when it did
 
     @property
     def running(self) -> int:

@@ -13,7 +13,7 @@ No agent can flood it (figures and reasons in docs/design.md, "Link limits"):
   PARTIAL_MAX_S), and every session's partial bytes together stay under LINK_BUDGET;
 - claims are checked against what was published and given to that agent; results for jobs not in
   flight are faults, not work; the text an agent sends is escaped before it reaches a log;
-- a dropped agent's stream ends within TICK_S, its buffers freed.
+- a dropped agent's stream ends at once (its sender sees the end of its outbox), its buffers freed.
 """
 from __future__ import annotations
 
@@ -52,7 +52,6 @@ PARTIAL_IDLE = 4 * MAX_FRAME   # a few frames: no honest message is larger unles
 PARTIAL_STALL_S = 10.0         # a partial message that gets no frame this long ends the session
 PARTIAL_MAX_S = 120.0          # nor may one take longer than this in all (64 MiB at ~4 Mbit/s)
 LINK_BUDGET = 256 * 1024 * 1024  # partial bytes of all sessions together (4 results of the largest size)
-TICK_S = 1.0                   # how often a session checks it was dropped or stalls
 FETCH_AGAIN_S = 5.0            # a package is sent again to the same agent at most this often
 NESTED_AT_ONCE = 4             # nested calls of one job running at once (a worker makes them one by one)
 NESTED_PER_JOB = 128           # nested calls of one job in all
@@ -207,17 +206,17 @@ class AgentLinkService:
         reader = asyncio.create_task(self._reader(s, context))
         reason, refusal = "stream closed", None
         try:
-            while True:  # the reader ends the session, or its removal (liveness, revocation...), or a stall
-                done, _ = await asyncio.wait((reader, sender), timeout=TICK_S, return_when=asyncio.FIRST_COMPLETED)
-                if reader in done:
-                    reason, refusal = reader.result()
-                    break
-                if s.closed or sender in done:
-                    break
-                stalled = self._stalled(s)
-                if stalled is not None:
-                    reason, refusal = stalled
-                    break
+            # The reader ends the session, or its removal (liveness, revocation, a stall found by
+            # sweep()...), even while its sender is stuck writing to an agent that stopped reading
+            ended = asyncio.ensure_future(s.ended.wait())
+            try:
+                done, _ = await asyncio.wait((reader, sender, ended), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ended.cancel()
+            if reader in done:
+                reason, refusal = reader.result()
+            elif s.end_reason:
+                reason = s.end_reason
             if refusal is not None and not s.closed:
                 s.send(pb.ToAgent(refusal=refusal))  # sealed: the sender writes it before the end
             c.drop_agent(s, reason)
@@ -314,6 +313,15 @@ class AgentLinkService:
         self.partial_bytes -= s.charged
         s.charged = 0
         s.channel.discard()
+
+    def sweep(self, sessions: list[AgentSession]) -> None:
+        """The coordinator's liveness loop, twice a second: end the sessions whose partial message stalled."""
+        for s in sessions:
+            stalled = self._stalled(s) if s.channel.buffered and not s.closed else None
+            if stalled is not None:
+                s.end_reason = stalled[0]
+                s.send(pb.ToAgent(refusal=stalled[1]))  # sealed; the sender writes it before the end
+                self.c.drop_agent(s, stalled[0])
 
     def _stalled(self, s: AgentSession) -> tuple[str, pb.Refusal] | None:
         ch = s.channel

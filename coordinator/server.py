@@ -216,6 +216,7 @@ class Coordinator:
         if agent.closed:
             return
         agent.closed = True
+        agent.ended.set()
         if self.agents.get(agent.agent_id) is agent:
             del self.agents[agent.agent_id]
             self.placement.forget(agent.agent_id)
@@ -246,6 +247,7 @@ class Coordinator:
                     self.drop_agent(a, f"silent for {silent:.1f} s")
                 elif silent > self.liveness_s / 2:
                     self.suspect(a, f"no heartbeat for {silent:.1f} s")
+            self.link.sweep(list(self.agents.values()))
             self.watch_tokens()
             self.quarantine.tick()
             if self.placement.due():
