@@ -19,7 +19,8 @@ from typing import Any
 import psutil
 import pytest
 
-from coordinator.link import HANDSHAKE_S, LINK_BUDGET, PARTIAL_IDLE, AgentLinkService, LinkLimit, PreAuthGate, Busy
+from coordinator.link import LINK_BUDGET, PARTIAL_IDLE, AgentLinkService, LinkLimit
+from coordinator.preauth import HANDSHAKE_S, Busy, PreAuthGate
 from coordinator.logsafe import safe
 from coordinator.ratelimit import Bucket, Limits
 from microswarm.cluster import LocalCluster, wait_for
