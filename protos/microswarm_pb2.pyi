@@ -297,12 +297,14 @@ class StatusReply(_message.Message):
     def __init__(self, coordinator_id: _Optional[str] = ..., listen: _Optional[str] = ..., uptime_s: _Optional[float] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallRecord, _Mapping]]] = ..., dispatch: _Optional[str] = ..., placement: _Optional[str] = ..., calls_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., cache_json: _Optional[bytes] = ..., scheduler: _Optional[_Union[SchedulerInfo, _Mapping]] = ..., verify: _Optional[_Union[VerifyInfo, _Mapping]] = ..., redacted: _Optional[bool] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
-    __slots__ = ("manifest", "archive")
+    __slots__ = ("manifest", "archive", "publisher_signature")
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     ARCHIVE_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHER_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     manifest: bytes
     archive: bytes
-    def __init__(self, manifest: _Optional[bytes] = ..., archive: _Optional[bytes] = ...) -> None: ...
+    publisher_signature: bytes
+    def __init__(self, manifest: _Optional[bytes] = ..., archive: _Optional[bytes] = ..., publisher_signature: _Optional[bytes] = ...) -> None: ...
 
 class PublishReply(_message.Message):
     __slots__ = ("name", "version", "digest", "revision", "unchanged")
@@ -517,20 +519,22 @@ class PackageRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("agent_id", "heartbeat_s", "liveness_s", "max_frame", "coordinator_id", "slots")
+    __slots__ = ("agent_id", "heartbeat_s", "liveness_s", "max_frame", "coordinator_id", "slots", "publisher_fingerprints")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_S_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHER_FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     heartbeat_s: float
     liveness_s: float
     max_frame: int
     coordinator_id: str
     slots: int
-    def __init__(self, agent_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., liveness_s: _Optional[float] = ..., max_frame: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., slots: _Optional[int] = ...) -> None: ...
+    publisher_fingerprints: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, agent_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., liveness_s: _Optional[float] = ..., max_frame: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., slots: _Optional[int] = ..., publisher_fingerprints: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class Holdings(_message.Message):
     __slots__ = ("packages",)
@@ -539,16 +543,18 @@ class Holdings(_message.Message):
     def __init__(self, packages: _Optional[_Iterable[_Union[PackageRef, _Mapping]]] = ...) -> None: ...
 
 class PackageData(_message.Message):
-    __slots__ = ("ref", "manifest", "signature", "archive")
+    __slots__ = ("ref", "manifest", "signature", "archive", "publisher_signature")
     REF_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     ARCHIVE_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHER_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     ref: PackageRef
     manifest: bytes
     signature: bytes
     archive: bytes
-    def __init__(self, ref: _Optional[_Union[PackageRef, _Mapping]] = ..., manifest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., archive: _Optional[bytes] = ...) -> None: ...
+    publisher_signature: bytes
+    def __init__(self, ref: _Optional[_Union[PackageRef, _Mapping]] = ..., manifest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., archive: _Optional[bytes] = ..., publisher_signature: _Optional[bytes] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "service", "digest", "input", "deadline_s", "chain", "confirm_start")
