@@ -138,6 +138,7 @@ class Agent:
         self._spoofed: dict[str, float] = {}  # discovered addresses that failed the key check, and when
         self.packages = PackageStore(Path(config.state_dir).expanduser() / "agent-packages", config.slots,
                                      config.max_packages, config.worker_idle_s, config.volunteer.worker_env)
+        self.packages.publisher_keys = self.token.publisher_keys  # msw2 token: packages must be publisher-signed
         self.jobs: dict[str, asyncio.Task[Any]] = {}
         self.claims: dict[str, asyncio.Future[bool]] = {}  # confirm_start jobs waiting for the go
         self.in_worker: set[str] = set()  # jobs running in a worker (not waiting for one)
@@ -472,11 +473,23 @@ class Agent:
         self.heartbeat_s = welcome.welcome.heartbeat_s or 1.0
         self.slots = welcome.welcome.slots or self.config.slots
         self._joined = True
+        self._check_publishers(list(welcome.welcome.publisher_fingerprints))
         log.info("joined coordinator %s at %s as %s with %d slots%s", welcome.welcome.coordinator_id[:16],
                  self.address, self.agent_id, self.slots,
                  f" (of {self.config.slots} asked: the token's cap)" if self.slots < self.config.slots else "")
         print(f"agent {self.agent_id} joined {self.address}", flush=True)
         return link
+
+    def _check_publishers(self, announced: list[bytes]) -> None:
+        """Warn when the coordinator's --publisher-key set differs from the token's. Only the token's
+        keys are trusted: a coordinator cannot add one (that would let a taken coordinator push code)."""
+        mine = {fingerprint(k) for k in self.token.publisher_keys}
+        if set(announced) != mine:
+            log.warning("the coordinator accepts packages from publisher keys [%s] but this agent's token "
+                        "carries [%s]; packages are checked against the token's keys only (ask the operator "
+                        "for a new token if the publisher keys changed)",
+                        ", ".join(f.hex()[:16] for f in announced) or "none",
+                        ", ".join(f.hex()[:16] for f in sorted(mine)) or "none")
 
     async def _next(self, link: Link) -> list[pb.ToAgent]:
         """The next sealed batch of messages."""

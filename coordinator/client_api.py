@@ -170,7 +170,8 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
                                 "state directory (pass --state-dir or set MICROSWARM_STATE_DIR)")
         try:
             entry, unchanged = await asyncio.get_running_loop().run_in_executor(
-                None, self.c.registry.publish, request.manifest, request.archive)
+                None, self.c.registry.publish, request.manifest, request.archive,
+                request.publisher_signature)
         except MicroError as exc:  # PackageError among them
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
         return pb.PublishReply(name=entry.name, version=entry.version, digest=entry.digest,

@@ -23,7 +23,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from microcores._secure import MAX_FRAME, MAX_MESSAGE, collect, split
+from microcores._secure import MAX_FRAME, MAX_MESSAGE, collect, fingerprint, split
 from microcores.errors import MicroError, ProtocolError
 from protos import microswarm_pb2 as pb
 
@@ -102,7 +102,9 @@ class AgentLinkService:
                  extra={"agent": s.agent_id})
         s.send(pb.ToAgent(welcome=pb.Welcome(agent_id=s.agent_id, heartbeat_s=c.heartbeat_s,
                                              liveness_s=c.liveness_s, max_frame=MAX_FRAME,
-                                             coordinator_id=c.state.fingerprint.hex(), slots=s.slots)))
+                                             coordinator_id=c.state.fingerprint.hex(), slots=s.slots,
+                                             publisher_fingerprints=[fingerprint(k) for k in
+                                                                     c.registry.publisher_keys])))
         s.welcomed = True
         c.agent_joined(s)
         sender = asyncio.create_task(self._sender(s, context))
@@ -336,7 +338,8 @@ class AgentLinkService:
             s.fetched[digest] = now
             p = entry.package
             s.send(pb.ToAgent(package=pb.PackageData(ref=entry.ref, manifest=p.manifest,
-                                                     signature=p.signature, archive=p.archive)))
+                                                     signature=p.signature, archive=p.archive,
+                                                     publisher_signature=p.publisher_signature)))
         elif kind == "installed":
             self._limit(s, "installed", now)
             self._installed(s, msg.installed)

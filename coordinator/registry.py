@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from microcores import _publisher
 from microcores import services as builtin_services
 from microcores._package import Package, build, load_service, parse_manifest, sign
 from microcores.core import NAME_RE, MicroCore
@@ -54,8 +55,11 @@ class ServiceEntry:
 
 
 class Registry:
-    def __init__(self, state: StateDir) -> None:
+    def __init__(self, state: StateDir, publisher_keys: list[bytes] | None = None) -> None:
         self.state = state
+        # --publisher-key: only packages one of these signed are published (and restored); the
+        # coordinator relays the signature, which agents whose token carries the keys check too
+        self.publisher_keys = list(publisher_keys or [])
         self.services: dict[str, ServiceEntry] = {}
         self.by_digest: dict[str, ServiceEntry] = {}
         self._published: list[dict[str, Any]] = []
@@ -71,6 +75,7 @@ class Registry:
         for rec in self._published:
             try:
                 pkg = self.state.load_package(rec["digest"])
+                self._check_publisher(pkg)
                 cls = self._load_class(pkg)
                 self._add(ServiceEntry(cls, pkg, int(rec["revision"]), False, float(rec["published_at"])))
             except (OSError, PackageError, KeyError, ValueError, ImportError) as exc:
@@ -93,6 +98,7 @@ class Registry:
                 entry = old.get(rec["digest"])
                 if entry is None or entry.builtin:
                     pkg = self.state.load_package(rec["digest"])
+                    self._check_publisher(pkg)
                     entry = ServiceEntry(self._load_class(pkg), pkg, int(rec["revision"]), False,
                                          float(rec["published_at"]))
                     log.info("reload: %s revision %d (digest %s) is new", entry.label, entry.revision,
@@ -115,15 +121,28 @@ class Registry:
         if cur is None or entry.revision >= cur.revision:
             self.services[entry.name] = entry
 
-    def publish(self, manifest: bytes, archive: bytes) -> tuple[ServiceEntry, bool]:
+    def _check_publisher(self, pkg: Package) -> None:
+        if self.publisher_keys:
+            _publisher.verify(pkg.manifest, pkg.publisher_signature, self.publisher_keys,
+                              f"package {pkg.name} ({pkg.digest[:12]})")
+
+    def publish(self, manifest: bytes, archive: bytes, publisher_signature: bytes = b""
+                ) -> tuple[ServiceEntry, bool]:
         """Check, sign, store and load a package from the operator; it becomes the current version."""
         info = parse_manifest(manifest)
         name = info["name"]
         if not NAME_RE.match(name):
             raise PackageError(f"service name {name!r} must look like 'group.function'")
-        unsigned = Package(manifest, archive)
+        if self.publisher_keys:
+            _publisher.verify(manifest, publisher_signature, self.publisher_keys, f"package {name}")
+        else:
+            publisher_signature = b""  # nobody checks it: do not store what was not verified
+        unsigned = Package(manifest, archive, b"", publisher_signature)
         cur = self.services.get(name)
         if cur is not None and cur.digest == unsigned.digest:
+            if publisher_signature and cur.package.publisher_signature != publisher_signature:
+                cur.package = sign(unsigned, self.state.identity)  # now relayed with its publisher's signature
+                self.state.store_publisher_signature(cur.package)
             return cur, True
         pkg = sign(unsigned, self.state.identity)
         try:

@@ -8,12 +8,12 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from grpc import aio
 
-from microcores import _codec
+from microcores import _codec, _publisher
 from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
 
@@ -67,6 +67,7 @@ class CoordinatorConfig:
     verify: str = "adaptive"         # results of pure services: adaptive | always | off (coordinator/verify.py)
     trust_after: int = 10            # agreements in a row before an agent's results are only spot-checked
     spot_check: float = 0.05         # chance a trusted agent's result is still confirmed
+    publisher_keys: list[bytes] = field(default_factory=list)  # --publisher-key: raw Ed25519 public keys
 
 
 class Coordinator:
@@ -80,7 +81,8 @@ class Coordinator:
         self.volunteers = Volunteers(self.state.path)  # tokens in memory; agent ids bound to keys
         self.volunteers.tokens.load()
         self._tokens_error = ""
-        self.registry = Registry(self.state)
+        self._set_publisher_keys(config.publisher_keys)
+        self.registry = Registry(self.state, config.publisher_keys)
         self.agents: dict[str, AgentSession] = {}
         self.calllog = CallLog(path=self.state.path / "calls.jsonl")
         if config.dispatch not in STRATEGIES:
@@ -336,6 +338,21 @@ class Coordinator:
         if stats:
             reply.cache_json = json.dumps(stats).encode()
         return reply
+
+    def _set_publisher_keys(self, keys: list[bytes]) -> None:
+        """Persist the --publisher-key set for `coordinator token` (another process) to put in tokens."""
+        try:
+            before = self.state.publisher_keys()
+        except ValueError:
+            before = []
+        _publisher.save_keys(self.state.path, keys)
+        if keys:
+            log.info("publisher keys: only packages signed by one of [%s] are accepted; join tokens carry them",
+                     _publisher.names(keys))
+        if set(before) != set(keys):
+            log.warning("the publisher keys changed since the last start (were [%s], now [%s]): tokens minted "
+                        "before carry the old set; give volunteers new tokens (`microswarm coordinator token`)",
+                        _publisher.names(before), _publisher.names(keys))
 
     # ------------------------------------------------------------ lifecycle
 

@@ -7,7 +7,9 @@ default needs no server. Layout:
     agent_keys.json         each agent id and the key that owns it (volunteers.py)
     admin.token             the operator's credential for publishing
     registry.json           published services and their versions, newest last
-    packages/<digest>/      manifest.json, manifest.sig, archive.zip, files/ (extracted)
+    packages/<digest>/      manifest.json, manifest.sig, archive.zip, files/ (extracted), and
+                            publisher.sig when a publisher signed it (microcores/_publisher.py)
+    publisher_keys.json     the --publisher-key set of the last start; join tokens carry it (msw2.)
     clients.json            the gateway's clients, secrets as salted hashes (coordinator/auth.py)
     tokens.jsonl            a journal of token hashes, scopes and expiries (never the tokens)
 """
@@ -27,6 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from microcores._package import Package, extract
 from microcores.client import default_state_dir as client_default_state_dir
 from microcores._secure import JoinToken, fingerprint, load_or_create_identity, public_bytes, write_private
+
+from microcores import _publisher
 
 from . import volunteers
 
@@ -75,13 +79,17 @@ class StateDir:
         """The shared join token (the first shared secret; a new one with `new`)."""
         shared = [t.secret for t in volunteers.load_tokens(self.secrets_path) if not t.name]
         secret = self.add_join_secret() if new or not shared else shared[0]
-        return JoinToken(self.fingerprint, secret).encode()
+        return JoinToken(self.fingerprint, secret, tuple(self.publisher_keys())).encode()
 
     def volunteer_token(self, name: str, max_agents: int | None = None, max_slots: int | None = None
                         ) -> tuple[str, volunteers.VolunteerToken, str]:
         """(token text, its entry, "minted" | "unchanged" | "updated") for the volunteer `name`."""
         tok, what = volunteers.mint(self.secrets_path, name, max_agents, max_slots)
-        return JoinToken(self.fingerprint, tok.secret).encode(), tok, what
+        return JoinToken(self.fingerprint, tok.secret, tuple(self.publisher_keys())).encode(), tok, what
+
+    def publisher_keys(self) -> list[bytes]:
+        """The --publisher-key set the coordinator was last started with (tokens carry it)."""
+        return _publisher.read_keys(self.path)
 
     def pseudonym(self, agent_id: str) -> str:
         """A stable stand-in for an agent id, shown to callers who are not the operator: keyed by a
@@ -114,17 +122,23 @@ class StateDir:
         if not (d / "files" / ".manifest.json").exists():
             extract(pkg, d / "files")
         for name, data in (("manifest.json", pkg.manifest), ("manifest.sig", pkg.signature),
-                           ("archive.zip", pkg.archive)):
-            if not (d / name).exists():
+                           ("archive.zip", pkg.archive), ("publisher.sig", pkg.publisher_signature)):
+            if not (d / name).exists() and (data or name != "publisher.sig"):
                 tmp = d / (name + ".tmp")
                 tmp.write_bytes(data)
                 os.replace(tmp, d / name)
         return d
 
+    def store_publisher_signature(self, pkg: Package) -> None:
+        p = self.package_dir(pkg.digest) / "publisher.sig"
+        p.with_suffix(".tmp").write_bytes(pkg.publisher_signature)
+        os.replace(p.with_suffix(".tmp"), p)
+
     def load_package(self, digest: str) -> Package:
         d = self.package_dir(digest)
+        pub = d / "publisher.sig"
         return Package((d / "manifest.json").read_bytes(), (d / "archive.zip").read_bytes(),
-                       (d / "manifest.sig").read_bytes())
+                       (d / "manifest.sig").read_bytes(), pub.read_bytes() if pub.exists() else b"")
 
     def read_registry(self) -> list[dict[str, Any]]:
         p = self.path / "registry.json"

@@ -48,6 +48,7 @@ class Package:
     manifest: bytes
     archive: bytes
     signature: bytes = b""
+    publisher_signature: bytes = b""  # by a publisher's key, made off the coordinator (_publisher.py)
 
     @functools.cached_property
     def digest(self) -> str:
@@ -146,7 +147,7 @@ def module_files(module: types.ModuleType) -> tuple[dict[str, bytes], str]:
 
 
 def sign(pkg: Package, key: Ed25519PrivateKey) -> Package:
-    return Package(pkg.manifest, pkg.archive, key.sign(SIGN_LABEL + pkg.manifest))
+    return Package(pkg.manifest, pkg.archive, key.sign(SIGN_LABEL + pkg.manifest), pkg.publisher_signature)
 
 
 # ---------------------------------------------------------------- checking

@@ -40,6 +40,8 @@ from .errors import ProtocolError, TooLarge
 
 PROTOCOL = 1
 TOKEN_PREFIX = "msw1."
+TOKEN_PREFIX_PUBLISHERS = "msw2."      # the same, followed by n x 32-byte publisher public keys
+MAX_PUBLISHER_KEYS = 16
 MAX_FRAME = 1024 * 1024            # plaintext bytes in one sealed frame
 MAX_MESSAGE = 80 * 1024 * 1024     # plaintext bytes of one message, reassembled from frames
 MIN_PIECE = 64 * 1024              # a piece that is not its message's last carries at least this (or max_frame)
@@ -90,33 +92,60 @@ def write_private(path: Path, data: bytes) -> None:
 
 @dataclass(frozen=True)
 class JoinToken:
-    """What a volunteer pastes: the coordinator's key fingerprint and a join secret."""
+    """What a volunteer pastes: the coordinator's key fingerprint, a join secret and, when the
+    coordinator was started with `--publisher-key`, the publisher keys the agent then requires on
+    every package (`msw2.`; without publisher keys the token keeps its `msw1.` form)."""
 
     fingerprint: bytes
     secret: bytes
+    publisher_keys: tuple[bytes, ...] = ()
 
     def encode(self) -> str:
-        return TOKEN_PREFIX + base64.urlsafe_b64encode(self.fingerprint + self.secret).decode().rstrip("=")
+        if not self.publisher_keys:
+            return TOKEN_PREFIX + _b64(self.fingerprint + self.secret)
+        return TOKEN_PREFIX_PUBLISHERS + _b64(self.fingerprint + self.secret + b"".join(self.publisher_keys))
 
     @classmethod
     def parse(cls, text: str) -> "JoinToken":
         text = text.strip()
-        hint = ("a join token looks like 'msw1.' followed by 86 characters; "
-                "get one with `microswarm coordinator token` on the coordinator's machine")
-        if not text.startswith(TOKEN_PREFIX):
+        hint = ("a join token looks like 'msw1.' followed by 86 characters (or 'msw2.' and more, when it "
+                "carries publisher keys); get one with `microswarm coordinator token` on the coordinator's machine")
+        if text.startswith(TOKEN_PREFIX):
+            prefix = TOKEN_PREFIX
+        elif text.startswith(TOKEN_PREFIX_PUBLISHERS):
+            prefix = TOKEN_PREFIX_PUBLISHERS
+        else:
             raise ValueError(f"not a microswarm join token: {hint}")
-        body = text[len(TOKEN_PREFIX):]
+        body = text[len(prefix):]
         try:
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         except ValueError:
             raise ValueError(f"join token is not valid base64url: {hint}") from None
-        if len(raw) != 64:
-            raise ValueError(f"join token has {len(raw)} bytes, expected 64: {hint}")
-        return cls(raw[:32], raw[32:])
+        if prefix == TOKEN_PREFIX:
+            if len(raw) != 64:
+                raise ValueError(f"join token has {len(raw)} bytes, expected 64: {hint}")
+            return cls(raw[:32], raw[32:])
+        extra = len(raw) - 64
+        if extra <= 0 or extra % 32:
+            raise ValueError(f"msw2 join token has {len(raw)} bytes, expected 64 plus 32 per publisher key "
+                             f"(damaged or cut short?): {hint}")
+        keys = tuple(raw[i:i + 32] for i in range(64, len(raw), 32))
+        if len(keys) > MAX_PUBLISHER_KEYS:
+            raise ValueError(f"join token carries {len(keys)} publisher keys, at most {MAX_PUBLISHER_KEYS}")
+        for k in keys:
+            try:
+                Ed25519PublicKey.from_public_bytes(k)
+            except ValueError:
+                raise ValueError(f"join token carries a publisher key that is not an Ed25519 public key: {hint}") from None
+        return cls(raw[:32], raw[32:64], keys)
 
     @property
     def fingerprint_hex(self) -> str:
         return self.fingerprint.hex()
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def new_secret() -> bytes:

@@ -483,9 +483,12 @@ def admin_credential(state_dir: str | os.PathLike[str]) -> str:
                               "directory (--state-dir or MICROSWARM_STATE_DIR)") from None
 
 
-def publish(target: Any, *, coordinator: str | None = None, state_dir: str | os.PathLike[str] | None = None
-            ) -> list[pb.PublishReply]:
-    """Publish services: a MicroCore class, a module, or a path to a file or package."""
+def publish(target: Any, *, coordinator: str | None = None, state_dir: str | os.PathLike[str] | None = None,
+            sign_with: str | os.PathLike[str] | None = None) -> list[pb.PublishReply]:
+    """Publish services: a MicroCore class, a module, or a path to a file or package. `sign_with`:
+    a publisher's private key file (`microswarm keys create`); the package is signed here, and the
+    coordinator (started with `--publisher-key`) relays the signature to agents."""
+    from . import _publisher
     from ._package import build, import_path, services_in
     from .core import MicroCore
 
@@ -499,6 +502,7 @@ def publish(target: Any, *, coordinator: str | None = None, state_dir: str | os.
         classes = services_in(target)
     if not classes:
         raise ValueError(f"no MicroCore subclass with a name found in {target}")
+    signer = _publisher.load_private(sign_with) if sign_with else None
     cred = admin_credential(state_dir)
     target_addr = coordinator or default_coordinator()
     replies = []
@@ -506,8 +510,10 @@ def publish(target: Any, *, coordinator: str | None = None, state_dir: str | os.
         stub = pbg.CoordinatorStub(channel)
         for cls in classes:
             pkg = build(cls)
+            psig = _publisher.sign(pkg.manifest, signer) if signer else b""
             try:
-                replies.append(stub.Publish(pb.PublishRequest(manifest=pkg.manifest, archive=pkg.archive),
+                replies.append(stub.Publish(pb.PublishRequest(manifest=pkg.manifest, archive=pkg.archive,
+                                                              publisher_signature=psig),
                                             metadata=[("authorization", f"Admin {cred}")], timeout=60))
             except grpc.RpcError as exc:
                 if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT):

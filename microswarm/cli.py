@@ -59,6 +59,13 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
                             verify=a.verify, trust_after=a.trust_after, spot_check=a.spot_check)
     cfg.advertise = a.advertise
     try:
+        from microcores import _publisher
+        paths = [a.publisher_key] if isinstance(a.publisher_key, str) else (a.publisher_key or [])  # toml: one
+        cfg.publisher_keys = [_publisher.load_public(p) for p in paths]
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]error:[/] --publisher-key: {exc}")
+        return 2
+    try:
         from coordinator.governor import GovernorSettings
         cfg.governor = GovernorSettings.from_options(a.max_heap, a.eviction_threshold, a.soft_target,
                                                      a.critical_threshold)
@@ -208,7 +215,7 @@ def cmd_publish(a: argparse.Namespace) -> int:
     from microcores.errors import MicroError
 
     try:
-        replies = publish(a.path, coordinator=a.coordinator, state_dir=a.state_dir)
+        replies = publish(a.path, coordinator=a.coordinator, state_dir=a.state_dir, sign_with=a.sign_with)
     except (MicroError, PermissionError, ValueError, FileNotFoundError, ImportError, SyntaxError) as exc:
         err.print(f"[red]error:[/] {exc}")
         return 1
@@ -217,6 +224,20 @@ def cmd_publish(a: argparse.Namespace) -> int:
         out.print(f"published [bold]{r.name}[/]@{r.version} ({what}, digest {r.digest[:12]})")
     if a.wait > 0:
         return _wait_rollout(a, {r.name: r.digest for r in replies})
+    return 0
+
+
+def cmd_keys_create(a: argparse.Namespace) -> int:
+    from microcores import _publisher
+    from microcores._secure import fingerprint
+
+    try:
+        pub_path, pub = _publisher.create(Path(a.path))
+    except (OSError, ValueError) as exc:  # FileExistsError among them: never overwrite a key
+        return _fail(str(exc))
+    err.print(f"publisher key created: private key {a.path} (keep it off the coordinator, ideally offline), "
+              f"public key {pub_path} (for `coordinator start --publisher-key`); fingerprint:")
+    print(fingerprint(pub).hex())  # errors and logs name a key by the first 16 digits
     return 0
 
 
@@ -615,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="/metrics needs a bearer token (by default it is readable, as exporters are)")
     st.add_argument("--advertise", action=argparse.BooleanOptionalAction, default=None,
                     help="advertise on the LAN with zeroconf (default: yes, unless listening on loopback)")
+    st.add_argument("--publisher-key", action="append", default=None, metavar="PUB",
+                    help="accept only packages signed by this publisher key (a .pub file of `microswarm keys "
+                         "create`; repeatable); join tokens carry the keys and agents check them too")
     _daemon_args(st, "coordinator")
     st.set_defaults(func=cmd_coordinator_start, config_section="coordinator")
     tk = cosub.add_parser("token", help="print a join token for agents (shared, or one volunteer's with --name)")
@@ -687,7 +711,17 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--wait", type=float, default=60.0, metavar="S",
                     help="wait up to S seconds for the connected agents to install it (0: do not wait)")
     _client_args(pu)
+    pu.add_argument("--sign-with", default=os.environ.get("MICROSWARM_SIGN_WITH"), metavar="KEY",
+                    help="sign the packages here with this publisher key (`microswarm keys create`); needed "
+                         "when the coordinator runs with --publisher-key (env MICROSWARM_SIGN_WITH)")
     pu.set_defaults(func=cmd_publish)
+
+    ke = sub.add_parser("keys", help="publisher keys: sign packages off the coordinator")
+    kesub = ke.add_subparsers(dest="action", required=True)
+    kc = kesub.add_parser("create", help="make a publisher key pair: the private key at PATH (0600), the public "
+                                         "at PATH.pub (give it to `coordinator start --publisher-key`)")
+    kc.add_argument("path", metavar="PATH")
+    kc.set_defaults(func=cmd_keys_create)
 
     ca = sub.add_parser("call", help="call a service with a JSON input")
     ca.add_argument("service")
