@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 from microcores._secure import write_private
 
+from .ratelimit import Bucket
+
 log = logging.getLogger("microswarm.auth")
 
 ACCESS_TTL_S = 3600.0
@@ -49,17 +51,53 @@ REFRESH_PREFIX = "msrt_"
 MAX_SCOPES = 64
 MAX_NAME = 64
 SCOPE_CHARS = set(string.ascii_lowercase + string.digits + "_.*?[]!-")
+# Token requests (POST /oauth/token, gRPC Token): (rate per second, burst) per client id and per
+# address. An honest client asks once an hour; a burst past these is answered 429 / RESOURCE_EXHAUSTED.
+TOKEN_LIMIT_PER_CLIENT = (1.0, 30.0)
+TOKEN_LIMIT_PER_ADDRESS = (5.0, 100.0)
+TOKEN_LIMIT_KEYS = 8192  # buckets kept per kind; full ones are forgotten first
+
+
+class RateLimiter:
+    """Token buckets by key (a client id, an address), bounded in number."""
+
+    def __init__(self, rate: float, burst: float, keys: int = TOKEN_LIMIT_KEYS) -> None:
+        self.rate, self.burst, self.keys = rate, burst, keys
+        self.buckets: dict[str, Bucket] = {}
+        self.limited = 0
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """0 when allowed, else the seconds until one request would be."""
+        now = time.monotonic() if now is None else now
+        b = self.buckets.get(key)
+        if b is None:
+            if len(self.buckets) >= self.keys:
+                self._prune(now)
+            b = self.buckets[key] = Bucket(self.rate, self.burst, stamp=now)
+        if b.take(now):
+            return 0.0
+        self.limited += 1
+        return (1.0 - b.tokens) / self.rate
+
+    def _prune(self, now: float) -> None:
+        full = self.burst / self.rate  # a bucket untouched this long is full again: forgetting it changes nothing
+        for k in [k for k, b in self.buckets.items() if now - b.stamp >= full]:
+            del self.buckets[k]
+        while len(self.buckets) >= self.keys:  # still too many: the least recently used go
+            del self.buckets[min(self.buckets, key=lambda k: self.buckets[k].stamp)]
 
 
 class AuthError(Exception):
     """A refusal in OAuth terms: `error` is the RFC 6749/6750 code, `status` the HTTP status."""
 
-    def __init__(self, error: str, description: str, status: int = 401, scope: str = "") -> None:
+    def __init__(self, error: str, description: str, status: int = 401, scope: str = "",
+                 retry_after: float = 0.0) -> None:
         super().__init__(description)
         self.error = error
         self.description = description
         self.status = status
         self.scope = scope
+        self.retry_after = retry_after  # rate_limited (429): seconds until a request would be taken
 
     @property
     def code(self) -> str:
@@ -153,10 +191,19 @@ def parse_scopes(scope: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
     return tuple(dict.fromkeys(parts))
 
 
+GLOB_CHARS = frozenset("*?[]!")
+
+
 def narrows(requested: str, allowed: tuple[str, ...]) -> bool:
-    """Whether a requested pattern stays inside the allowed ones (read literally: `examples.*`
-    inside `examples.*` or `*`, `math.compute` inside `math.*`)."""
-    return any(requested == a or fnmatchcase(requested, a) for a in allowed)
+    """Whether a requested pattern stays inside the allowed ones, read as patterns, not strings.
+
+    Whether one glob covers another is hard in general (`math.[!c]*` does not cover `math.*`, yet
+    `math.*` matches the string "math.[!c]*"), so the rule is a sound subset: a requested pattern
+    is allowed when it equals a granted pattern, or has no glob character and a granted pattern
+    matches it (`math.compute` inside `math.*`), or a granted pattern is `*` (which covers all)."""
+    if not GLOB_CHARS & set(requested):
+        return any(fnmatchcase(requested, a) for a in allowed)
+    return any(requested == a or a == "*" for a in allowed)
 
 
 class Auth:
@@ -175,6 +222,8 @@ class Auth:
         self._journal_lines = 0
         self.issued = 0
         self.refused = 0
+        self.per_client = RateLimiter(*TOKEN_LIMIT_PER_CLIENT)
+        self.per_address = RateLimiter(*TOKEN_LIMIT_PER_ADDRESS)
         self.load()
 
     # ------------------------------------------------------------ persistence
@@ -205,6 +254,22 @@ class Auth:
                     except (ValueError, KeyError, TypeError):
                         continue  # a torn last line after a crash: skip it
         self._compact()
+
+    def reload_clients(self) -> None:
+        """Re-read clients.json only (SIGHUP, or the file changed): tokens stay as they are, and a
+        client no longer listed or now revoked loses its tokens at once. A damaged file raises
+        ValueError and keeps the clients in memory."""
+        try:
+            data = json.loads(self.clients_file.read_text()) if self.clients_file.exists() else {}
+            clients = {c["client_id"]: ClientRecord.from_json(c) for c in data.get("clients", [])}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{self.clients_file} is damaged ({exc})") from None
+        self.clients = clients
+        for t in [t for t in self.tokens.values()
+                  if t.client_id != OPERATOR and (t.client_id not in clients or clients[t.client_id].revoked)]:
+            self._drop(t)
+
+    reload = reload_clients  # the coordinator's SIGHUP hook
 
     def _replay(self, r: dict[str, Any]) -> None:
         op = r["op"]
@@ -373,6 +438,21 @@ class Auth:
             answer["refresh_token"] = self._mint("refresh", client_id, scopes, family, self.refresh_ttl)
         return answer
 
+    def limit_token_requests(self, address: str = "", client_id: str = "") -> None:
+        """One token request from `address` and/or for `client_id`: AuthError rate_limited (429)
+        when either has asked too often (TOKEN_LIMIT_PER_ADDRESS, TOKEN_LIMIT_PER_CLIENT)."""
+        for key, limiter, who in ((address, self.per_address, "this address"),
+                                  (client_id, self.per_client, "this client")):
+            if not key:
+                continue
+            wait = limiter.take(key)
+            if wait:
+                self.refused += 1
+                raise AuthError("rate_limited", f"too many token requests from {who} "
+                                f"(at most {limiter.burst:g} at once, then {limiter.rate:g} a second): "
+                                f"retry in {wait:.1f} s, and keep a token until it expires", 429,
+                                retry_after=wait)
+
     def _scopes_for(self, allowed: tuple[str, ...], requested: str | None) -> tuple[str, ...]:
         try:
             want = parse_scopes(requested)
@@ -382,8 +462,9 @@ class Auth:
             return allowed
         outside = [p for p in want if not narrows(p, allowed)]
         if outside:
-            raise AuthError("invalid_scope", f"scope {' '.join(outside)} is beyond this client's "
-                                             f"({' '.join(allowed)})", 400)
+            raise AuthError("invalid_scope", f"scope {' '.join(outside)} is not covered by this client's "
+                                             f"({' '.join(allowed)}): ask for one of those patterns exactly, "
+                                             "or for service names they match", 400)
         return want
 
     def client_credentials(self, client: ClientRecord, scope: str | None = None) -> dict[str, Any]:

@@ -26,6 +26,12 @@ if TYPE_CHECKING:
     from .server import Coordinator
 
 
+def peer_host(peer: str) -> str:
+    """The address of a gRPC peer without its port ("ipv4:1.2.3.4:5678" -> "ipv4:1.2.3.4")."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
+
+
 def caller_label(token: Token, hint: str) -> str:
     """Who the call log names: the authenticated client id (the operator's tools add their hint)."""
     if token.client_id == OPERATOR and hint:
@@ -68,7 +74,7 @@ class TokenService:
     def _admin(self, context: aio.ServicerContext) -> str | None:
         """The admin credential presented in metadata, if it is the right one."""
         auth = dict(context.invocation_metadata()).get("authorization", "")
-        admin = self.c.state.admin_token(create=False) or ""
+        admin = self.c.admin_credential()
         if auth.startswith("Admin ") and admin and hmac.compare_digest(auth[6:].encode(), admin.encode()):
             return auth[6:]
         return None
@@ -82,6 +88,9 @@ class TokenService:
     @staticmethod
     async def _abort(context: aio.ServicerContext, exc: AuthError) -> None:
         code = grpc.StatusCode.UNAUTHENTICATED if exc.status == 401 else grpc.StatusCode.INVALID_ARGUMENT
+        if exc.status == 429:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.send_initial_metadata((("retry-after", str(max(1, int(exc.retry_after + 0.999)))),))
         await context.abort(code, f"{exc.error}: {exc.description}")
 
     async def Token(self, request: pb.TokenRequest, context: aio.ServicerContext) -> pb.TokenReply:
@@ -90,15 +99,19 @@ class TokenService:
             if request.grant_type == "client_credentials" and not request.client_id:
                 md = dict(context.invocation_metadata()).get("authorization", "")
                 if not md.startswith("Admin "):
+                    a.limit_token_requests(peer_host(context.peer()))
                     raise AuthError("invalid_client", "no client id: pass a client id and secret "
                                                       "(microswarm clients create NAME)", 401)
-                answer = a.operator_grant(self.c.state.admin_token(create=False) or "", md[6:])
-            elif request.grant_type == "client_credentials":
+                if self._admin(context) is None:  # the operator's own tools are not limited; guesses are
+                    a.limit_token_requests(peer_host(context.peer()))
+                answer = a.operator_grant(self.c.admin_credential(), md[6:])
+            elif request.grant_type in ("client_credentials", "refresh_token"):
+                a.limit_token_requests(peer_host(context.peer()), request.client_id)
                 client = a.authenticate(request.client_id, request.client_secret)
-                answer = a.client_credentials(client, request.scope or None)
-            elif request.grant_type == "refresh_token":
-                client = a.authenticate(request.client_id, request.client_secret)
-                answer = a.refresh(client, request.refresh_token, request.scope or None)
+                if request.grant_type == "client_credentials":
+                    answer = a.client_credentials(client, request.scope or None)
+                else:
+                    answer = a.refresh(client, request.refresh_token, request.scope or None)
             else:
                 raise AuthError("unsupported_grant_type",
                                 "grant_type must be client_credentials or refresh_token", 400)

@@ -22,6 +22,7 @@ from .caller import Caller
 if TYPE_CHECKING:
     from .server import Coordinator
 
+STATUS_SCOPE = "status"  # a client token whose scope covers this name may read Status and CacheStats
 MAX_STREAM_IN_FLIGHT = 4096
 STREAM_BATCH_BYTES = 1 << 20
 # Under load a reply waits STREAM_LINGER_S for the other calls in flight on its stream, so that more
@@ -140,30 +141,45 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
             for t in list(tasks.values()):
                 t.cancel()
 
-    async def Status(self, request: pb.StatusRequest, context: aio.ServicerContext) -> pb.StatusReply:
-        """Everything for the operator (`Admin <admin.token>`, or a bearer token of the operator
-        client); for anyone else volunteers' ids and addresses are hidden (Coordinator.status)."""
+    async def _viewer(self, context: aio.ServicerContext, what: str) -> bool:
+        """Who may look at Status/CacheStats: True for the operator (`Admin <admin.token>`, or a
+        bearer token of the operator client), False for a client whose token's scope covers
+        `status`; anyone else is refused (UNAUTHENTICATED without a valid token, PERMISSION_DENIED
+        when its scope lacks `status`)."""
         auth = dict(context.invocation_metadata()).get("authorization", "")
-        return self.c.status(request.recent_calls, operator=self._is_operator(auth))
-
-    def _is_operator(self, auth: str) -> bool:
         if auth.startswith("Admin "):
-            admin = self.c.state.admin_token(create=False) or ""
-            return bool(admin) and hmac.compare_digest(auth[6:].encode(), admin.encode())
-        if auth[:7].lower() == "bearer ":
-            try:
-                token = self.c.auth.verify(auth)
-            except AuthError:
-                return False
-            return token.client_id == OPERATOR and not token.revoked
+            if self._admin(context) is not None:
+                return True
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{what} refused: wrong admin credential (is --state-dir the coordinator's?)")
+        try:
+            token = self.c.auth.verify(auth or None)
+        except AuthError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, (
+                f"{what} needs the operator's admin credential (run where the coordinator's state directory "
+                "is readable: --state-dir or MICROSWARM_STATE_DIR) or a bearer token of a client with the "
+                f"scope 'status' (microswarm clients create NAME --scope status): {exc.description}"))
+        if token.client_id == OPERATOR:
+            return True
+        if not token.permits(STATUS_SCOPE):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, (
+                f"{what} needs a token whose scope covers 'status'; this client's scope is "
+                f"{' '.join(token.scopes)} (create a client with --scope status)"))
         return False
 
+    async def Status(self, request: pb.StatusRequest, context: aio.ServicerContext) -> pb.StatusReply:
+        """Everything for the operator; a client with the scope `status` gets volunteers' ids and
+        addresses hidden (Coordinator.status); anyone else is refused (_viewer)."""
+        operator = await self._viewer(context, "status")
+        return self.c.status(request.recent_calls, operator=operator)
+
     async def CacheStats(self, request: pb.CacheStatsRequest, context: aio.ServicerContext) -> pb.CacheStatsReply:
+        await self._viewer(context, "cache stats")
         return pb.CacheStatsReply(json=json.dumps(self.c.cache_stats()).encode())
 
     async def Publish(self, request: pb.PublishRequest, context: aio.ServicerContext) -> pb.PublishReply:
         auth = dict(context.invocation_metadata()).get("authorization", "")
-        admin = self.c.state.admin_token(create=False) or ""
+        admin = self.c.admin_credential()
         if not (auth.startswith("Admin ") and admin and hmac.compare_digest(auth[6:].encode(), admin.encode())):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 "publishing needs the operator's admin credential from the coordinator's "

@@ -55,7 +55,7 @@ class Dashboard:
 
     def _operator(self, request: web.Request) -> None:
         header = request.headers.get("Authorization", "")
-        admin = self.c.state.admin_token(create=False) or ""
+        admin = self.c.admin_credential()
         if header.startswith("Basic ") and admin:
             try:
                 _, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")

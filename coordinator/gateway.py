@@ -11,6 +11,7 @@ token for them.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -37,7 +38,14 @@ log = logging.getLogger("microswarm.gateway")
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = _codec.MAX_PAYLOAD + (1 << 20)
-MAX_FORM = 64 * 1024
+MAX_FORM = 16 * 1024       # /oauth/token and /oauth/revoke: a few fields (64 scope patterns at most)
+# Slow clients (docs/design.md, Threat model): a connection that has not sent a whole request's
+# headers within HEADER_TIMEOUT_S of opening (or of its previous answer) is closed; a body that
+# stalls for BODY_IDLE_S is answered 408 and its connection closed; a form must arrive whole within
+# FORM_TIMEOUT_S. Bodies are read through bounded readers, chunked or not (read_body).
+HEADER_TIMEOUT_S = 15.0
+BODY_IDLE_S = 15.0
+FORM_TIMEOUT_S = 10.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SECURITY_HEADERS = {
@@ -78,6 +86,52 @@ def envelope_json(reply: pb.CallReply, process_time_ms: float) -> bytes:
 
 class NotScalar(Exception):
     pass
+
+
+class BodyRefused(Exception):
+    """A body too large (413) or too slow (408): refused before it is all read."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def read_body(request: web.Request, limit: int, *, idle_s: float = BODY_IDLE_S,
+                    total_s: float | None = None) -> bytes:
+    """The request's body, at most `limit` bytes whether it comes with a Content-Length or chunked,
+    each piece within `idle_s` and the whole within `total_s`; else BodyRefused, at once."""
+    n = request.content_length
+    if n is not None and n > limit:
+        raise BodyRefused(413, f"the body exceeds {limit} bytes")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + total_s if total_s else None
+    buf = bytearray()
+    while True:
+        wait = idle_s if deadline is None else min(idle_s, deadline - loop.time())
+        try:
+            if wait <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(request.content.readany(), wait)
+        except asyncio.TimeoutError:
+            raise BodyRefused(408, "the body came too slowly (send it whole, without pauses over "
+                                   f"{idle_s:g} s)") from None
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > limit:
+            raise BodyRefused(413, f"the body exceeds {limit} bytes")
+
+
+async def answer_and_close(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+    """Send this answer, then close the connection at once: the rest of a refused body (too large,
+    too slow) is neither read nor waited for (aiohttp would otherwise linger to read it)."""
+    resp.force_close()
+    await resp.prepare(request)
+    await resp.write_eof()
+    if request.protocol is not None:
+        request.protocol.force_close()  # the transport flushes the answer before it closes
+    return resp
 
 
 class Gateway:
@@ -133,7 +187,11 @@ class Gateway:
 
     async def start(self) -> None:
         # handler_cancellation: a client that disconnects cancels its call, and so the job on its agent
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True)
+        # keepalive_timeout: aiohttp closes a connection idle in the middle of (or before) a request's
+        # headers after this long, counted from the connection's start or its previous answer: the
+        # header read timeout (slow-loris). A handler running is never cut by it.
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True,
+                                    keepalive_timeout=HEADER_TIMEOUT_S, max_line_size=8190, max_field_size=8190)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, backlog=1024, reuse_address=True)
         try:
@@ -219,11 +277,13 @@ class Gateway:
                 return self._respond(reply, t0)
         else:
             try:
-                raw = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                reply = refuse(self.c, service, "too_large", f"the body exceeds {MAX_BODY} bytes",
+                raw = await read_body(request, MAX_BODY)
+            except BodyRefused as exc:
+                reply = refuse(self.c, service, "too_large" if exc.status == 413 else "invalid_input", exc.message,
                                client=client, address=address, t0=t0)
-                return self._respond(reply, t0)
+                resp = self._respond(reply, t0)
+                resp.set_status(exc.status)
+                return await answer_and_close(request, resp)  # type: ignore[return-value]
         req = pb.CallRequest(service=service, input=b"{}" if not raw or raw.isspace() else raw, encoding=pb.JSON)
         reply = await self.c.dispatcher.call(req, caller=Caller(client, token, address))
         return self._respond(reply, t0)
@@ -252,10 +312,12 @@ class Gateway:
         headers = dict(NO_STORE)
         if exc.status == 401:
             headers["WWW-Authenticate"] = 'Basic realm="microswarm"'
+        if exc.retry_after:
+            headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
         return web.json_response({"error": exc.error, "error_description": exc.description},
                                  status=exc.status, headers=headers)
 
-    async def _client(self, request: web.Request, form: Any) -> ClientRecord:
+    async def _client(self, request: web.Request, form: Any, limit: bool = False) -> ClientRecord:
         """Client authentication: HTTP Basic (RFC 6749 2.3.1), or client_id/client_secret in the form."""
         auth = request.headers.get("Authorization", "")
         if auth[:6].lower() == "basic ":
@@ -271,28 +333,41 @@ class Gateway:
             cid, secret = form.get("client_id", ""), form.get("client_secret", "")
             if not cid:
                 raise AuthError("invalid_client", "authenticate with HTTP Basic: your client id and secret", 401)
+        if limit:  # token requests per client id, counted before the secret is checked (no guessing spree)
+            self.c.auth.limit_token_requests("", str(cid))
         return self.c.auth.authenticate(cid, secret)
 
     async def _form(self, request: web.Request) -> Any:
+        """The form, at most MAX_FORM bytes (also chunked: the limit holds while reading), whole
+        within FORM_TIMEOUT_S."""
         if request.content_length is not None and request.content_length > MAX_FORM:
-            raise AuthError("invalid_request", "the form is too large", 400)
+            raise AuthError("invalid_request", f"the form is larger than {MAX_FORM} bytes", 413)
         ctype = request.content_type
         if ctype not in ("application/x-www-form-urlencoded", "multipart/form-data", "application/octet-stream"):
             raise AuthError("invalid_request", "send the parameters as application/x-www-form-urlencoded", 400)
         try:
-            return await request.post()
+            return await asyncio.wait_for(request.clone(client_max_size=MAX_FORM).post(), FORM_TIMEOUT_S)
+        except web.HTTPRequestEntityTooLarge:
+            raise AuthError("invalid_request", f"the form is larger than {MAX_FORM} bytes", 413) from None
+        except asyncio.TimeoutError:
+            raise AuthError("invalid_request", f"the form did not arrive within {FORM_TIMEOUT_S:g} s", 408) from None
         except (ValueError, UnicodeDecodeError, web.HTTPException):
             raise AuthError("invalid_request", "the form could not be read", 400) from None
+
+    def _peer_host(self, request: web.Request) -> str:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else str(request.remote or "?")
 
     async def token(self, request: web.Request) -> web.Response:
         a = self.c.auth
         try:
+            a.limit_token_requests(self._peer_host(request))
             form = await self._form(request)
             grant = str(form.get("grant_type", ""))
             if grant not in ("client_credentials", "refresh_token"):
                 raise AuthError("unsupported_grant_type" if grant else "invalid_request",
                                 "grant_type must be client_credentials or refresh_token", 400)
-            client = await self._client(request, form)
+            client = await self._client(request, form, limit=True)
             scope = str(form["scope"]) if form.get("scope") else None
             if grant == "client_credentials":
                 answer = a.client_credentials(client, scope)
@@ -302,6 +377,8 @@ class Gateway:
                     raise AuthError("invalid_request", "refresh_token is missing", 400)
                 answer = a.refresh(client, rt, scope)
         except AuthError as exc:
+            if exc.status in (408, 413):  # a form too large or too slow: its rest is not read
+                return await answer_and_close(request, self._oauth_error(exc))  # type: ignore[return-value]
             return self._oauth_error(exc)
         return web.json_response(answer, headers=NO_STORE)
 
@@ -313,6 +390,8 @@ class Gateway:
             if not token:
                 raise AuthError("invalid_request", "token is missing", 400)
         except AuthError as exc:
+            if exc.status in (408, 413):
+                return await answer_and_close(request, self._oauth_error(exc))  # type: ignore[return-value]
             return self._oauth_error(exc)
         self.c.auth.revoke(client, token, str(form.get("token_type_hint", "")))
         return web.Response(status=200, headers=NO_STORE)

@@ -39,6 +39,35 @@ log = logging.getLogger("microswarm.coordinator")
 
 MAX_CLIENT_MESSAGE = _codec.MAX_PAYLOAD + (1 << 20)
 LINK_MAX_MESSAGE = 2 * 1024 * 1024
+STATUS_TTL_S = 0.5  # the agents of a Status reply are shared by the calls within this long (Coordinator.status)
+
+
+def _stamp(path: Any) -> tuple[int, int, int] | None:
+    """What tells a changed file: (mtime_ns, size, inode), None when absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """The soft limit of open files up to the hard one (so a flood of connections cannot reach the
+    default 1,024 and lock everyone out); (before, after). Logged."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        log.info("open files limit %s (already the hard limit)", soft)
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open files limit from %d to %d: %s", soft, target, exc)
+        return soft, soft
+    log.info("open files limit raised from %d to %d (the hard limit)", soft, target)
+    return soft, target
 
 
 @dataclass
@@ -74,8 +103,14 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
         self.state = StateDir(config.state_dir)
-        self.state.admin_token(create=True)
+        # credentials live in memory (re-read on SIGHUP and when their files change: watch_credentials),
+        # so a coordinator out of file descriptors still checks them
+        self._admin = self.state.admin_token(create=True) or ""
+        self._admin_stamp = _stamp(self.state.path / "admin.token")
         self.auth = Auth(self.state.path, access_ttl=config.token_ttl_s)
+        self._clients_stamp = _stamp(self.auth.clients_file)
+        self._credentials_error = ""
+        self._status_cache: dict[tuple[bool, int], tuple[float, pb.StatusReply, dict[str, int]]] = {}
         if not self.state.join_secrets():
             self.state.add_join_secret()
         self.volunteers = Volunteers(self.state.path)  # tokens in memory; agent ids bound to keys
@@ -251,6 +286,7 @@ class Coordinator:
                     self.suspect(a, f"no heartbeat for {silent:.1f} s")
             self.link.sweep(list(self.agents.values()))
             self.watch_tokens()
+            self.watch_credentials()
             self.quarantine.tick()
             if self.placement.due():
                 self.replan()
@@ -279,11 +315,36 @@ class Coordinator:
 
     def status(self, recent: int, operator: bool = True) -> pb.StatusReply:
         """What `microswarm status` shows. Only the operator sees volunteers' ids, addresses and token
-        names; anyone else gets `redacted` and stable pseudonyms instead (see _redact)."""
-        reply = self._status(recent)
+        names; anyone else gets `redacted` and stable pseudonyms instead (see _redact). The agents'
+        part is built at most once per STATUS_TTL_S for each view (_agents_view): with thousands of
+        agents building it takes the event loop for a while, so repeated and concurrent callers share
+        it; the rest (scheduler, services, the call log, the cache) is fresh on every call."""
+        view, holders = self._agents_view(operator)
+        reply = self._status(recent, agents=False, holders=holders)
         if not operator:
-            self._redact(reply)
+            self._redact(reply)  # the call log; the view's agents are redacted already
+        reply.MergeFrom(view)
         return reply
+
+    def _agents_view(self, operator: bool) -> tuple[pb.StatusReply, dict[str, int]]:
+        """A reply holding only the agents, for the operator or redacted, and how many agents hold
+        each package digest; kept STATUS_TTL_S (and rebuilt at once when agents come or go)."""
+        key = (operator, len(self.agents))
+        now = time.monotonic()
+        hit = self._status_cache.get(key)
+        if hit is not None and now - hit[0] < STATUS_TTL_S:
+            return hit[1], hit[2]
+        view = pb.StatusReply()
+        self._agent_infos(view)
+        if not operator:
+            self._redact(view)
+        holders: dict[str, int] = {}
+        for a in self.agents.values():
+            for d in a.holdings:
+                holders[d] = holders.get(d, 0) + 1
+        self._status_cache = {k: v for k, v in self._status_cache.items() if k[0] != operator}
+        self._status_cache[key] = (now, view, holders)
+        return view, holders
 
     def _redact(self, reply: pb.StatusReply) -> None:
         alias = self.state.pseudonym
@@ -298,7 +359,16 @@ class Coordinator:
             if call.client.startswith("agent:"):  # a nested call: the agent whose job asked
                 call.client = "agent:" + alias(call.client[6:])
 
-    def _status(self, recent: int) -> pb.StatusReply:
+    def _agent_infos(self, reply: pb.StatusReply) -> None:
+        v = self.verifier
+        for a in sorted(self.agents.values(), key=lambda a: a.agent_id):
+            info = a.info()
+            t = v.of(a.agent_id)
+            info.trust = v.trust(a.agent_id, a.quarantined)
+            info.agreements, info.disagreements, info.agreements_in_row = t.agreements, t.disagreements, t.in_row
+            reply.agents.append(info)
+
+    def _status(self, recent: int, agents: bool = True, holders: dict[str, int] | None = None) -> pb.StatusReply:
         reply = pb.StatusReply(coordinator_id=self.state.fingerprint.hex()[:16], listen=self.config.listen,
                                uptime_s=time.time() - self.started, dispatch=self.dispatcher.strategy.name,
                                placement=self.placement.name, calls_total=self.calllog.total,
@@ -317,17 +387,14 @@ class Coordinator:
         reply.verify.CopyFrom(pb.VerifyInfo(mode=v.mode, trust_after=v.trust_after, spot_check=v.spot_check,
                                             agreed_total=v.counts.agreed, disagreed_total=v.counts.disagreed,
                                             unverified_total=v.counts.unverified, purged_total=v.counts.purged))
-        for a in sorted(self.agents.values(), key=lambda a: a.agent_id):
-            info = a.info()
-            t = v.of(a.agent_id)
-            info.trust = v.trust(a.agent_id, a.quarantined)
-            info.agreements, info.disagreements, info.agreements_in_row = t.agreements, t.disagreements, t.in_row
-            reply.agents.append(info)
+        if agents:
+            self._agent_infos(reply)
         for e in self.registry.current():
-            holders = sum(1 for a in self.agents.values() if e.digest in a.holdings)
+            held = holders.get(e.digest, 0) if holders is not None else \
+                sum(1 for a in self.agents.values() if e.digest in a.holdings)
             reply.services.append(pb.ServiceInfo(
                 name=e.name, version=e.version, digest=e.digest, pure=e.cls.pure, idempotent=e.cls.idempotent,
-                timeout_s=float(e.cls.timeout), builtin=e.builtin, agents=holders, revision=e.revision,
+                timeout_s=float(e.cls.timeout), builtin=e.builtin, agents=held, revision=e.revision,
                 description=(e.cls.__doc__ or "").strip().split("\n")[0]))
         for c in self.calllog.recent(recent or 20):
             reply.calls.append(pb.CallRecord(time=c.time, client=c.client, service=c.service,
@@ -420,6 +487,10 @@ class Coordinator:
             self._broadcast_holdings()
             self.holdings_changed()
         current, revoked = self._reload_tokens()
+        try:
+            self._reload_admin()
+        except (OSError, ValueError) as exc:
+            log.error("admin credential not reloaded, keeping the current one: %s", exc)
         clients = -1
         hook = getattr(self.auth, "reload", None) or getattr(self.auth, "load", None)
         if hook is not None:
@@ -463,6 +534,36 @@ class Coordinator:
         else:
             self._tokens_error = ""
 
+    def admin_credential(self) -> str:
+        """The operator's credential (admin.token), from memory."""
+        return self._admin
+
+    def _reload_admin(self) -> None:
+        self._admin_stamp = _stamp(self.state.path / "admin.token")
+        admin = self.state.admin_token(create=False)
+        if not admin:
+            raise ValueError(f"{self.state.path / 'admin.token'} is missing or empty")
+        if admin != self._admin:
+            log.info("admin credential reloaded", extra={"event": "reload"})
+        self._admin = admin
+
+    def watch_credentials(self) -> None:
+        """admin.token and clients.json changed by another process are re-read within half a second;
+        a damaged or missing file keeps the ones in memory."""
+        try:
+            if _stamp(self.state.path / "admin.token") != self._admin_stamp:
+                self._reload_admin()
+            stamp = _stamp(self.auth.clients_file)
+            if stamp != self._clients_stamp:
+                self._clients_stamp = stamp
+                self.auth.reload_clients()
+        except (OSError, ValueError) as exc:
+            if str(exc) != self._credentials_error:
+                log.error("credentials not reloaded, keeping the current ones: %s", exc)
+            self._credentials_error = str(exc)
+        else:
+            self._credentials_error = ""
+
     def _on_sighup(self) -> None:
         try:
             self.reload()
@@ -502,6 +603,7 @@ class Coordinator:
         self.auth.close()
 
     async def run_forever(self) -> None:
+        raise_open_files_limit()
         await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

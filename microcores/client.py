@@ -164,15 +164,22 @@ class _Tokens:
                                                if self.client_id else "")
         self.scope = scope or ""
         self.admin: str | None = None
-        if not bearer and not self.client_id:
-            try:
-                self.admin = admin_credential(state_dir or default_state_dir())
-            except PermissionError:
-                pass
+        self._state_dir = state_dir
+        self.load_admin()
         self.access: str | None = bearer
         self.refresh = ""
         self.renew_at = float("inf") if bearer else 0.0
         self.lock = threading.Lock()
+
+    def load_admin(self) -> str | None:
+        """The admin credential of the state directory, when this client has no other credentials
+        (read again until found: a client made before its coordinator first started finds it later)."""
+        if self.admin is None and not self.static and not self.client_id:
+            try:
+                self.admin = admin_credential(self._state_dir or default_state_dir())
+            except PermissionError:
+                pass
+        return self.admin
 
     @property
     def can_mint(self) -> bool:
@@ -281,20 +288,34 @@ class Client:
     def call(self, service: str, data: Any = None, *, timeout: float | None = None) -> Any:
         return self.envelope(service, data, timeout=timeout).unwrap()
 
+    def _viewer_metadata(self) -> list[tuple[str, str]]:
+        """Status and CacheStats: the admin credential when this client read one from the state
+        directory (the operator's full view), else its bearer token (a client whose scope covers
+        `status` sees volunteers redacted), else nothing (refused)."""
+        if self._tokens.load_admin():
+            return self._metadata + [("authorization", f"Admin {self._tokens.admin}")]
+        return self._call_metadata()
+
+    def _viewer_rpc(self, method: str, request: Any, timeout: float) -> Any:
+        for attempt in (1, 2):
+            try:
+                return getattr(self._stub, method)(request, timeout=timeout, metadata=self._viewer_metadata())
+            except grpc.RpcError as exc:
+                if attempt == 1 and exc.code() == grpc.StatusCode.UNAUTHENTICATED and not self._tokens.admin \
+                        and self._tokens.can_mint:
+                    self._tokens.invalidate()  # expired or revoked under us: a new token, once
+                    continue
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise Unauthorized(exc.details() or str(exc.code())) from None
+                raise _unavailable(exc, self.target) from None
+
     def status(self, recent_calls: int = 20, timeout: float = 10) -> pb.StatusReply:
-        """The coordinator's status; volunteers' ids and addresses only for the operator (this client
-        sends the admin credential when it read one from the state directory), else `redacted`."""
-        md = self._metadata + ([("authorization", f"Admin {self._tokens.admin}")] if self._tokens.admin else [])
-        try:
-            return self._stub.Status(pb.StatusRequest(recent_calls=recent_calls), timeout=timeout, metadata=md)
-        except grpc.RpcError as exc:
-            raise _unavailable(exc, self.target) from None
+        """The coordinator's status: needs the operator's credential (full view) or a client token
+        whose scope covers `status` (volunteers' ids and addresses hidden: `redacted`)."""
+        return self._viewer_rpc("Status", pb.StatusRequest(recent_calls=recent_calls), timeout)
 
     def cache_stats(self, timeout: float = 10) -> dict[str, Any]:
-        try:
-            reply = self._stub.CacheStats(pb.CacheStatsRequest(), timeout=timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise _unavailable(exc, self.target) from None
+        reply = self._viewer_rpc("CacheStats", pb.CacheStatsRequest(), timeout)
         return json.loads(reply.json or b"{}")
 
     def close(self) -> None:

@@ -249,7 +249,7 @@ def _wait_rollout(a: argparse.Namespace, digests: dict[str, str]) -> int:
     from microcores.errors import MicroError
 
     deadline = time.monotonic() + a.wait
-    with Client(a.coordinator) as c, Progress(console=err, transient=True) as progress:
+    with Client(a.coordinator, state_dir=a.state_dir) as c, Progress(console=err, transient=True) as progress:
         task = progress.add_task("rolling out to agents", total=None)
         while True:
             try:
@@ -544,7 +544,7 @@ def cmd_cache_stats(a: argparse.Namespace) -> int:
     from microcores.errors import MicroError
 
     try:
-        with Client(a.coordinator) as c:
+        with Client(a.coordinator, state_dir=a.state_dir) as c:  # the operator's credential, or a client's
             stats = c.cache_stats()
     except MicroError as exc:
         err.print(f"[red]error:[/] {exc.message}")

@@ -411,3 +411,51 @@ def test_secrets_and_tokens_never_reach_logs_or_listings(short):
             assert s not in text, f"a secret or token appears in {where}"
     refused = [c for c in json.loads(status)["calls"] if c["error_code"] == "unauthenticated"]
     assert refused and all(c["executed_by"] == "-" and c["service"] == "math.compute" for c in refused)
+
+
+# ---------------------------------------------------------------- scope widening, token rate limits (issue 11)
+
+def test_a_requested_scope_must_be_covered_as_a_pattern_not_as_a_string(auth):
+    """`math.[!c]*` does not cover `math.*` although the string "math.*" matches it: refused."""
+    assert not narrows("math.*", ("math.[!c]*",))
+    assert narrows("math.[!c]*", ("math.[!c]*",)) and narrows("math.add", ("math.[!c]*",))
+    assert not narrows("math.compute", ("math.[!c]*",))
+    assert narrows("math.*", ("*",)) and narrows("math.[ab]*", ("*",))
+    assert not narrows("math.?", ("math.*",)) and not narrows("math.[!c]*", ("math.*",))  # sound, not complete
+    assert narrows("math.*", ("math.*", "x.y"))
+    rec, _ = auth.create_client("narrow", ["math.[!c]*"])
+    for wider in ("math.*", "*", "math.[!d]*", "math.c*"):
+        with pytest.raises(AuthError) as e:
+            auth.client_credentials(rec, wider)
+        assert e.value.error == "invalid_scope" and e.value.status == 400 and "not covered" in e.value.description
+    assert auth.client_credentials(rec, "math.add")["scope"] == "math.add"
+    assert auth.client_credentials(rec, "math.[!c]*")["scope"] == "math.[!c]*"
+    refresh = auth.client_credentials(rec)["refresh_token"]
+    with pytest.raises(AuthError) as e:  # refreshing cannot widen either
+        auth.refresh(rec, refresh, "math.*")
+    assert e.value.error == "invalid_scope"
+
+
+def test_token_requests_are_rate_limited_per_client_and_per_address(auth):
+    from coordinator.auth import TOKEN_LIMIT_PER_ADDRESS, TOKEN_LIMIT_PER_CLIENT, RateLimiter
+
+    burst = int(TOKEN_LIMIT_PER_CLIENT[1])
+    for _ in range(burst):
+        auth.limit_token_requests("", "msc_a")
+    with pytest.raises(AuthError) as e:
+        auth.limit_token_requests("", "msc_a")
+    assert e.value.status == 429 and e.value.error == "rate_limited" and 0 < e.value.retry_after <= 1.0
+    assert "retry in" in e.value.description
+    auth.limit_token_requests("", "msc_b")  # another client is not affected
+    for _ in range(int(TOKEN_LIMIT_PER_ADDRESS[1])):
+        auth.limit_token_requests("10.0.0.1")
+    with pytest.raises(AuthError):
+        auth.limit_token_requests("10.0.0.1", "msc_c")
+    auth.limit_token_requests("10.0.0.2", "msc_c")
+
+    lim = RateLimiter(1.0, 2.0, keys=4)  # bounded: at most `keys` buckets
+    for i in range(100):
+        assert lim.take(f"k{i}", now=1000.0 + i * 0.001) == 0.0
+    assert len(lim.buckets) <= 4
+    assert lim.take("x", now=2000.0) == 0.0 and lim.take("x", now=2000.0) == 0.0
+    assert lim.take("x", now=2000.0) == pytest.approx(1.0) and lim.take("x", now=2001.0) == 0.0

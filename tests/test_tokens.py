@@ -28,8 +28,10 @@ from microswarm.cluster import LocalCluster, wait_for
 CLI = [sys.executable, "-m", "microswarm.cli"]
 
 
-def cli(c: LocalCluster, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=c.env(), timeout=timeout)
+def cli(c: LocalCluster, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env={**c.env(), **(env or {})},
+                          timeout=timeout)
 
 
 # ---------------------------------------------------------------- the files
@@ -99,8 +101,8 @@ def start_with(c: LocalCluster, name: str, token: str, slots: int) -> subprocess
     return p
 
 
-def status_json(c: LocalCluster, *extra: str) -> dict:
-    r = cli(c, "status", "--json", *extra)
+def status_json(c: LocalCluster, *extra: str, env: dict[str, str] | None = None) -> dict:
+    r = cli(c, "status", "--json", *extra, env=env)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -161,6 +163,10 @@ def test_token_caps_listing_and_revocation(tmp_path):
 
 
 def test_status_shows_volunteers_only_to_the_operator(tmp_path):
+    """Status and CacheStats: refused to anonymous callers and to clients without the `status`
+    scope; a `status`-scoped client sees pseudonyms; the operator sees everything."""
+    from microcores.errors import Unauthorized
+
     c = LocalCluster(agents=2, slots=1, workdir=str(tmp_path))
     with c, c.client() as op:
         for i in range(4):
@@ -168,14 +174,28 @@ def test_status_shows_volunteers_only_to_the_operator(tmp_path):
         full = op.status()
         assert not full.redacted and {a.agent_id for a in full.agents} == {"agent1", "agent2"}
         assert all(a.address for a in full.agents)
+        assert "hits" in op.cache_stats()
 
-        created = cli(c, "clients", "create", "viewer", "--json")
-        assert created.returncode == 0, created.stderr
-        viewer = json.loads(created.stdout)
-        for who in (Client(c.addr, state_dir=str(tmp_path / "not-the-state-dir")),  # anonymous
-                    Client(c.addr, client_id=viewer["client_id"], client_secret=viewer["client_secret"])):
-            with who:
+        with Client(c.addr, state_dir=str(tmp_path / "not-the-state-dir")) as anonymous:
+            for look in (anonymous.status, anonymous.cache_stats):
+                with pytest.raises(Unauthorized) as e:
+                    look()
+                assert "scope 'status'" in e.value.message and "admin credential" in e.value.message
+        math = json.loads(cli(c, "clients", "create", "mathonly", "--scope", "math.*", "--json").stdout)
+        with Client(c.addr, client_id=math["client_id"], client_secret=math["client_secret"]) as m:
+            assert m.envelope("math.compute", {"a": 1, "b": 2}).status == "ok"
+            with pytest.raises(Unauthorized) as e:
+                m.status()
+            assert "'status'" in e.value.message and "math.*" in e.value.message
+
+        ids: set[str] = set()
+        for scope in ("status", "*"):
+            created = cli(c, "clients", "create", f"viewer{len(scope)}", "--scope", scope, "--json")
+            assert created.returncode == 0, created.stderr
+            viewer = json.loads(created.stdout)
+            with Client(c.addr, client_id=viewer["client_id"], client_secret=viewer["client_secret"]) as who:
                 st = who.status()
+                assert "hits" in who.cache_stats()
             assert st.redacted
             ids = {a.agent_id for a in st.agents}
             assert len(ids) == 2 and not ids & {"agent1", "agent2"} and all(i.startswith("agent-") for i in ids)
@@ -184,13 +204,16 @@ def test_status_shows_volunteers_only_to_the_operator(tmp_path):
             assert {a.state for a in st.agents} == {a.state for a in full.agents}
             ran = {x.executed_by for x in st.calls} - {"coordinator", "cache"}
             assert ran and ran <= ids and not ran & {"agent1", "agent2"}  # the same stable pseudonyms
-        with Client(c.addr, state_dir=str(tmp_path / "nowhere")) as again:
+        with Client(c.addr, client_id=viewer["client_id"], client_secret=viewer["client_secret"]) as again:
             assert {a.agent_id for a in again.status().agents} == ids  # stable across calls
 
         assert {a["agent_id"] for a in status_json(c)["agents"]} == {"agent1", "agent2"}  # the operator's CLI
-        hidden = status_json(c, "--state-dir", str(tmp_path / "nowhere"))
+        env = {"MICROSWARM_CLIENT_ID": viewer["client_id"], "MICROSWARM_CLIENT_SECRET": viewer["client_secret"]}
+        hidden = status_json(c, "--state-dir", str(tmp_path / "nowhere"), env=env)
         assert hidden["redacted"] is True and not {a["agent_id"] for a in hidden["agents"]} & {"agent1", "agent2"}
         assert all("packages" in a and "trust" in a and "state" in a for a in hidden["agents"])
+        refused = cli(c, "status", "--json", "--state-dir", str(tmp_path / "nowhere"))
+        assert refused.returncode != 0 and "status" in refused.stderr
 
 
 def test_token_flags_are_checked(tmp_path):
