@@ -37,6 +37,7 @@ from microcores import __version__, _codec
 from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, check_len, collect, derive_keys,
                                 fingerprint, handshake_seen, hello_transcript, join_mac, new_ephemeral, public_bytes,
                                 refusal_verifies, sign, split, verify)
+from microcores._sandbox import detect as detect_sandbox
 from microcores._worker import LimitExceeded, WorkerCrashed
 from microcores.errors import MicroError, ProtocolError, from_code
 from protos import microswarm_pb2 as pb
@@ -104,6 +105,7 @@ class AgentConfig:
     control_socket: bool = True      # `microswarm agent pause|resume` through <state_dir>/agent.sock
     max_packages: int = 0            # the most packages it holds (0: no limit)
     worker_idle_s: float = 120.0     # a package's workers stop after sitting idle this long (0: never)
+    require_sandbox: bool = False    # refuse to start when job workers cannot be sandboxed (bwrap)
 
 
 @dataclass
@@ -156,6 +158,11 @@ class Agent:
         self._proc.cpu_percent(None)
         self.volunteer = config.volunteer
         self.volunteer.check()  # ValueError with a clear message
+        self.sandbox = detect_sandbox()  # the level every job worker of this agent runs at (_sandbox.py)
+        if config.require_sandbox and not self.sandbox.strong:
+            raise ValueError(f"--require-sandbox: job workers cannot be sandboxed here, only the weak "
+                             f"level '{self.sandbox.level}' is available: {self.sandbox.detail}")
+        self.packages.sandbox = self.sandbox
         self.paused = False      # by the owner: `microswarm agent pause`, SIGUSR1
         self.limit_stops = 0
         self.address = config.coordinator
@@ -244,6 +251,14 @@ class Agent:
         loop.add_signal_handler(signal.SIGUSR2, self.resume)
         for h in logging.getLogger().handlers:
             h.addFilter(self._log_filter)
+        sb = self.sandbox
+        print(f"agent {self.agent_id}: job sandbox {sb.level} ({sb.detail})", flush=True)
+        if sb.strong:
+            log.info("job sandbox: %s (%s)", sb.level, sb.detail)
+        else:
+            log.warning("WEAK JOB SANDBOX: shipped code runs with only rlimits and a scrubbed environment "
+                        "(%s); it can read what this user can read and use the network. Use "
+                        "--require-sandbox to refuse to run like this.", sb.detail)
         monitor = asyncio.create_task(self.monitor.run())
         reaper = asyncio.create_task(self.packages.reap_idle())
         if self.config.control_socket:
@@ -555,7 +570,7 @@ class Agent:
             running=len(self.jobs), slots=self.slots, cpu_percent=self._proc.cpu_percent(None),
             rss_bytes=self._proc.memory_info().rss, load1=load1, paused=mode != "active", mode=mode,
             jobs_cpu_percent=m.jobs_cpu_percent, jobs_rss_bytes=m.jobs_rss,
-            others_cpu_percent=m.others_cpu_percent, limit_stops=self.limit_stops))
+            others_cpu_percent=m.others_cpu_percent, limit_stops=self.limit_stops, sandbox=self.sandbox.level))
 
     async def _receive(self, link: Link) -> None:
         batch, link.pending = link.pending, []

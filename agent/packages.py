@@ -12,6 +12,7 @@ from typing import Callable, Protocol
 
 from microcores import _publisher
 from microcores._package import Package, extract, verify_signature
+from microcores._sandbox import Sandbox
 from microcores._worker import WorkerCrashed, WorkerPool
 from microcores.errors import MicroError, PackageError
 from protos import microswarm_pb2 as pb
@@ -35,6 +36,7 @@ class PackageStore:
         self.worker_env = worker_env          # the volunteer's limits, for each new pool
         self.pools: dict[str, WorkerPool] = {}
         self.wanted: set[str] = set()
+        self.sandbox: Sandbox | None = None  # set by the agent: how its job workers are confined
         # From an msw2 join token: every package must be signed by one of these (or be the built-ins as
         # this install builds them); the coordinator's own signature is then not enough (_publisher.py)
         self.publisher_keys: tuple[bytes, ...] = ()
@@ -113,7 +115,8 @@ class PackageStore:
 
     async def _activate(self, link: Sender, ref: pb.PackageRef) -> None:
         if ref.digest not in self.pools:
-            pool = WorkerPool(self.packages_dir / ref.digest, self.slots, env=self.worker_env())
+            pool = WorkerPool(self.packages_dir / ref.digest, self.slots, env=self.worker_env(),
+                              sandbox=self.sandbox, digest=ref.digest)
             try:
                 await pool.warm()  # shows the package loads here; the worker then waits for a first job
             except WorkerCrashed as exc:

@@ -206,4 +206,4 @@ class AgentSession:
                             jobs_rss_bytes=self.heartbeat.jobs_rss_bytes,
                             others_cpu_percent=self.heartbeat.others_cpu_percent,
                             limit_stops=self.heartbeat.limit_stops, slots_asked=self.slots_asked or self.slots,
-                            token_name=self.token_name)
+                            token_name=self.token_name, sandbox=self.heartbeat.sandbox)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+from microcores._sandbox import detect as detect_sandbox
 from microcores._worker import JobOutcome, NestedHandler, WorkerPool
 
 from .registry import ServiceEntry
@@ -18,6 +19,9 @@ class LocalRunner:
         self.idle_s = idle_s  # workers idle this long stop (0: never)
         self.pools: dict[str, WorkerPool] = {}
         self.running = 0
+        # the same sandbox as agents' workers (when the kernel allows it): shipped code run here must
+        # not reach the coordinator's state directory (its identity key, admin credential) either
+        self.sandbox = detect_sandbox()
 
     async def reap(self) -> None:
         if self.idle_s > 0:
@@ -27,7 +31,8 @@ class LocalRunner:
     def pool(self, entry: ServiceEntry) -> WorkerPool:
         p = self.pools.get(entry.digest)
         if p is None:
-            p = self.pools[entry.digest] = WorkerPool(self.state.package_dir(entry.digest) / "files", self.slots)
+            p = self.pools[entry.digest] = WorkerPool(self.state.package_dir(entry.digest) / "files", self.slots,
+                                                      sandbox=self.sandbox, digest=entry.digest)
         return p
 
     async def run(self, entry: ServiceEntry, job_id: str, input_bytes: bytes, timeout_s: float,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from . import _codec
+from ._sandbox import Sandbox, inner_env, worker_env
 from .errors import DeadlineExceeded, MicroError, Unavailable, from_code
 
 log = logging.getLogger("microswarm.worker")
@@ -91,6 +92,10 @@ def worker_main(directory: str) -> int:
     os.dup2(2, 1)  # stray prints from service code go to stderr, never into the protocol
     sys.stdout = sys.stderr
     try:
+        from ._sandbox import verify_installed
+        # the files may have been altered since install (by another package's code, or anyone on the
+        # machine): check them against the manifest, and the manifest against the digest, first
+        verify_installed(Path(directory), os.environ.get("MICROSWARM_PACKAGE_DIGEST", ""))
         manifest = json.loads((Path(directory) / ".manifest.json").read_bytes())
         cls = load_service(Path(directory), manifest)
         service = cls()
@@ -254,30 +259,53 @@ def _widen_pipe(stream: Any) -> None:
 
 
 class Worker:
-    def __init__(self, directory: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, directory: Path, env: dict[str, str] | None = None, sandbox: Sandbox | None = None,
+                 digest: str = "") -> None:
         self.directory = directory
         self.env = env
+        self.sandbox = sandbox
+        self.digest = digest
         self.proc: asyncio.subprocess.Process | None = None
+        self.host_pid = 0  # the worker's own pid (under bwrap, proc is bwrap and the worker its grandchild)
+        self._tmp = ""
+        self.network = False
         self.busy = False
         self.stop_reason = ""  # set by stop(): why the parent ended this worker mid-job
         self.idle_since = time.monotonic()
         try:
             m = json.loads((directory / ".manifest.json").read_bytes())
             self.label = f"{m['name']}@{m['version']}"
-        except (OSError, ValueError, KeyError):
+            self.network = bool((m.get("service") or {}).get("network", False))
+        except (OSError, ValueError, KeyError, AttributeError):
             self.label = directory.name
 
+    @property
+    def sandboxed(self) -> bool:
+        return self.sandbox is not None and self.sandbox.strong
+
     async def start(self) -> None:
-        env = dict(self.env if self.env is not None else os.environ)
-        env["MICROSWARM_WORKER_PARENT"] = str(os.getpid())
+        # a scrubbed environment: the allowlist only (no token, nothing else of the parent's)
+        extra = {"MICROSWARM_WORKER_PARENT": str(os.getpid()), "PYTHONDONTWRITEBYTECODE": "1"}
+        if self.digest:
+            extra["MICROSWARM_PACKAGE_DIGEST"] = self.digest
+        if self.sandboxed:
+            # under bwrap the worker's parent is the namespace's init; bwrap --die-with-parent ends it
+            extra.update(MICROSWARM_WORKER_PARENT="0", **inner_env())
+        else:
+            import tempfile
+            self._tmp = tempfile.mkdtemp(prefix="microswarm-worker-")
+            extra.update(HOME=self._tmp, TMPDIR=self._tmp)
+        env = worker_env(self.env, extra)
+        argv = [sys.executable, "-m", "microcores._worker", str(self.directory)]
+        if self.sandbox is not None:
+            argv = self.sandbox.wrap(argv, self.directory, self.network)
         # Its own session, and the group's signals blocked across fork and exec (the worker unblocks
         # them once it ignores them): a Ctrl-C, SIGTERM or pause sent to the agent's group must not end
         # a worker that is still starting. It dies with its parent (PDEATHSIG).
         old = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "microcores._worker", str(self.directory),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, limit=MAX_PIPE_MESSAGE,
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, limit=MAX_PIPE_MESSAGE,
                 start_new_session=True)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -291,6 +319,7 @@ class Worker:
         if msg.get("t") != "ready":
             self.kill()
             raise WorkerCrashed(f"worker for {self.label} failed to load: {msg.get('error')}")
+        self.host_pid = _grandchild(self.proc.pid) if self.sandboxed else self.proc.pid
 
     @property
     def alive(self) -> bool:
@@ -306,6 +335,8 @@ class Worker:
             return _codec.unpack(await self.proc.stdout.readexactly(n), limit=MAX_PIPE_MESSAGE)
         except (asyncio.IncompleteReadError, ConnectionError):
             rc = await self._exit_code()
+            if self.sandboxed and rc is not None and rc > 128:  # bwrap exits 128+N when its child dies of N
+                rc = -(rc - 128)
             if self.stop_reason:
                 raise LimitExceeded(self.stop_reason.split(":")[0], self.stop_reason) from None
             if rc == -getattr(signal, "SIGXCPU", -1):
@@ -367,10 +398,22 @@ class Worker:
 
     def kill(self) -> None:
         if self.proc and self.proc.returncode is None:
+            if self.host_pid and self.host_pid != self.proc.pid:
+                try:  # SIGKILL the worker itself too: it may be held by SIGSTOP (a CPU throttle)
+                    os.kill(self.host_pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             try:
                 self.proc.kill()
             except ProcessLookupError:
                 pass
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._tmp:
+            import shutil
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = ""
 
     def stop(self, reason: str) -> None:
         """End this worker mid-job; its job fails with LimitExceeded(reason's first word)."""
@@ -379,12 +422,13 @@ class Worker:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid if self.proc is not None else 0
+        """The worker process's pid (the one to throttle, signal and measure)."""
+        return self.host_pid or (self.proc.pid if self.proc is not None else 0)
 
     async def close(self) -> None:
         if self.proc and self.proc.returncode is None:
             try:
-                os.kill(self.proc.pid, signal.SIGCONT)  # it may be held by a CPU throttle
+                os.kill(self.pid, signal.SIGCONT)  # it may be held by a CPU throttle
             except (ProcessLookupError, PermissionError):
                 pass
             try:
@@ -394,6 +438,31 @@ class Worker:
             except (asyncio.TimeoutError, ConnectionError, AssertionError):
                 self.kill()
                 await self._exit_code()
+        self._cleanup()
+
+
+def _grandchild(pid: int) -> int:
+    """The pid of the process under bwrap's namespace init (bwrap -> init -> worker), found by ppid."""
+    def children(of: int) -> list[int]:
+        out = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat", "rb") as f:
+                        stat = f.read()
+                except OSError:
+                    continue
+                if int(stat[stat.rindex(b")") + 2:].split()[1]) == of:
+                    out.append(int(name))
+        return out
+    try:
+        for init in children(pid):
+            kids = children(init)
+            if kids:
+                return kids[0]
+    except (OSError, ValueError, IndexError):
+        pass
+    return pid
 
 
 def describe_exit(rc: int | None) -> str:
@@ -411,10 +480,13 @@ def describe_exit(rc: int | None) -> str:
 class WorkerPool:
     """Up to `size` workers for one package version; idle ones are reused."""
 
-    def __init__(self, directory: Path, size: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, directory: Path, size: int, env: dict[str, str] | None = None,
+                 sandbox: Sandbox | None = None, digest: str = "") -> None:
         self.directory = directory
         self.size = max(1, size)
         self.env = env
+        self.sandbox = sandbox  # None: no namespaces (the environment is scrubbed all the same)
+        self.digest = digest    # the package's digest: its installed files are checked against it
         self._idle: list[Worker] = []
         self.busy: set[Worker] = set()  # workers running a job now
         self._count = 0
@@ -429,7 +501,7 @@ class WorkerPool:
     async def _spawn(self) -> Worker:
         self._count += 1
         try:
-            w = Worker(self.directory, self.env)
+            w = Worker(self.directory, self.env, self.sandbox, self.digest)
             await w.start()
             return w
         except BaseException:

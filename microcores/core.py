@@ -43,6 +43,7 @@ class MicroCore(Generic[InT, OutT]):
     timeout: ClassVar[float] = 30.0     # seconds one run may take
     cache: ClassVar[bool] = True        # per-service opt-out of the result cache (pure services only)
     cache_ttl: ClassVar[float | None] = None
+    network: ClassVar[bool] = False     # its workers may open network connections (else: none)
     input_model: ClassVar[type[BaseModel]]
     output_model: ClassVar[type[BaseModel]]
 
@@ -120,6 +121,8 @@ class MicroCore(Generic[InT, OutT]):
             "description": (cls.__doc__ or "").strip().split("\n\n")[0],
             "input_schema": cls.input_model.model_json_schema(),
             "output_schema": cls.output_model.model_json_schema(),
+            # only when set: a package that does not ask for the network keeps the digest it had
+            **({"network": True} if cls.network else {}),
         }
 
 

@@ -175,7 +175,8 @@ def cmd_agent_start(a: argparse.Namespace) -> int:
     cfg = AgentConfig(coordinator=a.coordinator or _coordinator_default(), token=token, slots=a.slots,
                       agent_id=a.id or "", state_dir=a.state_dir or _state_default(), drain_s=a.drain,
                       discover=bool(a.discover), discover_timeout_s=float(a.discover_timeout), volunteer=vol,
-                      max_packages=a.max_packages, worker_idle_s=a.worker_idle)
+                      max_packages=a.max_packages, worker_idle_s=a.worker_idle,
+                      require_sandbox=bool(a.require_sandbox))
     try:
         agent = Agent(cfg)
     except ValueError as exc:
@@ -452,7 +453,8 @@ def status_dict(reply: Any) -> dict[str, Any]:
 
 def status_tables(reply: Any) -> list[Table]:
     t = Table(title=f"agents ({len(reply.agents)})", title_justify="left")
-    for col in ("id", "address", "state", "trust", "packages", "slots", "load", "last heartbeat", "done", "failed"):
+    for col in ("id", "address", "state", "trust", "sandbox", "packages", "slots", "load", "last heartbeat", "done",
+                "failed"):
         t.add_column(col)
     for ag in reply.agents:
         state = ag.state + (f" ({ag.mode})" if ag.mode and ag.mode != "active" else "")
@@ -462,7 +464,8 @@ def status_tables(reply: Any) -> list[Table]:
         trust = {"trusted": "[green]trusted[/]", "quarantined": "[red]quarantined[/]"}.get(ag.trust, ag.trust or "-")
         if ag.agreements or ag.disagreements:
             trust += f" ({ag.agreements}/{ag.disagreements})"
-        t.add_row(ag.agent_id, ag.address, state, trust, pkgs or "-", str(ag.slots),
+        sandbox = ag.sandbox if ag.sandbox in ("bwrap", "") else f"[red]{ag.sandbox}[/]"
+        t.add_row(ag.agent_id, ag.address, state, trust, sandbox or "-", pkgs or "-", str(ag.slots),
                   f"{ag.running}/{ag.slots}", f"{ag.last_heartbeat_s:.1f} s ago", str(ag.jobs_done),
                   str(ag.jobs_failed))
     s = Table(title=f"services ({len(reply.services)})", title_justify="left")
@@ -696,6 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --idle-only: others using more of the CPU than this means the owner is busy")
     ast.add_argument("--idle-wait", type=float, default=30.0, metavar="S",
                      help="with --idle-only: seconds of idleness before taking jobs (again)")
+    ast.add_argument("--require-sandbox", action="store_true",
+                     help="refuse to start unless job workers can run in the namespace sandbox (bwrap)")
     _daemon_args(ast, "agent")
     ast.set_defaults(func=cmd_agent_start, config_section="agent")
     for action, text in (("pause", "stop taking jobs (running ones go back to the coordinator)"),

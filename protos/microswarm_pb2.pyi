@@ -101,7 +101,7 @@ class StatusRequest(_message.Message):
     def __init__(self, recent_calls: _Optional[int] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "address", "packages", "slots", "running", "last_heartbeat_s", "state", "connected_s", "jobs_done", "jobs_failed", "cpu_percent", "rss_bytes", "mode", "load1", "jobs_cpu_percent", "jobs_rss_bytes", "others_cpu_percent", "limit_stops", "versions", "max_packages", "quarantine_left_s", "jobs_timed_out", "mean_run_ms", "trust", "agreements", "disagreements", "slots_asked", "token_name", "agreements_in_row")
+    __slots__ = ("agent_id", "address", "packages", "slots", "running", "last_heartbeat_s", "state", "connected_s", "jobs_done", "jobs_failed", "cpu_percent", "rss_bytes", "mode", "load1", "jobs_cpu_percent", "jobs_rss_bytes", "others_cpu_percent", "limit_stops", "versions", "max_packages", "quarantine_left_s", "jobs_timed_out", "mean_run_ms", "trust", "agreements", "disagreements", "slots_asked", "token_name", "agreements_in_row", "sandbox")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PACKAGES_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class AgentInfo(_message.Message):
     SLOTS_ASKED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_NAME_FIELD_NUMBER: _ClassVar[int]
     AGREEMENTS_IN_ROW_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     address: str
     packages: _containers.RepeatedScalarFieldContainer[str]
@@ -160,7 +161,8 @@ class AgentInfo(_message.Message):
     slots_asked: int
     token_name: str
     agreements_in_row: int
-    def __init__(self, agent_id: _Optional[str] = ..., address: _Optional[str] = ..., packages: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., running: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., state: _Optional[str] = ..., connected_s: _Optional[float] = ..., jobs_done: _Optional[int] = ..., jobs_failed: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., load1: _Optional[float] = ..., jobs_cpu_percent: _Optional[float] = ..., jobs_rss_bytes: _Optional[int] = ..., others_cpu_percent: _Optional[float] = ..., limit_stops: _Optional[int] = ..., versions: _Optional[_Iterable[str]] = ..., max_packages: _Optional[int] = ..., quarantine_left_s: _Optional[float] = ..., jobs_timed_out: _Optional[int] = ..., mean_run_ms: _Optional[float] = ..., trust: _Optional[str] = ..., agreements: _Optional[int] = ..., disagreements: _Optional[int] = ..., slots_asked: _Optional[int] = ..., token_name: _Optional[str] = ..., agreements_in_row: _Optional[int] = ...) -> None: ...
+    sandbox: str
+    def __init__(self, agent_id: _Optional[str] = ..., address: _Optional[str] = ..., packages: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., running: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., state: _Optional[str] = ..., connected_s: _Optional[float] = ..., jobs_done: _Optional[int] = ..., jobs_failed: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., load1: _Optional[float] = ..., jobs_cpu_percent: _Optional[float] = ..., jobs_rss_bytes: _Optional[int] = ..., others_cpu_percent: _Optional[float] = ..., limit_stops: _Optional[int] = ..., versions: _Optional[_Iterable[str]] = ..., max_packages: _Optional[int] = ..., quarantine_left_s: _Optional[float] = ..., jobs_timed_out: _Optional[int] = ..., mean_run_ms: _Optional[float] = ..., trust: _Optional[str] = ..., agreements: _Optional[int] = ..., disagreements: _Optional[int] = ..., slots_asked: _Optional[int] = ..., token_name: _Optional[str] = ..., agreements_in_row: _Optional[int] = ..., sandbox: _Optional[str] = ...) -> None: ...
 
 class SchedulerInfo(_message.Message):
     __slots__ = ("queue_depth", "queue_limit", "queue_wait_s", "queue_wait_p50_ms", "queue_wait_p99_ms", "local_slots", "local_running", "max_attempts", "retries_total", "hedges_total", "late_results_total", "outcome_unknown_total", "quarantines_total", "overloaded_total", "offloaded_total", "local_total")
@@ -619,7 +621,7 @@ class ToAgent(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., holdings: _Optional[_Union[Holdings, _Mapping]] = ..., package: _Optional[_Union[PackageData, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., nested_reply: _Optional[_Union[CallReply, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., start: _Optional[_Union[StartJob, _Mapping]] = ..., nested_id: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("running", "slots", "cpu_percent", "rss_bytes", "load1", "paused", "mode", "jobs_cpu_percent", "jobs_rss_bytes", "others_cpu_percent", "limit_stops")
+    __slots__ = ("running", "slots", "cpu_percent", "rss_bytes", "load1", "paused", "mode", "jobs_cpu_percent", "jobs_rss_bytes", "others_cpu_percent", "limit_stops", "sandbox")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
@@ -631,6 +633,7 @@ class Heartbeat(_message.Message):
     JOBS_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     OTHERS_CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_STOPS_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_FIELD_NUMBER: _ClassVar[int]
     running: int
     slots: int
     cpu_percent: float
@@ -642,7 +645,8 @@ class Heartbeat(_message.Message):
     jobs_rss_bytes: int
     others_cpu_percent: float
     limit_stops: int
-    def __init__(self, running: _Optional[int] = ..., slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., load1: _Optional[float] = ..., paused: _Optional[bool] = ..., mode: _Optional[str] = ..., jobs_cpu_percent: _Optional[float] = ..., jobs_rss_bytes: _Optional[int] = ..., others_cpu_percent: _Optional[float] = ..., limit_stops: _Optional[int] = ...) -> None: ...
+    sandbox: str
+    def __init__(self, running: _Optional[int] = ..., slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., load1: _Optional[float] = ..., paused: _Optional[bool] = ..., mode: _Optional[str] = ..., jobs_cpu_percent: _Optional[float] = ..., jobs_rss_bytes: _Optional[int] = ..., others_cpu_percent: _Optional[float] = ..., limit_stops: _Optional[int] = ..., sandbox: _Optional[str] = ...) -> None: ...
 
 class Fetch(_message.Message):
     __slots__ = ("ref",)

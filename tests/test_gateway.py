@@ -86,7 +86,10 @@ class Gateway:
 def gw(tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("gateway")
     marks = work / "marks.txt"
-    c = LocalCluster(agents=1, http=True, workdir=str(work), env={"MICROSWARM_TEST_MARKS": str(marks)})
+    # the services mark each run in a file of the test's: passed to the workers, outside the sandbox
+    c = LocalCluster(agents=1, http=True, workdir=str(work), env={
+        "MICROSWARM_TEST_MARKS": str(marks), "MICROSWARM_WORKER_ENV": "MICROSWARM_TEST_MARKS",
+        "MICROSWARM_SANDBOX": "off"})
     with c:
         publish(str(DATA / "table3_services.py"), coordinator=c.addr, state_dir=str(c.state))
         c.wait_agents_ready()
