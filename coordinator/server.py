@@ -612,8 +612,10 @@ class Coordinator:
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         print(f"coordinator listening on {self.config.listen} (state {self.state.path})", flush=True)
+        print(f"key fingerprint {self.state.fingerprint.hex()} (join tokens pin it)", flush=True)
         if self.gateway is not None:
-            print(f"HTTP gateway on {self.gateway.url} (docs at {self.gateway.url}/docs)", flush=True)
+            print(f"HTTP gateway on {self.gateway.url} (docs at {self.gateway.url}/docs, dashboard at "
+                  f"{self.gateway.url}/dashboard)", flush=True)
         await self._stopping.wait()
         log.info("stopping: draining %d in-flight calls", self.dispatcher.in_flight)
         await self.stop()
