@@ -5,6 +5,7 @@ they exercise exactly what an operator would run.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -135,6 +136,17 @@ class LocalCluster:
             self.start_agent(f"agent{i + 1}")
         self.wait_agents_ready()
         return self
+
+    def create_client(self, name: str, *scopes: str) -> dict[str, Any]:
+        """A gateway client made as the operator makes one (`microswarm clients create --json`):
+        its client_id and client_secret."""
+        args = [sys.executable, "-m", "microswarm.cli", "clients", "create", name, "--json"]
+        for s in scopes:
+            args += ["--scope", s]
+        r = subprocess.run(args, capture_output=True, text=True, env=self.env(), timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"clients create {name} failed: {r.stderr.strip()}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
 
     def kill_agent(self, agent_id: str, sig: int = signal.SIGKILL) -> None:
         p = self.agents[agent_id]

@@ -272,17 +272,8 @@ def short(tmp_path_factory: pytest.TempPathFactory):
         yield c
 
 
-def create_client(c: LocalCluster, name: str, *scopes: str) -> dict[str, Any]:
-    args = [*CLI, "clients", "create", name, "--json"]
-    for s in scopes:
-        args += ["--scope", s]
-    r = subprocess.run(args, capture_output=True, text=True, env=c.env(), timeout=60)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def test_token_flow_end_to_end_over_http(short):
-    cred = create_client(short, "flow")
+    cred = short.create_client("flow")
     basic = (cred["client_id"], cred["client_secret"])
     token_url, url = short.http_url + "/oauth/token", short.http_url + "/v1/math/compute"
     body = {"a": 2, "b": 3, "op": "mul"}
@@ -316,7 +307,7 @@ def test_token_flow_end_to_end_over_http(short):
 
 
 def test_token_endpoint_refusals(short):
-    cred = create_client(short, "refusals")
+    cred = short.create_client("refusals")
     token_url = short.http_url + "/oauth/token"
     st, headers, err = _post_form(token_url, {"grant_type": "client_credentials"}, (cred["client_id"], "x" * 32))
     assert st == 401 and err["error"] == "invalid_client" and headers["WWW-Authenticate"].startswith("Basic")
@@ -330,7 +321,7 @@ def test_token_endpoint_refusals(short):
 
 
 def test_grpc_calls_need_a_token_and_clients_renew_theirs(short):
-    cred = create_client(short, "grpc")
+    cred = short.create_client("grpc")
     with short.client(bearer="msat_forged") as c:
         env = c.envelope("math.compute", {"a": 1, "b": 1})
         assert env.error["code"] == "unauthenticated" and env.attempts == 0
@@ -350,7 +341,7 @@ def test_grpc_calls_need_a_token_and_clients_renew_theirs(short):
 
 
 def test_a_multiplexed_stream_carries_a_renewed_token(short):
-    cred = create_client(short, "stream")
+    cred = short.create_client("stream")
 
     async def run() -> list[Any]:
         async with short.async_client(client_id=cred["client_id"], client_secret=cred["client_secret"]) as c:
@@ -364,7 +355,7 @@ def test_a_multiplexed_stream_carries_a_renewed_token(short):
 
 
 def test_cli_clients_create_list_revoke(short):
-    cred = create_client(short, "cli-made", "math.*")
+    cred = short.create_client("cli-made", "math.*")
     assert re.fullmatch(r"[A-Za-z0-9]{32}", cred["client_secret"]) and cred["scopes"] == ["math.*"]
     r = subprocess.run([*CLI, "clients", "create", "cli-made"], capture_output=True, text=True, env=short.env())
     assert r.returncode != 0 and "already exists" in r.stderr
@@ -388,7 +379,7 @@ def test_cli_clients_create_list_revoke(short):
 
 
 def test_secrets_and_tokens_never_reach_logs_or_listings(short):
-    cred = create_client(short, "secretive")
+    cred = short.create_client("secretive")
     st, _, tok = _post_form(short.http_url + "/oauth/token", {"grant_type": "client_credentials"},
                             (cred["client_id"], cred["client_secret"]))
     _call(short.http_url + "/v1/math/compute", tok["access_token"], {"a": 1, "b": 1})

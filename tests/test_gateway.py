@@ -33,12 +33,7 @@ class Gateway:
         self.token = self.get_token(self.cred)["access_token"]
 
     def create_client(self, name: str, *scopes: str) -> dict[str, Any]:
-        args = [*CLI, "clients", "create", name, "--json"]
-        for s in scopes:
-            args += ["--scope", s]
-        r = subprocess.run(args, capture_output=True, text=True, env=self.c.env(), timeout=60)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout.strip().splitlines()[-1])
+        return self.c.create_client(name, *scopes)
 
     def get_token(self, cred: dict[str, Any], scope: str | None = None) -> dict[str, Any]:
         form = {"grant_type": "client_credentials", **({"scope": scope} if scope else {})}

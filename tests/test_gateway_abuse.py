@@ -41,15 +41,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield c
 
 
-def create_client(c: LocalCluster, name: str, *scopes: str) -> dict[str, Any]:
-    args = [*CLI, "clients", "create", name, "--json"]
-    for s in scopes:
-        args += ["--scope", s]
-    r = subprocess.run(args, capture_output=True, text=True, env=c.env(), timeout=60)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def post_form(url: str, form: dict[str, str], cred: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
     basic = base64.b64encode(f"{cred['client_id']}:{cred['client_secret']}".encode()).decode()
     req = urllib.request.Request(url, data=urllib.parse.urlencode(form).encode(), method="POST", headers={
@@ -98,7 +89,7 @@ def connect(c: LocalCluster) -> socket.socket:
 
 def test_slow_headers_and_half_open_requests_are_closed_while_honest_requests_work(cluster):
     c = cluster
-    cred = create_client(c, "halfopen")
+    cred = c.create_client("halfopen")
     status, _, tok = post_form(c.http_url + "/oauth/token", {"grant_type": "client_credentials"}, cred)
     assert status == 200
     host = f"Host: 127.0.0.1:{c.http_port}\r\n"
@@ -207,7 +198,7 @@ def test_chunked_oversized_bodies_are_refused_early_at_bounded_memory(cluster):
 
 def test_scope_widening_is_refused_over_http_and_grpc(cluster):
     c = cluster
-    cred = create_client(c, "narrow", "math.[!c]*")
+    cred = c.create_client("narrow", "math.[!c]*")
     url = c.http_url + "/oauth/token"
     status, _, err = post_form(url, {"grant_type": "client_credentials", "scope": "math.*"}, cred)
     assert status == 400 and err["error"] == "invalid_scope" and "not covered" in err["error_description"]
@@ -224,7 +215,7 @@ def test_scope_widening_is_refused_over_http_and_grpc(cluster):
 def test_token_requests_are_rate_limited_with_429_and_resource_exhausted(cluster):
     c = cluster
     burst = int(TOKEN_LIMIT_PER_CLIENT[1])
-    cred = create_client(c, "burst")
+    cred = c.create_client("burst")
     url = c.http_url + "/oauth/token"
     answers = [post_form(url, {"grant_type": "client_credentials"}, cred) for _ in range(burst + 5)]
     codes = [a[0] for a in answers]
@@ -232,10 +223,10 @@ def test_token_requests_are_rate_limited_with_429_and_resource_exhausted(cluster
     status, headers, err = answers[-1]
     assert err["error"] == "rate_limited" and "retry in" in err["error_description"]
     assert int(headers["Retry-After"]) >= 1
-    other = create_client(c, "calm")  # another client is not held back by this one
+    other = c.create_client("calm")  # another client is not held back by this one
     assert post_form(url, {"grant_type": "client_credentials"}, other)[0] == 200
 
-    cred = create_client(c, "grpcburst")
+    cred = c.create_client("grpcburst")
     with grpc.insecure_channel(c.addr) as ch:
         stub = pbg.CoordinatorStub(ch)
         req = pb.TokenRequest(grant_type="client_credentials", client_id=cred["client_id"],
@@ -321,7 +312,7 @@ def test_the_coordinator_raises_its_open_files_limit_to_the_hard_limit(tmp_path)
 
 def test_open_metrics_carry_no_client_ids_nor_addresses(cluster):
     c = cluster
-    cred = create_client(c, "metered")
+    cred = c.create_client("metered")
     with c.client(client_id=cred["client_id"], client_secret=cred["client_secret"]) as cl:
         assert cl.envelope("math.compute", {"a": 5, "b": 6}).status == "ok"
     with urllib.request.urlopen(c.http_url + "/metrics", timeout=10) as r:  # no token: open by default

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,15 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_link_limits import Rogue  # noqa: E402
 
 CLI = [sys.executable, "-m", "microswarm.cli"]
-
-
-def create_client(c: LocalCluster, name: str, *scopes: str) -> dict[str, Any]:
-    args = [*CLI, "clients", "create", name, "--json"]
-    for s in scopes:
-        args += ["--scope", s]
-    r = subprocess.run(args, capture_output=True, text=True, env=c.env(), timeout=60)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def nested_replies(rogue: Rogue, n: int) -> list[dict[str, Any]] | None:
@@ -52,7 +42,7 @@ def test_nested_call_outside_the_callers_scope_is_forbidden_and_logged_as_the_ca
                       "--nested", 'demo.echo_bytes={"data": "c2VjcmV0"}',
                       "--nested", 'numbers.is_positive={"n": 3}')
         c.wait_agents_ready(["rogue"], timeout=30)
-        cred = create_client(c, "narrow", "math.compute", "numbers.is_positive")
+        cred = c.create_client("narrow", "math.compute", "numbers.is_positive")
         with c.client(client_id=cred["client_id"], client_secret=cred["client_secret"]) as cl:
             env = cl.envelope("math.compute", {"a": 5, "b": 5, "op": "add"}, timeout=60)
         assert env.ok and env.result == {"result": 10.0}, env.error  # the coordinator ran it after the rogue's fault
@@ -111,8 +101,8 @@ def test_nested_calls_of_honest_jobs_run_as_the_caller_on_agents_and_on_the_coor
     """math.compute_and_classify calls math.compute and numbers.is_positive: a caller allowed only the
     math.* services gets `forbidden` for the second, whether the job ran on the coordinator or an agent."""
     with LocalCluster(agents=0, workdir=str(tmp_path)) as c:
-        narrow = create_client(c, "mathonly", "math.*")
-        wide = create_client(c, "all")
+        narrow = c.create_client("mathonly", "math.*")
+        wide = c.create_client("all")
         seen: dict[str, Any] = {}
         for i, where in enumerate(("coordinator", "agent")):
             if where == "agent":
