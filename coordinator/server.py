@@ -32,7 +32,7 @@ from .quarantine import Quarantine
 from .registry import Registry, ServiceEntry
 from .scheduler import Scheduler, SchedulerSettings
 from .state import StateDir
-from .volunteers import Volunteers
+from .volunteers import Volunteers, file_stamp
 from .verify import Verifier, made_by
 
 log = logging.getLogger("microswarm.coordinator")
@@ -41,15 +41,6 @@ MAX_CLIENT_MESSAGE = _codec.MAX_PAYLOAD + (1 << 20)
 LINK_MAX_MESSAGE = 2 * 1024 * 1024
 STATUS_TTL_S = 0.5  # the agents of a Status reply are shared by the calls within this long (Coordinator.status)...
 STATUS_SHARED_FROM = 256  # ...once there are this many agents (fewer cost < 3 ms a build: always exact)
-
-
-def _stamp(path: Any) -> tuple[int, int, int] | None:
-    """What tells a changed file: (mtime_ns, size, inode), None when absent."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -107,9 +98,9 @@ class Coordinator:
         # credentials live in memory (re-read on SIGHUP and when their files change: watch_credentials),
         # so a coordinator out of file descriptors still checks them
         self._admin = self.state.admin_token(create=True) or ""
-        self._admin_stamp = _stamp(self.state.path / "admin.token")
+        self._admin_stamp = file_stamp(self.state.path / "admin.token")
         self.auth = Auth(self.state.path, access_ttl=config.token_ttl_s)
-        self._clients_stamp = _stamp(self.auth.clients_file)
+        self._clients_stamp = file_stamp(self.auth.clients_file)
         self._credentials_error = ""
         self._status_cache: dict[tuple[bool, int], tuple[float, pb.StatusReply, dict[str, int]]] = {}
         if not self.state.join_secrets():
@@ -541,7 +532,7 @@ class Coordinator:
         return self._admin
 
     def _reload_admin(self) -> None:
-        self._admin_stamp = _stamp(self.state.path / "admin.token")
+        self._admin_stamp = file_stamp(self.state.path / "admin.token")
         admin = self.state.admin_token(create=False)
         if not admin:
             raise ValueError(f"{self.state.path / 'admin.token'} is missing or empty")
@@ -553,9 +544,9 @@ class Coordinator:
         """admin.token and clients.json changed by another process are re-read within half a second;
         a damaged or missing file keeps the ones in memory."""
         try:
-            if _stamp(self.state.path / "admin.token") != self._admin_stamp:
+            if file_stamp(self.state.path / "admin.token") != self._admin_stamp:
                 self._reload_admin()
-            stamp = _stamp(self.auth.clients_file)
+            stamp = file_stamp(self.auth.clients_file)
             if stamp != self._clients_stamp:
                 self._clients_stamp = stamp
                 self.auth.reload_clients()

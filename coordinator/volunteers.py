@@ -178,6 +178,15 @@ def revoke(path: Path, name: str) -> tuple[VolunteerToken, bool]:
     return tok, True
 
 
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a file rewritten by another process: (mtime_ns, size, inode); None when absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 class TokenBook:
     """The coordinator's tokens, in memory; `changed()` says when the file was rewritten."""
 
@@ -187,18 +196,11 @@ class TokenBook:
         self.by_digest: dict[bytes, VolunteerToken] = {}
         self._stamp: tuple[int, int, int] | None = None
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
-
     def changed(self) -> bool:
-        return self._stat() != self._stamp
+        return file_stamp(self.path) != self._stamp
 
     def load(self) -> None:
-        stamp = self._stat()
+        stamp = file_stamp(self.path)
         tokens = load_tokens(self.path)  # ValueError: the current ones stay
         self.tokens, self._stamp = tokens, stamp
         self.by_digest = {t.digest: t for t in tokens}
