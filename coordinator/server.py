@@ -227,10 +227,10 @@ class Coordinator:
         """The agents a result of `agent_id` must not be confirmed by: itself, and the other agents of
         its volunteer (the same named join token), who could lie in concert."""
         a = self.agents.get(agent_id)
-        name = getattr(a, "token_name", "") if a is not None else ""
+        name = a.token_name if a is not None else ""
         if not name:
             return frozenset({agent_id})
-        return frozenset({agent_id} | {b.agent_id for b in self.agents.values() if getattr(b, "token_name", "") == name})
+        return frozenset({agent_id} | {b.agent_id for b in self.agents.values() if b.token_name == name})
 
     def late_result(self, agent: AgentSession, rec: Any) -> None:
         self.scheduler.late_result(agent, rec)
