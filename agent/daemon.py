@@ -31,9 +31,8 @@ from typing import Any
 
 import grpc
 import psutil
-from grpc import aio
 
-from microcores import __version__, _codec
+from microcores import __version__, _codec, _tls
 from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, check_len, collect, derive_keys,
                                 fingerprint, handshake_seen, hello_transcript, join_mac, new_ephemeral, public_bytes,
                                 refusal_verifies, sign, split, verify)
@@ -105,6 +104,7 @@ class AgentConfig:
     control_socket: bool = True      # `microswarm agent pause|resume` through <state_dir>/agent.sock
     max_packages: int = 0            # the most packages it holds (0: no limit)
     worker_idle_s: float = 120.0     # a package's workers stop after sitting idle this long (0: never)
+    insecure: bool | None = None     # plaintext to a coordinator run with --insecure (None: MICROSWARM_INSECURE)
     require_sandbox: bool = False    # refuse to start when job workers cannot be sandboxed (bwrap)
 
 
@@ -409,8 +409,18 @@ class Agent:
         assert last is not None
         raise last
 
+    async def _trust(self, address: str) -> _tls.Trust:
+        """TLS pinned to the key the token names, proven before anything is sent (microcores._tls)."""
+        try:
+            return await _tls.resolve_async(address, fingerprint=self.token.fingerprint, insecure=self.config.insecure)
+        except _tls.UntrustedCoordinator as exc:
+            raise AgentRefused(KEY_MISMATCH, exc.message, authenticated=False) from None
+        except MicroError as exc:
+            raise ConnectionError(exc.message) from None
+
     async def _session(self, address: str) -> None:
-        async with aio.insecure_channel(address, options=LINK_OPTIONS) as channel:
+        trust = await self._trust(address)
+        async with trust.aio_channel(address, LINK_OPTIONS) as channel:
             stub = pbg.AgentLinkStub(channel)
             call = stub.Connect()
             link = await self._handshake(call)

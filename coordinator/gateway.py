@@ -17,6 +17,7 @@ import binascii
 import json
 import logging
 import time
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -135,9 +136,10 @@ async def answer_and_close(request: web.Request, resp: web.StreamResponse) -> we
 
 
 class Gateway:
-    def __init__(self, coordinator: "Coordinator", listen: str) -> None:
+    def __init__(self, coordinator: "Coordinator", listen: str, tls: ssl.SSLContext | None = None) -> None:
         self.c = coordinator
         self.host, self.port = parse_listen(listen)
+        self.tls = tls
         self.app = web.Application(client_max_size=MAX_BODY)
         self.runner: web.AppRunner | None = None
         self._openapi: bytes | None = None
@@ -181,7 +183,8 @@ class Gateway:
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://[{host}]:{self.port}" if ":" in host else f"{scheme}://{host}:{self.port}"
 
     # ------------------------------------------------------------ lifecycle
 
@@ -193,7 +196,7 @@ class Gateway:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True,
                                     keepalive_timeout=HEADER_TIMEOUT_S, max_line_size=8190, max_field_size=8190)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(self.runner, self.host, self.port, backlog=1024, reuse_address=True, ssl_context=self.tls)
         try:
             await site.start()
         except OSError as exc:

@@ -14,6 +14,7 @@ from typing import Any
 from grpc import aio
 
 from microcores import _codec, _publisher
+from microcores._tls import CERT_FILE
 from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
 
@@ -32,6 +33,8 @@ from .quarantine import Quarantine
 from .registry import Registry, ServiceEntry
 from .scheduler import Scheduler, SchedulerSettings
 from .state import StateDir
+from .tls import ServerTLS
+from .tls import prepare as prepare_tls
 from .volunteers import Volunteers, file_stamp
 from .verify import Verifier, made_by
 
@@ -89,6 +92,9 @@ class CoordinatorConfig:
     trust_after: int = 10            # agreements in a row before an agent's results are only spot-checked
     spot_check: float = 0.05         # chance a trusted agent's result is still confirmed
     publisher_keys: list[bytes] = field(default_factory=list)  # --publisher-key: raw Ed25519 public keys
+    insecure: bool = False           # plaintext gRPC and HTTP (a trusted loopback only); default: TLS
+    tls_cert: str | None = None      # the operator's own certificate chain (PEM) instead of the bound one
+    tls_key: str | None = None
 
 
 class Coordinator:
@@ -110,6 +116,12 @@ class Coordinator:
         self._tokens_error = ""
         self._set_publisher_keys(config.publisher_keys)
         self.registry = Registry(self.state, config.publisher_keys)
+        self.tls: ServerTLS | None = None
+        if config.insecure:
+            (self.state.path / CERT_FILE).unlink(missing_ok=True)  # clients must not pin a certificate not served
+        else:
+            self.tls = prepare_tls(self.state.path, self.state.identity, [config.listen, config.http],
+                                   config.tls_cert, config.tls_key)
         self.agents: dict[str, AgentSession] = {}
         self.calllog = CallLog(path=self.state.path / "calls.jsonl")
         if config.dispatch not in STRATEGIES:
@@ -152,7 +164,7 @@ class Coordinator:
             from .dashboard import Dashboard
             from .gateway import Gateway
             from .metrics import Metrics
-            self.gateway = Gateway(self, config.http)
+            self.gateway = Gateway(self, config.http, self.tls.ssl_context() if self.tls else None)
             self.metrics = Metrics(self, require_token=config.metrics_auth)
             self.gateway.add_route("GET", "/metrics", self.metrics.handler)
             Dashboard(self).routes(self.gateway.add_route)
@@ -435,7 +447,10 @@ class Coordinator:
         self.server = aio.server(options=opts)
         pbg.add_CoordinatorServicer_to_server(ClientService(self), self.server)
         pbg.add_AgentLinkServicer_to_server(self.link, self.server)
-        self.port = self.server.add_insecure_port(self.config.listen)
+        if self.tls is not None:
+            self.port = self.server.add_secure_port(self.config.listen, self.tls.grpc_credentials())
+        else:
+            self.port = self.server.add_insecure_port(self.config.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}: the address is in use or invalid")
         if self.gateway is not None:  # before gRPC answers: a cluster that answers serves HTTP too
@@ -603,7 +618,15 @@ class Coordinator:
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         print(f"coordinator listening on {self.config.listen} (state {self.state.path})", flush=True)
-        print(f"key fingerprint {self.state.fingerprint.hex()} (join tokens pin it)", flush=True)
+        print(f"key fingerprint {self.state.fingerprint.hex()} (join tokens pin it; clients elsewhere: "
+              "--fingerprint or MICROSWARM_FINGERPRINT)", flush=True)
+        if self.tls is None:
+            print("TLS is OFF (--insecure): credentials and calls travel in cleartext; for a trusted loopback "
+                  "only (clients need MICROSWARM_INSECURE=1)", flush=True)
+        else:
+            what = "bound to that key" if self.tls.bound else "the operator's (--tls-cert)"
+            print(f"TLS on gRPC{' and HTTP' if self.gateway is not None else ''}: certificate {what}; clients "
+                  f"trust {self.tls.cert_path} (curl --cacert {self.tls.cert_path})", flush=True)
         if self.gateway is not None:
             print(f"HTTP gateway on {self.gateway.url} (docs at {self.gateway.url}/docs, dashboard at "
                   f"{self.gateway.url}/dashboard)", flush=True)

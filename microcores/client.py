@@ -30,7 +30,7 @@ from grpc import aio
 from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
 
-from . import _codec
+from . import _codec, _tls
 from ._chunks import Assembler, pieces
 from .errors import DeadlineExceeded, MicroError, Unauthorized, Unavailable, from_code
 
@@ -129,6 +129,12 @@ def _deadline_exceeded(target: str, service: str, timeout: float | None) -> Dead
 
 def _unavailable(exc: grpc.RpcError, target: str, service: str = "", timeout: float | None = None) -> MicroError:
     code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE and _tls.handshake_failed(details or ""):
+        return _tls.UntrustedCoordinator(
+            f"the coordinator at {target} did not prove the key this client pins (TLS: {_tls.handshake_reason(details)}); "
+            "nothing was sent. Check the address, and the pin: the state directory's coordinator.crt or "
+            "--fingerprint / MICROSWARM_FINGERPRINT (MICROSWARM_INSECURE=1 if it runs with --insecure)")
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"cannot reach the coordinator at {target}: is it running? "
                            "(set --coordinator or MICROSWARM_COORDINATOR)")
@@ -136,7 +142,6 @@ def _unavailable(exc: grpc.RpcError, target: str, service: str = "", timeout: fl
         if service:
             return _deadline_exceeded(target, service, timeout)
         return from_code("deadline_exceeded", f"no answer from the coordinator at {target} in time")
-    details = exc.details() if hasattr(exc, "details") else str(exc)
     return from_code("unavailable" if code is None else code.name.lower(), details or str(exc))
 
 
@@ -232,12 +237,23 @@ def _refused_unauthenticated(reply: pb.CallReply) -> bool:
 class Client:
     def __init__(self, coordinator: str | None = None, *, client_name: str | None = None,
                  bearer: str | None = None, client_id: str | None = None, client_secret: str | None = None,
-                 state_dir: str | os.PathLike[str] | None = None, scope: str | None = None) -> None:
+                 state_dir: str | os.PathLike[str] | None = None, scope: str | None = None,
+                 fingerprint: str | None = None, insecure: bool | None = None) -> None:
         self.target = coordinator or default_coordinator()
-        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
-        self._stub = pbg.CoordinatorStub(self._channel)
+        self._pin = _Pin(fingerprint, state_dir, insecure)
+        self._channel: grpc.Channel | None = None
+        self._stub_: pbg.CoordinatorStub | None = None
         self._metadata = [("x-client", client_name or default_client_name())]
         self._tokens = _Tokens(client_id, client_secret, bearer, state_dir, scope)
+
+    @property
+    def _stub(self) -> pbg.CoordinatorStub:
+        """The channel opens at first use, once the coordinator's key is pinned (no credential goes before)."""
+        if self._stub_ is None:
+            trust = _tls.resolve(self.target, **self._pin.kwargs())
+            self._channel = trust.channel(self.target, CHANNEL_OPTIONS)
+            self._stub_ = pbg.CoordinatorStub(self._channel)
+        return self._stub_
 
     def token(self) -> str | None:
         """A valid access token (fetched or renewed when needed); None when there are no credentials."""
@@ -319,7 +335,8 @@ class Client:
         return json.loads(reply.json or b"{}")
 
     def close(self) -> None:
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -341,10 +358,11 @@ class AsyncClient:
     def __init__(self, coordinator: str | None = None, *, client_name: str | None = None,
                  bearer: str | None = None, multiplex: bool = True, client_id: str | None = None,
                  client_secret: str | None = None, state_dir: str | os.PathLike[str] | None = None,
-                 scope: str | None = None) -> None:
+                 scope: str | None = None, fingerprint: str | None = None, insecure: bool | None = None) -> None:
         self.target = coordinator or default_coordinator()
-        self._channel = aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
-        self._stub = pbg.CoordinatorStub(self._channel)
+        self._pin = _Pin(fingerprint, state_dir, insecure)
+        self._channel: aio.Channel | None = None
+        self._stub: Any = None  # opened by _ready(), once the coordinator's key is pinned
         self._metadata = [("x-client", client_name or default_client_name())]
         self._tokens = _Tokens(client_id, client_secret, bearer, state_dir, scope)
         self._token_lock: asyncio.Lock | None = None
@@ -356,8 +374,16 @@ class AsyncClient:
         self._queue: asyncio.Queue[tuple[int, pb.CallRequest | None]] = asyncio.Queue()
         self._next_id = 0
 
+    async def _ready(self) -> None:
+        if self._stub is None:
+            trust = await _tls.resolve_async(self.target, **self._pin.kwargs())
+            if self._stub is None:
+                self._channel = trust.aio_channel(self.target, CHANNEL_OPTIONS)
+                self._stub = pbg.CoordinatorStub(self._channel)
+
     async def token(self) -> str | None:
         """A valid access token (fetched or renewed when needed); None when there are no credentials."""
+        await self._ready()
         tok = self._tokens.valid()
         if tok or not self._tokens.can_mint:
             return tok or self._tokens.access
@@ -486,13 +512,27 @@ class AsyncClient:
     async def close(self) -> None:
         if self._stream is not None:
             self._stream.cancel()
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+@dataclass(frozen=True)
+class _Pin:
+    """Where a client's trust in the coordinator comes from (microcores._tls.resolve)."""
+
+    fingerprint: str | None
+    state_dir: str | os.PathLike[str] | None
+    insecure: bool | None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "state_dir": self.state_dir or default_state_dir(),
+                "insecure": self.insecure}
 
 
 def admin_credential(state_dir: str | os.PathLike[str]) -> str:
@@ -505,7 +545,8 @@ def admin_credential(state_dir: str | os.PathLike[str]) -> str:
 
 
 def publish(target: Any, *, coordinator: str | None = None, state_dir: str | os.PathLike[str] | None = None,
-            sign_with: str | os.PathLike[str] | None = None) -> list[pb.PublishReply]:
+            sign_with: str | os.PathLike[str] | None = None, fingerprint: str | None = None,
+            insecure: bool | None = None) -> list[pb.PublishReply]:
     """Publish services: a MicroCore class, a module, or a path to a file or package. `sign_with`:
     a publisher's private key file (`microswarm keys create`); the package is signed here, and the
     coordinator (started with `--publisher-key`) relays the signature to agents."""
@@ -527,7 +568,8 @@ def publish(target: Any, *, coordinator: str | None = None, state_dir: str | os.
     cred = admin_credential(state_dir)
     target_addr = coordinator or default_coordinator()
     replies = []
-    with grpc.insecure_channel(target_addr, options=CHANNEL_OPTIONS) as channel:
+    trust = _tls.resolve(target_addr, **_Pin(fingerprint, state_dir, insecure).kwargs())
+    with trust.channel(target_addr, CHANNEL_OPTIONS) as channel:
         stub = pbg.CoordinatorStub(channel)
         for cls in classes:
             pkg = build(cls)

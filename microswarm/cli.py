@@ -33,7 +33,18 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="coordinator address (env MICROSWARM_COORDINATOR, default 127.0.0.1:7070)")
     p.add_argument("--state-dir", default=None, metavar="DIR",
-                   help="coordinator state directory (env MICROSWARM_STATE_DIR, default ~/.local/state/microswarm)")
+                   help="coordinator state directory (env MICROSWARM_STATE_DIR, default ~/.local/state/microswarm); "
+                        "its coordinator.crt pins the coordinator's key")
+    p.add_argument("--fingerprint", default=None, metavar="HEX",
+                   help="the coordinator's key fingerprint, as `coordinator start` prints it (env "
+                        "MICROSWARM_FINGERPRINT): pins its key where the state directory is not readable")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="plaintext, for a coordinator started with --insecure (env MICROSWARM_INSECURE=1)")
+
+
+def _pin(a: argparse.Namespace) -> dict[str, Any]:
+    """How a client command pins the coordinator's key (microcores._tls)."""
+    return {"state_dir": a.state_dir, "fingerprint": a.fingerprint, "insecure": a.insecure}
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
@@ -56,7 +67,8 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
                             metrics_auth=a.metrics_auth, placement=a.placement, local_slots=a.local_slots,
                             queue_wait_s=a.queue_wait, queue_limit=a.queue_limit, max_attempts=a.max_attempts,
                             quarantine_s=a.quarantine, hedge=a.hedge, worker_idle_s=a.worker_idle,
-                            verify=a.verify, trust_after=a.trust_after, spot_check=a.spot_check)
+                            verify=a.verify, trust_after=a.trust_after, spot_check=a.spot_check,
+                            insecure=a.insecure, tls_cert=a.tls_cert, tls_key=a.tls_key)
     cfg.advertise = a.advertise
     try:
         from microcores import _publisher
@@ -176,7 +188,7 @@ def cmd_agent_start(a: argparse.Namespace) -> int:
                       agent_id=a.id or "", state_dir=a.state_dir or _state_default(), drain_s=a.drain,
                       discover=bool(a.discover), discover_timeout_s=float(a.discover_timeout), volunteer=vol,
                       max_packages=a.max_packages, worker_idle_s=a.worker_idle,
-                      require_sandbox=bool(a.require_sandbox))
+                      require_sandbox=bool(a.require_sandbox), insecure=a.insecure)
     try:
         agent = Agent(cfg)
     except ValueError as exc:
@@ -216,7 +228,7 @@ def cmd_publish(a: argparse.Namespace) -> int:
     from microcores.errors import MicroError
 
     try:
-        replies = publish(a.path, coordinator=a.coordinator, state_dir=a.state_dir, sign_with=a.sign_with)
+        replies = publish(a.path, coordinator=a.coordinator, sign_with=a.sign_with, **_pin(a))
     except (MicroError, PermissionError, ValueError, FileNotFoundError, ImportError, SyntaxError) as exc:
         err.print(f"[red]error:[/] {exc}")
         return 1
@@ -250,7 +262,7 @@ def _wait_rollout(a: argparse.Namespace, digests: dict[str, str]) -> int:
     from microcores.errors import MicroError
 
     deadline = time.monotonic() + a.wait
-    with Client(a.coordinator, state_dir=a.state_dir) as c, Progress(console=err, transient=True) as progress:
+    with Client(a.coordinator, **_pin(a)) as c, Progress(console=err, transient=True) as progress:
         task = progress.add_task("rolling out to agents", total=None)
         while True:
             try:
@@ -315,7 +327,7 @@ def cmd_call(a: argparse.Namespace) -> int:
                 if interrupted:
                     return
                 with Client(a.coordinator, client_name=f"cli:{os.environ.get('USER', 'user')}",
-                            state_dir=a.state_dir) as client:
+                            **_pin(a)) as client:
                     outcome["env"] = client.envelope(a.service, a.input.encode(), timeout=a.timeout,
                                                      encoding=pb.JSON)
             except BaseException as exc:  # handed to the main thread as it is
@@ -362,13 +374,14 @@ def cmd_call(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- gateway clients
 
 def _admin_stub(a: argparse.Namespace) -> tuple[Any, Any, list[tuple[str, str]]]:
-    import grpc
 
-    from microcores.client import CHANNEL_OPTIONS, admin_credential
+    from microcores import _tls
+    from microcores.client import CHANNEL_OPTIONS, admin_credential, default_coordinator
     from protos import microswarm_pb2_grpc as pbg
 
     md = [("authorization", f"Admin {admin_credential(a.state_dir)}")]
-    channel = grpc.insecure_channel(a.coordinator, options=CHANNEL_OPTIONS)
+    target = a.coordinator or default_coordinator()
+    channel = _tls.resolve(target, **_pin(a)).channel(target, CHANNEL_OPTIONS)
     return channel, pbg.CoordinatorStub(channel), md
 
 
@@ -376,14 +389,20 @@ def _admin_rpc(a: argparse.Namespace, method: str, request: Any) -> Any:
     """An operator RPC on the running coordinator, with the admin credential of its state dir."""
     import grpc
 
+    from microcores.errors import MicroError
+
     try:
         channel, stub, md = _admin_stub(a)
-    except PermissionError as exc:
+    except (PermissionError, MicroError) as exc:
         raise SystemExit(_fail(str(exc))) from None
     with channel:
         try:
             return getattr(stub, method)(request, metadata=md, timeout=15)
         except grpc.RpcError as exc:
+            from microcores import _tls
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and _tls.handshake_failed(exc.details() or ""):
+                from microcores.client import _unavailable
+                raise SystemExit(_fail(_unavailable(exc, a.coordinator).message)) from None
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 raise SystemExit(_fail(f"cannot reach the coordinator at {a.coordinator}: is it running? "
                                        "(clients are managed by the running coordinator; set --coordinator "
@@ -515,7 +534,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     from microcores.errors import MicroError
 
     try:  # with the admin credential of the state directory, when readable: the operator's full view
-        with Client(a.coordinator, state_dir=a.state_dir) as c:
+        with Client(a.coordinator, **_pin(a)) as c:
             if a.watch:
                 from rich.live import Live
                 from rich.console import Group
@@ -547,7 +566,7 @@ def cmd_cache_stats(a: argparse.Namespace) -> int:
     from microcores.errors import MicroError
 
     try:
-        with Client(a.coordinator, state_dir=a.state_dir) as c:  # the operator's credential, or a client's
+        with Client(a.coordinator, **_pin(a)) as c:  # the operator's credential, or a client's
             stats = c.cache_stats()
     except MicroError as exc:
         err.print(f"[red]error:[/] {exc.message}")
@@ -639,6 +658,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="/metrics needs a bearer token (by default it is readable, as exporters are)")
     st.add_argument("--advertise", action=argparse.BooleanOptionalAction, default=None,
                     help="advertise on the LAN with zeroconf (default: yes, unless listening on loopback)")
+    st.add_argument("--tls-cert", default=os.environ.get("MICROSWARM_TLS_CERT"), metavar="PEM",
+                    help="serve this certificate chain (leaf first) on gRPC and HTTP instead of the one made from "
+                         "the coordinator's key; needs --tls-key")
+    st.add_argument("--tls-key", default=os.environ.get("MICROSWARM_TLS_KEY"), metavar="PEM",
+                    help="the private key of --tls-cert (PEM, unencrypted; keep it 0600)")
+    st.add_argument("--insecure", action="store_true",
+                    help="no TLS on gRPC and HTTP: credentials travel in cleartext (a trusted loopback only)")
     st.add_argument("--publisher-key", action="append", default=None, metavar="PUB",
                     help="accept only packages signed by this publisher key (a .pub file of `microswarm keys "
                          "create`; repeatable); join tokens carry the keys and agents check them too")
@@ -699,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --idle-only: others using more of the CPU than this means the owner is busy")
     ast.add_argument("--idle-wait", type=float, default=30.0, metavar="S",
                      help="with --idle-only: seconds of idleness before taking jobs (again)")
+    ast.add_argument("--insecure", action="store_true", default=None,
+                     help="plaintext to a coordinator started with --insecure (env MICROSWARM_INSECURE=1); the "
+                          "link is still sealed and the coordinator's key still proven by the handshake")
     ast.add_argument("--require-sandbox", action="store_true",
                      help="refuse to start unless job workers can run in the namespace sandbox (bwrap)")
     _daemon_args(ast, "agent")

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,8 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         e = dict(os.environ)
         e.update(MICROSWARM_COORDINATOR=self.addr, MICROSWARM_STATE_DIR=str(self.state), PYTHONUNBUFFERED="1")
+        if not self.tls:
+            e["MICROSWARM_INSECURE"] = "1"
         e.update(self.extra_env)
         return e
 
@@ -67,22 +70,58 @@ class LocalCluster:
                                 env={**self.env(), **(env or {})}, start_new_session=True)
 
     @property
+    def tls(self) -> bool:
+        """Whether the coordinator serves TLS (the default; not with --insecure)."""
+        return "--insecure" not in self.coordinator_args
+
+    @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
+
+    @property
+    def cert_path(self) -> Path:
+        """The certificate clients trust (written by the coordinator: STATE_DIR/coordinator.crt)."""
+        return self.state / "coordinator.crt"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """HTTPS that trusts only this coordinator's certificate (None with --insecure)."""
+        return ssl.create_default_context(cafile=str(self.cert_path)) if self.tls else None
+
+    def urlopen(self, req: Any, timeout: float = 30) -> Any:
+        """urllib.request.urlopen against this cluster's gateway, trusting its certificate."""
+        import urllib.request
+        return urllib.request.urlopen(req, timeout=timeout, context=self.ssl_context())
+
+    def spki_pin(self) -> str:
+        """base64 SHA-256 of the certificate's public key: chromium's --ignore-certificate-errors-spki-list
+        takes it, so a browser test trusts exactly this coordinator (a pin, not "ignore all errors")."""
+        import base64
+        import hashlib
+
+        from cryptography import x509
+
+        from microcores._tls import spki
+        cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+        return base64.b64encode(hashlib.sha256(spki(cert)).digest()).decode()
+
+    def fingerprint(self) -> str:
+        from coordinator.state import StateDir
+        return StateDir(self.state).fingerprint.hex()
 
     def client(self, **kwargs: Any) -> Any:
-        """A Client of this cluster: the operator's, through the admin credential, unless given others."""
+        """A Client of this cluster: the operator's, through the admin credential, unless given others
+        (any client pins the coordinator's key from the state directory)."""
         from microcores.client import Client
         kwargs.setdefault("client_name", "cluster")
-        if not {"client_id", "bearer"} & kwargs.keys():
-            kwargs.setdefault("state_dir", str(self.state))
+        kwargs.setdefault("state_dir", str(self.state))
+        kwargs.setdefault("insecure", not self.tls)
         return Client(self.addr, **kwargs)
 
     def async_client(self, **kwargs: Any) -> Any:
         from microcores.client import AsyncClient
         kwargs.setdefault("client_name", "cluster")
-        if not {"client_id", "bearer"} & kwargs.keys():
-            kwargs.setdefault("state_dir", str(self.state))
+        kwargs.setdefault("state_dir", str(self.state))
+        kwargs.setdefault("insecure", not self.tls)
         return AsyncClient(self.addr, **kwargs)
 
     def start_coordinator(self, timeout: float = 30) -> None:
