@@ -412,7 +412,8 @@ class Agent:
     async def _trust(self, address: str) -> _tls.Trust:
         """TLS pinned to the key the token names, proven before anything is sent (microcores._tls)."""
         try:
-            return await _tls.resolve_async(address, fingerprint=self.token.fingerprint, insecure=self.config.insecure)
+            return await _tls.resolve_async(address, fingerprint=self.token.fingerprint, insecure=self.config.insecure,
+                                            unbound_ok=True)
         except _tls.UntrustedCoordinator as exc:
             raise AgentRefused(KEY_MISMATCH, exc.message, authenticated=False) from None
         except MicroError as exc:

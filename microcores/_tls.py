@@ -138,9 +138,36 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def pinned(cert: x509.Certificate, want: bytes, target: str, source: str) -> Trust:
-    """Trust exactly `cert` if it is bound to the identity whose fingerprint is `want`."""
+def system_roots() -> bytes | None:
+    """MICROSWARM_CACERT (a PEM bundle) added to the system's CAs, for operators' own certificates;
+    None: gRPC's defaults."""
+    extra = os.environ.get("MICROSWARM_CACERT")
+    if not extra:
+        return None
+    try:
+        pem = Path(extra).expanduser().read_bytes()
+    except OSError as exc:
+        raise UntrustedCoordinator(f"MICROSWARM_CACERT {extra}: {exc.strerror}") from None
+    return pem + b"\n" + _system_bundle()
+
+
+def _system_bundle() -> bytes:
+    paths = ssl.get_default_verify_paths()
+    for f in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"):
+        try:
+            return Path(f).read_bytes() if f else b""
+        except OSError:
+            continue
+    return b""
+
+
+def pinned(cert: x509.Certificate, want: bytes, target: str, source: str, unbound_ok: bool = False) -> Trust:
+    """Trust exactly `cert` if it is bound to the identity whose fingerprint is `want`. `unbound_ok`
+    (agents): an operator's own certificate is checked through its CA instead, and the key is proven
+    by the link's handshake before the agent sends anything of its own."""
     key = bound_identity(cert)
+    if key is None and unbound_ok:
+        return Trust(root_pem=system_roots(), source="the system's certificate authorities (MICROSWARM_CACERT)")
     if key is None:
         raise UntrustedCoordinator(
             f"the coordinator at {target} presents a certificate that is not bound to a microswarm key, so "
@@ -165,8 +192,10 @@ def from_state_dir(state_dir: str | os.PathLike[str] | None) -> Trust | None:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
         raise UntrustedCoordinator(f"{path} is not a PEM certificate: restart the coordinator to rewrite it") from None
-    name = SERVER_NAME if bound_identity(cert) is not None else None
-    return Trust(root_pem=pem, server_name=name, source=str(path))
+    if bound_identity(cert) is not None:
+        return Trust(root_pem=pem, server_name=SERVER_NAME, source=str(path))
+    # The operator's chain may stop short of its root: its CAs (and the system's) complete it.
+    return Trust(root_pem=pem + b"\n" + (system_roots() or _system_bundle()), source=str(path))
 
 
 def _split(target: str) -> tuple[str, int]:
@@ -245,7 +274,7 @@ def _unpinned(target: str, cert: x509.Certificate) -> Trust:
             "Check it with the operator (`coordinator start` prints it), then pass --fingerprint or set "
             "MICROSWARM_FINGERPRINT; or run where its state directory is readable (--state-dir or "
             "MICROSWARM_STATE_DIR). Nothing was sent")
-    return Trust(source="the system's certificate authorities")
+    return Trust(root_pem=system_roots(), source="the system's certificate authorities (MICROSWARM_CACERT)")
 
 
 def resolve(target: str, *, fingerprint: str | bytes | None = None, state_dir: str | os.PathLike[str] | None = None,
@@ -263,12 +292,13 @@ def resolve(target: str, *, fingerprint: str | bytes | None = None, state_dir: s
 
 
 async def resolve_async(target: str, *, fingerprint: str | bytes | None = None,
-                        state_dir: str | os.PathLike[str] | None = None, insecure: bool | None = None) -> Trust:
+                        state_dir: str | os.PathLike[str] | None = None, insecure: bool | None = None,
+                        unbound_ok: bool = False) -> Trust:
     if insecure if insecure is not None else insecure_from_env():
         return Trust(insecure=True, source="MICROSWARM_INSECURE")
     pin = _fingerprint_pin(fingerprint)
     if pin is not None:
-        return pinned(await fetch_certificate_async(target), pin[0], target, pin[1])
+        return pinned(await fetch_certificate_async(target), pin[0], target, pin[1], unbound_ok)
     local = from_state_dir(state_dir)
     if local is not None:
         return local

@@ -815,6 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in ("coordinator", "agent"):
+        # gRPC core's own lines (a failed TLS handshake, say) repeat what the command says better
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     if getattr(args, "config_section", None):
         from microswarm.config import apply_config
         try:

@@ -16,6 +16,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from microcores import _tls
 from microcores._secure import (JoinToken, agent_channel, derive_keys, hello_transcript, join_mac, new_ephemeral,
                                 public_bytes, sign, split)
 from microcores.client import publish
@@ -210,7 +211,8 @@ async def _rogue_session(addr: str, token: str, attack: str) -> pb.Refusal:
     key = Ed25519PrivateKey.generate()
     eph, eph_pub = new_ephemeral()
     nonce = secrets.token_bytes(32)
-    async with grpc.aio.insecure_channel(addr) as ch:
+    trust = await _tls.resolve_async(addr, fingerprint=tok.fingerprint)
+    async with trust.aio_channel(addr) as ch:
         call = pbg.AgentLinkStub(ch).Connect()
         await call.write(pb.LinkFrame(agent_hello=pb.AgentHello(protocol=1, agent_id=f"rogue-{attack}",
                                                                 agent_key=public_bytes(key), ephemeral=eph_pub,
@@ -265,7 +267,7 @@ def test_package_with_parent_path_is_refused(cluster):
     manifest = json.dumps({"format": 1, "name": "evil.escape", "version": "1",
                            "entry": {"module": "escape", "class": "X"}, "files": {"../escape.py": sha256(b"import os")},
                            "archive_sha256": sha256(archive), "service": {}}).encode()
-    with grpc.insecure_channel(cluster.addr) as ch:
+    with _tls.from_state_dir(cluster.state).channel(cluster.addr) as ch:
         with pytest.raises(grpc.RpcError) as e:
             pbg.CoordinatorStub(ch).Publish(pb.PublishRequest(manifest=manifest, archive=archive), timeout=10,
                                             metadata=[("authorization", f"Admin {admin_credential(cluster.state)}")])

@@ -150,8 +150,10 @@ def test_a_squatter_cannot_take_an_id_after_a_coordinator_restart(tmp_path):
 def test_forged_and_provoked_refusals_do_not_stop_the_agent(tmp_path):
     """Through an on-path relay: a forged plaintext refusal, one signed by another key, a real one
     provoked by altering the agent's proof, and one injected mid-session. Each ends that attempt
-    only; the agent comes back and serves (today's code exits 2 at the first)."""
-    c = LocalCluster(agents=0, workdir=str(tmp_path))
+    only; the agent comes back and serves (today's code exits 2 at the first). The coordinator runs
+    with --insecure so that a relay can sit on the path at all (TLS pinned to the token's key keeps
+    it out otherwise): the link's own handshake must hold without TLS."""
+    c = LocalCluster(agents=0, workdir=str(tmp_path), coordinator_args=["--insecure"])
     with c:
         relay_addr = f"127.0.0.1:{free_port()}"
         out = open(c.dir / "relay.log", "ab")

@@ -228,7 +228,13 @@ def test_big_unauthenticated_hellos_keep_rss_bounded_and_an_honest_agent_joins(t
     grew = (peak - rss.base) / MiB
     print(f"coordinator RSS {rss.base / MiB:.0f} -> peak {peak / MiB:.0f} MiB (+{grew:.0f}); answers {answers}; "
           f"the honest agent joined in {joined:.1f} s")
-    assert set(answers) <= {"refusal:too_large", "refusal:busy"}, answers
+    # Over TLS, a stream the coordinator ends while a 60 MiB hello is still being written surfaces at the
+    # rogue as an RPC error (INTERNAL/UNAVAILABLE/CANCELLED) rather than as the refusal frame: both are a
+    # refused hello. What must never come back is a CoordinatorHello (an oversized hello read and accepted).
+    cut = {k for k in answers if k.split(":")[:2] in (["error", "AioRpcError"],)
+           and k.split(":")[2] in ("INTERNAL", "UNAVAILABLE", "CANCELLED")}
+    assert set(answers) - cut <= {"refusal:too_large", "refusal:busy"}, answers
+    assert answers.get("refusal:too_large", 0) >= 1, answers
     assert grew < 450, f"RSS grew by {grew:.0f} MiB"
 
 

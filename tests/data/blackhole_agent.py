@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import grpc  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
+from microcores import _tls  # noqa: E402
 from microcores._secure import (PROTOCOL, JoinToken, agent_channel, collect, derive_keys,  # noqa: E402
                                 hello_transcript, join_mac, new_ephemeral, public_bytes, sign, split)
 from protos import microswarm_pb2 as pb  # noqa: E402
@@ -46,7 +46,8 @@ async def run(a: argparse.Namespace) -> int:
     key = Ed25519PrivateKey.generate()
     eph, eph_pub = new_ephemeral()
     nonce = secrets.token_bytes(32)
-    async with grpc.aio.insecure_channel(a.coordinator) as ch:
+    trust = await _tls.resolve_async(a.coordinator, fingerprint=tok.fingerprint)  # pinned as a real agent does
+    async with trust.aio_channel(a.coordinator) as ch:
         call = pbg.AgentLinkStub(ch).Connect()
         await call.write(pb.LinkFrame(agent_hello=pb.AgentHello(
             protocol=PROTOCOL, agent_id=a.id, agent_key=public_bytes(key), ephemeral=eph_pub, nonce=nonce,

@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import grpc  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from microcores import _codec  # noqa: E402
+from microcores import _codec, _tls  # noqa: E402
 from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, collect, derive_keys,  # noqa: E402
                                 hello_transcript, join_mac, new_ephemeral, public_bytes, sign, split)
 from protos import microswarm_pb2 as pb  # noqa: E402
@@ -153,7 +153,8 @@ class Rogue:
 
     async def session(self) -> str:
         """Join, misbehave, and return how the link ended."""
-        async with grpc.aio.insecure_channel(self.a.coordinator, options=OPTIONS) as ch:
+        trust = await _tls.resolve_async(self.a.coordinator, fingerprint=JoinToken.parse(self.a.token).fingerprint)
+        async with trust.aio_channel(self.a.coordinator, OPTIONS) as ch:
             call = pbg.AgentLinkStub(ch).Connect()
             link = await self.handshake(call)
             if link is None:
@@ -376,11 +377,12 @@ class Rogue:
         a = self.a
         hostname = "h" * (a.big_hello_mib << 20)
         answers: dict[str, int] = {}
+        trust = await _tls.resolve_async(a.coordinator, fingerprint=self.token.fingerprint)
 
         async def one_stream() -> None:
             while time.monotonic() < self.end:
                 try:
-                    async with grpc.aio.insecure_channel(a.coordinator, options=OPTIONS) as ch:
+                    async with trust.aio_channel(a.coordinator, OPTIONS) as ch:
                         call = pbg.AgentLinkStub(ch).Connect()
                         await call.write(pb.LinkFrame(agent_hello=pb.AgentHello(
                             protocol=PROTOCOL, agent_id=f"{a.id}-{secrets.token_hex(3)}",
@@ -392,6 +394,8 @@ class Rogue:
                         call.cancel()
                 except (grpc.RpcError, asyncio.TimeoutError) as exc:
                     what = f"error:{type(exc).__name__}"
+                    if isinstance(exc, grpc.RpcError):
+                        what += f":{exc.code().name}:{(exc.details() or '')[:80]}"
                 answers[what] = answers.get(what, 0) + 1
 
         await asyncio.gather(*(one_stream() for _ in range(a.connections)))
