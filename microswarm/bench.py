@@ -396,9 +396,9 @@ def _floor(n: int, seconds: float) -> dict[str, float]:
     from .cluster import free_port
 
     port = free_port()
-    server = bench_floor.start(port)
+    server, tls = bench_floor.start(port)
     try:
-        return asyncio.run(bench_floor.measure(port, n, seconds, 64))
+        return asyncio.run(bench_floor.measure(port, n, seconds, 64, tls))
     finally:
         server.kill()
         server.wait(10)

@@ -1,7 +1,9 @@
 """The bare-gRPC floor for `microswarm bench`: the same loopback, the same machine, the same run,
 with nothing of microswarm in the path. A grpc.aio server in its own process echoes bytes; the
 bench times unary calls to it, one at a time and 64 in flight, so that microswarm's figures can
-be quoted as ratios to what gRPC alone costs here.
+be quoted as ratios to what gRPC alone costs here. It speaks TLS like the coordinator does by
+default (a certificate made the same way, pinned the same way), so the ratio is microswarm's own
+cost, not TLS's; with MICROSWARM_INSECURE=1 both are plaintext.
 
 Run as `python -m microswarm.bench_floor PORT` (the bench starts and stops it).
 """
@@ -12,7 +14,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,33 +29,58 @@ def _echo(request: bytes, context: Any) -> bytes:
     return request
 
 
+def _tls_dir() -> Path | None:
+    """Where the floor's certificate is (made once per run like a coordinator's); None: plaintext."""
+    from microcores._tls import insecure_from_env
+    return None if insecure_from_env() else Path(os.environ.get("MICROSWARM_FLOOR_TLS") or _make_tls_dir())
+
+
+def _make_tls_dir() -> str:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from coordinator.tls import prepare
+    d = tempfile.mkdtemp(prefix="microswarm-floor-")
+    prepare(Path(d), Ed25519PrivateKey.generate(), ["127.0.0.1:0"])
+    return d
+
+
 async def _serve(port: int) -> None:
     server = aio.server()
     handler = grpc.method_handlers_generic_handler(
         "microswarm.floor.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)})
     server.add_generic_rpc_handlers((handler,))
-    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+    tls = _tls_dir()
+    if tls is not None:
+        creds = grpc.ssl_server_credentials([((tls / "tls_key.pem").read_bytes(), (tls / "coordinator.crt").read_bytes())])
+        bound = server.add_secure_port(f"127.0.0.1:{port}", creds)
+    else:
+        bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    if bound == 0:
         raise SystemExit(f"bench floor: cannot listen on 127.0.0.1:{port}")
     await server.start()
     print("ready", flush=True)
     await server.wait_for_termination()
 
 
-def start(port: int) -> subprocess.Popen[str]:
-    """The echo server, started and answering."""
+def start(port: int) -> tuple[subprocess.Popen[str], Path | None]:
+    """The echo server, started and answering, and where its certificate is (None: plaintext)."""
+    tls = _tls_dir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"MICROSWARM_FLOOR_TLS": str(tls)} if tls else {})}
     p = subprocess.Popen([sys.executable, "-m", "microswarm.bench_floor", str(port)], stdout=subprocess.PIPE,
-                         text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                         text=True, env=env)
     assert p.stdout is not None
     if p.stdout.readline().strip() != "ready":
         p.kill()
         raise RuntimeError("the bare-gRPC echo server did not start")
-    return p
+    return p, tls
 
 
-async def measure(port: int, n: int, seconds: float, in_flight: int) -> dict[str, float]:
+async def measure(port: int, n: int, seconds: float, in_flight: int, tls: Path | None = None) -> dict[str, float]:
     """p50 of `n` sequential unary echoes of a small payload, and echoes/s with `in_flight` at once."""
     payload = b"x" * 64
-    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    from microcores._tls import Trust, from_state_dir
+    trust = (from_state_dir(tls) if tls else None) or Trust(insecure=True)
+    async with trust.aio_channel(f"127.0.0.1:{port}") as channel:
         echo = channel.unary_unary(METHOD)
         for _ in range(100):
             await echo(payload)
