@@ -237,18 +237,19 @@ def test_verification_takes_microseconds(auth):
 
 # ---------------------------------------------------------------- through real processes
 
-def _post_form(url: str, form: dict[str, str], basic: tuple[str, str] | None = None
+def _post_form(c: LocalCluster, url: str, form: dict[str, str], basic: tuple[str, str] | None = None
                ) -> tuple[int, dict[str, str], Any]:
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
     if basic:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode()
     req = urllib.request.Request(url, data=urllib.parse.urlencode(form).encode(), headers=headers, method="POST")
-    return _send(req)
+    return _send(c, req)
 
 
-def _send(req: urllib.request.Request) -> tuple[int, dict[str, str], Any]:
+def _send(c: LocalCluster, req: urllib.request.Request) -> tuple[int, dict[str, str], Any]:
+    """Over HTTPS, trusting exactly the cluster's coordinator certificate."""
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with c.urlopen(req, timeout=30) as r:
             body = r.read()
             return r.status, dict(r.headers), json.loads(body) if body else None
     except urllib.error.HTTPError as e:
@@ -256,11 +257,11 @@ def _send(req: urllib.request.Request) -> tuple[int, dict[str, str], Any]:
         return e.code, dict(e.headers), json.loads(body) if body else None
 
 
-def _call(url: str, token: str | None, body: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+def _call(c: LocalCluster, url: str, token: str | None, body: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    return _send(urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST"))
+    return _send(c, urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST"))
 
 
 @pytest.fixture(scope="module")
@@ -278,44 +279,46 @@ def test_token_flow_end_to_end_over_http(short):
     token_url, url = short.http_url + "/oauth/token", short.http_url + "/v1/math/compute"
     body = {"a": 2, "b": 3, "op": "mul"}
 
-    st, headers, tok = _post_form(token_url, {"grant_type": "client_credentials"}, basic)  # issue
+    st, headers, tok = _post_form(short, token_url, {"grant_type": "client_credentials"}, basic)  # issue
     assert st == 200 and tok["token_type"] == "Bearer" and tok["expires_in"] == 2
     assert headers.get("Cache-Control") == "no-store"
-    st, _, env = _call(url, tok["access_token"], body)  # use
+    st, _, env = _call(short, url, tok["access_token"], body)  # use
     assert st == 200 and env["result"] == {"result": 6.0}
 
-    wait_for(lambda: _call(url, tok["access_token"], body)[0] == 401, 10, "the token to expire")  # expire
-    st, headers, env = _call(url, tok["access_token"], body)
+    wait_for(lambda: _call(short, url, tok["access_token"], body)[0] == 401, 10, "the token to expire")  # expire
+    st, headers, env = _call(short, url, tok["access_token"], body)
     assert 'error="invalid_token"' in headers["WWW-Authenticate"] and "expired" in env["error"]["message"]
 
-    st, _, tok2 = _post_form(token_url, {"grant_type": "refresh_token", "refresh_token": tok["refresh_token"]}, basic)
+    refresh = {"grant_type": "refresh_token", "refresh_token": tok["refresh_token"]}
+    st, _, tok2 = _post_form(short, token_url, refresh, basic)
     assert st == 200 and tok2["refresh_token"] != tok["refresh_token"]  # refresh rotates
-    assert _call(url, tok2["access_token"], body)[0] == 200
+    assert _call(short, url, tok2["access_token"], body)[0] == 200
 
-    st, _, err = _post_form(token_url, {"grant_type": "refresh_token", "refresh_token": tok["refresh_token"]}, basic)
+    st, _, err = _post_form(short, token_url, refresh, basic)
     assert st == 400 and err["error"] == "invalid_grant"  # reuse detected: the family is revoked
-    assert _call(url, tok2["access_token"], body)[0] == 401
-    st, _, _ = _post_form(token_url, {"grant_type": "refresh_token", "refresh_token": tok2["refresh_token"]}, basic)
+    assert _call(short, url, tok2["access_token"], body)[0] == 401
+    st, _, _ = _post_form(short, token_url, {"grant_type": "refresh_token", "refresh_token": tok2["refresh_token"]},
+                          basic)
     assert st == 400
 
-    st, _, tok3 = _post_form(token_url, {"grant_type": "client_credentials"}, basic)
-    assert _call(url, tok3["access_token"], body)[0] == 200
-    st, _, _ = _post_form(short.http_url + "/oauth/revoke", {"token": tok3["access_token"]}, basic)  # revoke
+    st, _, tok3 = _post_form(short, token_url, {"grant_type": "client_credentials"}, basic)
+    assert _call(short, url, tok3["access_token"], body)[0] == 200
+    st, _, _ = _post_form(short, short.http_url + "/oauth/revoke", {"token": tok3["access_token"]}, basic)  # revoke
     assert st == 200
-    st, headers, env = _call(url, tok3["access_token"], body)
+    st, headers, env = _call(short, url, tok3["access_token"], body)
     assert st == 401 and env["error"]["code"] == "unauthenticated"
 
 
 def test_token_endpoint_refusals(short):
     cred = short.create_client("refusals")
     token_url = short.http_url + "/oauth/token"
-    st, headers, err = _post_form(token_url, {"grant_type": "client_credentials"}, (cred["client_id"], "x" * 32))
+    st, headers, err = _post_form(short, token_url, {"grant_type": "client_credentials"}, (cred["client_id"], "x" * 32))
     assert st == 401 and err["error"] == "invalid_client" and headers["WWW-Authenticate"].startswith("Basic")
-    st, _, err = _post_form(token_url, {"grant_type": "password"}, (cred["client_id"], cred["client_secret"]))
+    st, _, err = _post_form(short, token_url, {"grant_type": "password"}, (cred["client_id"], cred["client_secret"]))
     assert st == 400 and err["error"] == "unsupported_grant_type"
-    st, _, err = _post_form(token_url, {}, (cred["client_id"], cred["client_secret"]))
+    st, _, err = _post_form(short, token_url, {}, (cred["client_id"], cred["client_secret"]))
     assert st == 400 and err["error"] == "invalid_request"
-    st, _, err = _post_form(token_url, {"grant_type": "client_credentials", "client_id": cred["client_id"],
+    st, _, err = _post_form(short, token_url, {"grant_type": "client_credentials", "client_id": cred["client_id"],
                                         "client_secret": cred["client_secret"]})
     assert st == 200  # client_secret_post works too
 
@@ -326,7 +329,10 @@ def test_grpc_calls_need_a_token_and_clients_renew_theirs(short):
         env = c.envelope("math.compute", {"a": 1, "b": 1})
         assert env.error["code"] == "unauthenticated" and env.attempts == 0
     from microcores.client import Client
-    with Client(short.addr, client_name="nobody", state_dir=str(short.dir / "no-such-state")) as c:
+    # No state directory, so no admin credential; it trusts the coordinator as a remote client does, by the
+    # key fingerprint the operator gives it (nothing else would let it send anything over TLS).
+    with Client(short.addr, client_name="nobody", state_dir=str(short.dir / "no-such-state"),
+                fingerprint=short.fingerprint()) as c:
         env = c.envelope("math.compute", {"a": 1, "b": 1})
         assert env.error["code"] == "unauthenticated" and "clients create" in env.error["message"]
     with short.client(client_id=cred["client_id"], client_secret=cred["client_secret"]) as c:
@@ -362,12 +368,12 @@ def test_cli_clients_create_list_revoke(short):
     r = subprocess.run([*CLI, "clients", "list", "--json"], capture_output=True, text=True, env=short.env())
     listed = json.loads(r.stdout)
     assert any(x["client_id"] == cred["client_id"] for x in listed) and cred["client_secret"] not in r.stdout
-    st, _, tok = _post_form(short.http_url + "/oauth/token", {"grant_type": "client_credentials"},
+    st, _, tok = _post_form(short, short.http_url + "/oauth/token", {"grant_type": "client_credentials"},
                             (cred["client_id"], cred["client_secret"]))
     assert st == 200
     r = subprocess.run([*CLI, "clients", "revoke", "cli-made"], capture_output=True, text=True, env=short.env())
     assert r.returncode == 0, r.stderr
-    st, _, _ = _call(short.http_url + "/v1/math/compute", tok["access_token"], {"a": 1, "b": 1})
+    st, _, _ = _call(short, short.http_url + "/v1/math/compute", tok["access_token"], {"a": 1, "b": 1})
     assert st == 401
     r = subprocess.run([*CLI, "clients", "list"], capture_output=True, text=True, env=short.env())
     assert "cli-made" not in r.stdout
@@ -380,13 +386,14 @@ def test_cli_clients_create_list_revoke(short):
 
 def test_secrets_and_tokens_never_reach_logs_or_listings(short):
     cred = short.create_client("secretive")
-    st, _, tok = _post_form(short.http_url + "/oauth/token", {"grant_type": "client_credentials"},
+    st, _, tok = _post_form(short, short.http_url + "/oauth/token", {"grant_type": "client_credentials"},
                             (cred["client_id"], cred["client_secret"]))
-    _call(short.http_url + "/v1/math/compute", tok["access_token"], {"a": 1, "b": 1})
-    _call(short.http_url + "/v1/math/compute", tok["access_token"] + "x", {"a": 1, "b": 1})
-    _post_form(short.http_url + "/oauth/token", {"grant_type": "refresh_token", "refresh_token": tok["refresh_token"]},
+    _call(short, short.http_url + "/v1/math/compute", tok["access_token"], {"a": 1, "b": 1})
+    _call(short, short.http_url + "/v1/math/compute", tok["access_token"] + "x", {"a": 1, "b": 1})
+    _post_form(short, short.http_url + "/oauth/token",
+               {"grant_type": "refresh_token", "refresh_token": tok["refresh_token"]},
                (cred["client_id"], cred["client_secret"]))
-    _post_form(short.http_url + "/oauth/token", {"grant_type": "client_credentials"},
+    _post_form(short, short.http_url + "/oauth/token", {"grant_type": "client_credentials"},
                (cred["client_id"], cred["client_secret"][::-1]))
     listing = "".join(subprocess.run([*CLI, "clients", "list", *extra], capture_output=True, text=True,
                                      env=short.env()).stdout for extra in ([], ["--json"], ["--all"]))

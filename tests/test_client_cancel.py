@@ -74,10 +74,19 @@ class Silent(pbg.CoordinatorServicer):
 
 
 @pytest.fixture
-def silent() -> Iterator[tuple[str, Silent]]:
-    """A gRPC server on its own thread and loop that never answers a call."""
+def silent(tmp_path) -> Iterator[tuple[str, Silent, str]]:
+    """A gRPC server on its own thread and loop that never answers a call. It serves TLS as a coordinator
+    does by default: a certificate made by coordinator.tls for a fresh identity, written to a state
+    directory that the clients pin (address, servicer, that state directory)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from coordinator import tls
+
     servicer = Silent()
     addr = f"127.0.0.1:{free_port()}"
+    state = tmp_path / "silent-state"
+    state.mkdir()
+    creds = tls.prepare(state, Ed25519PrivateKey.generate(), [addr]).grpc_credentials()
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     stop: asyncio.Event | None = None
@@ -87,7 +96,7 @@ def silent() -> Iterator[tuple[str, Silent]]:
         stop = asyncio.Event()
         server = aio.server()
         pbg.add_CoordinatorServicer_to_server(servicer, server)
-        server.add_insecure_port(addr)
+        server.add_secure_port(addr, creds)
         await server.start()
         ready.set()
         await stop.wait()
@@ -96,18 +105,18 @@ def silent() -> Iterator[tuple[str, Silent]]:
     t = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
     t.start()
     assert ready.wait(10)
-    yield addr, servicer
+    yield addr, servicer, str(state)
     loop.call_soon_threadsafe(stop.set)  # type: ignore[union-attr]
     t.join(10)
 
 
 @pytest.mark.parametrize("multiplex", [True, False])
 def test_async_client_without_an_answer_raises_deadline_exceeded(silent, monkeypatch, multiplex):
-    addr, server = silent
+    addr, server, state = silent
     monkeypatch.setattr(client_mod, "DEADLINE_GRACE_S", 0.3)
 
     async def main() -> None:
-        async with AsyncClient(addr, bearer="t", multiplex=multiplex) as c:
+        async with AsyncClient(addr, bearer="t", state_dir=state, multiplex=multiplex) as c:
             t0 = time.monotonic()
             with pytest.raises(DeadlineExceeded) as info:
                 await c.envelope("demo.sleep", {"seconds": 5}, timeout=0.5)
@@ -126,10 +135,10 @@ def test_async_client_without_an_answer_raises_deadline_exceeded(silent, monkeyp
 
 
 def test_async_client_cancelled_task_sends_its_call_id_in_cancel(silent):
-    addr, server = silent
+    addr, server, state = silent
 
     async def main() -> None:
-        async with AsyncClient(addr, bearer="t") as c:
+        async with AsyncClient(addr, bearer="t", state_dir=state) as c:
             tasks = [asyncio.ensure_future(c.envelope("demo.sleep", {"seconds": 30}, timeout=60)) for _ in range(3)]
             await asyncio.to_thread(wait_for, lambda: len(server.stream_ids) == 3, 5, "three calls sent")
             tasks[1].cancel()
@@ -149,10 +158,10 @@ def test_async_client_cancelled_task_sends_its_call_id_in_cancel(silent):
 
 
 def test_async_client_unary_cancelled_task_cancels_the_rpc(silent):
-    addr, server = silent
+    addr, server, state = silent
 
     async def main() -> None:
-        async with AsyncClient(addr, bearer="t", multiplex=False) as c:
+        async with AsyncClient(addr, bearer="t", state_dir=state, multiplex=False) as c:
             task = asyncio.ensure_future(c.envelope("demo.sleep", {"seconds": 30}, timeout=60))
             assert await asyncio.to_thread(server.unary_started.wait, 5)
             task.cancel()
@@ -164,7 +173,7 @@ def test_async_client_unary_cancelled_task_cancels_the_rpc(silent):
 
 
 def test_client_keyboard_interrupt_cancels_the_rpc(silent):
-    addr, server = silent
+    addr, server, state = silent
 
     def interrupt() -> None:
         # Once the client waits for the answer: a KeyboardInterrupt inside gRPC's own start of the call
@@ -175,16 +184,16 @@ def test_client_keyboard_interrupt_cancels_the_rpc(silent):
             _thread.interrupt_main()
 
     threading.Thread(target=interrupt, daemon=True).start()
-    with Client(addr, bearer="t") as c:
+    with Client(addr, bearer="t", state_dir=state) as c:
         with pytest.raises(KeyboardInterrupt):
             c.envelope("demo.sleep", {"seconds": 30}, timeout=60)
     assert server.unary_cancelled.wait(5)
 
 
 def test_client_without_an_answer_raises_deadline_exceeded(silent, monkeypatch):
-    addr, _ = silent
+    addr, _, state = silent
     monkeypatch.setattr(client_mod, "DEADLINE_GRACE_S", 0.3)
-    with Client(addr, bearer="t") as c:
+    with Client(addr, bearer="t", state_dir=state) as c:
         with pytest.raises(DeadlineExceeded) as info:
             c.envelope("demo.sleep", {"seconds": 5}, timeout=0.5)
     assert "demo.sleep" in info.value.message and "0.5 s" in info.value.message
@@ -277,7 +286,9 @@ def test_http_client_that_disconnects_frees_the_agent_slot(tmp_path):
         body = json.dumps({"seconds": 30}).encode()
         request = (f"POST /v1/demo/sleep HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-        with socket.create_connection(("127.0.0.1", c.http_port), timeout=10) as s:
+        # over TLS, as the gateway serves by default: handshake first, then the request
+        with socket.create_connection(("127.0.0.1", c.http_port), timeout=10) as raw, \
+                c.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as s:
             s.sendall(request)
             wait_job_on_agent(client)
         # the connection is closed: the job stops on its agent and the slot is free again

@@ -27,6 +27,13 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-dev-shm-usage"]
 
 
+def trust_flags(c: LocalCluster) -> list[str]:
+    """Chromium trusts the coordinator's self-signed certificate by its SPKI pin (this one key only; other
+    certificate errors still fail), instead of ignoring HTTPS errors altogether."""
+    assert c.http_url.startswith("https://"), c.http_url
+    return [f"--ignore-certificate-errors-spki-list={c.spki_pin()}"]
+
+
 @pytest.fixture(scope="module")
 def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     c = LocalCluster(agents=2, slots=2, http=True, workdir=str(tmp_path_factory.mktemp("dashboard")))
@@ -39,31 +46,32 @@ def basic(c: LocalCluster) -> str:
     return "Basic " + base64.b64encode(f"operator:{admin}".encode()).decode()
 
 
-def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def get(c: LocalCluster, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET a path of the cluster's gateway over HTTPS, trusting exactly its certificate."""
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+        with c.urlopen(urllib.request.Request(c.http_url + path, headers=headers or {}), timeout=10) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
 
 
 def test_dashboard_is_the_operators_only(dash):
-    st, hdr, body = get(dash.http_url + "/dashboard")
+    st, hdr, body = get(dash, "/dashboard")
     assert st == 401 and hdr["WWW-Authenticate"].startswith("Basic") and b"admin.token" in body
-    st, _, _ = get(dash.http_url + "/dashboard/data", {"Authorization": "Basic " + base64.b64encode(b"x:wrong").decode()})
+    st, _, _ = get(dash, "/dashboard/data", {"Authorization": "Basic " + base64.b64encode(b"x:wrong").decode()})
     assert st == 401
     with dash.client() as c:  # the CLI's own operator token works too
         token = c.token()
-    st, _, _ = get(dash.http_url + "/dashboard/data", {"Authorization": f"Bearer {token}"})
+    st, _, _ = get(dash, "/dashboard/data", {"Authorization": f"Bearer {token}"})
     assert st == 200
-    st, hdr, body = get(dash.http_url + "/dashboard", {"Authorization": basic(dash)})
+    st, hdr, body = get(dash, "/dashboard", {"Authorization": basic(dash)})
     assert st == 200 and b"Call log" in body and "script-src 'self'" in hdr["Content-Security-Policy"]
 
 
 def test_data_has_the_papers_call_log_columns(dash):
     with dash.client() as c:
         env = c.envelope("numbers.is_positive", {"n": 4})
-    st, _, body = get(dash.http_url + "/dashboard/data", {"Authorization": basic(dash)})
+    st, _, body = get(dash, "/dashboard/data", {"Authorization": basic(dash)})
     d = json.loads(body)
     assert {a["id"] for a in d["agents"]} == {"agent1", "agent2"}
     assert all({"running", "slots", "last_heartbeat_s"} <= a.keys() for a in d["agents"])
@@ -73,7 +81,7 @@ def test_data_has_the_papers_call_log_columns(dash):
     assert row["executed_by"] == env.executed_by and row["success"] is True
     assert row["client"] and row["time"] > 0 and ":" in row["address"]  # client, date, IP and port
     assert row["address"].startswith("127.0.0.1:") and row["via"] == "grpc"
-    assert get(dash.http_url + "/dashboard/data?calls=lots", {"Authorization": basic(dash)})[0] == 400
+    assert get(dash, "/dashboard/data?calls=lots", {"Authorization": basic(dash)})[0] == 400
     assert "hits" in d["cache"]
 
 
@@ -81,9 +89,10 @@ def test_data_has_the_papers_call_log_columns(dash):
 def test_dashboard_in_a_browser_shows_a_new_call_within_seconds(dash):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'")
     admin = (dash.state / "admin.token").read_text().strip()
-    origin = urlparse(dash.http_url).netloc
+    origin = urlparse(dash.http_url)[:2]  # scheme and host:port: https://127.0.0.1:PORT only
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        # HTTPS: chromium trusts exactly this coordinator's certificate, by its public key's pin
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[*FLAGS, *trust_flags(dash)])
         try:
             ctx = browser.new_context(http_credentials={"username": "operator", "password": admin},
                                       viewport={"width": 1280, "height": 900})
@@ -92,7 +101,7 @@ def test_dashboard_in_a_browser_shows_a_new_call_within_seconds(dash):
             foreign: list[str] = []
             page.on("pageerror", lambda e: problems.append(str(e)))
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("request", lambda r: foreign.append(r.url) if urlparse(r.url).netloc != origin else None)
+            page.on("request", lambda r: foreign.append(r.url) if urlparse(r.url)[:2] != origin else None)
             page.goto(dash.http_url + "/dashboard")
             expect = sync_api.expect
             expect(page.locator("#agents tbody tr")).to_have_count(2, timeout=15_000)

@@ -48,7 +48,7 @@ class Gateway:
                 ) -> tuple[int, dict[str, str], Any]:
         req = urllib.request.Request(self.url + path, data=data, headers=headers or {}, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with self.c.urlopen(req, timeout=30) as r:  # HTTPS, trusting exactly the coordinator's certificate
                 status, hdrs, body = r.status, dict(r.headers), r.read()
         except urllib.error.HTTPError as e:
             status, hdrs, body = e.code, dict(e.headers), e.read()
@@ -271,7 +271,7 @@ def test_schemathesis_finds_no_server_error(gw, tmp_path):
                         # does not do safely from two threads at once (a SystemError in a CI run)
                         "--workers", "1",
                         "--exclude-path-regex", "^/v1/demo/(sleep|cpu_burn)$", "--request-timeout", "20",
-                        "--no-color"],
+                        "--no-color", "--tls-verify", str(gw.c.cert_path)],  # HTTPS: trust the coordinator's cert
                        capture_output=True, text=True, timeout=150, cwd=tmp_path,
                        env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]

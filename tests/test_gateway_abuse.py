@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ import pytest
 
 from coordinator.auth import TOKEN_LIMIT_PER_CLIENT
 from coordinator.gateway import FORM_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_FORM
+from microcores import _tls
 from microcores.client import Client
 from microcores.errors import Unauthorized
 from microswarm.cluster import LocalCluster, wait_for
@@ -41,16 +43,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield c
 
 
-def post_form(url: str, form: dict[str, str], cred: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+def post_form(c: LocalCluster, url: str, form: dict[str, str], cred: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
     basic = base64.b64encode(f"{cred['client_id']}:{cred['client_secret']}".encode()).decode()
     req = urllib.request.Request(url, data=urllib.parse.urlencode(form).encode(), method="POST", headers={
         "Authorization": "Basic " + basic, "Content-Type": "application/x-www-form-urlencoded"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with c.urlopen(req, timeout=30) as r:
             return r.status, dict(r.headers), json.loads(r.read())
     except urllib.error.HTTPError as e:
         body = e.read()
         return e.code, dict(e.headers), json.loads(body) if body else None
+
+
+def tls_channel(c: LocalCluster) -> grpc.Channel:
+    """A gRPC channel to the coordinator that trusts its certificate from the state directory."""
+    trust = _tls.from_state_dir(c.state)
+    assert trust is not None, f"no coordinator certificate in {c.state}"
+    return trust.channel(c.addr)
 
 
 def rss_mib(pid: int) -> float:
@@ -63,7 +72,7 @@ def rss_mib(pid: int) -> float:
 def healthz(c: LocalCluster) -> float:
     """Seconds an honest request takes (it must answer)."""
     t0 = time.monotonic()
-    with urllib.request.urlopen(c.http_url + "/healthz", timeout=10) as r:
+    with c.urlopen(c.http_url + "/healthz", timeout=10) as r:
         assert r.status == 200 and json.loads(r.read())["status"] == "ok"
     return time.monotonic() - t0
 
@@ -76,21 +85,25 @@ def closed(s: socket.socket) -> bool:
             data = s.recv(65536)
             if not data:
                 return True
-    except BlockingIOError:
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):  # nothing yet: still open
         return False
     except OSError:
         return True
 
 
 def connect(c: LocalCluster) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", c.http_port), timeout=10)
-    return s
+    """A connection to the gateway over TLS, as it serves by default: the handshake is completed here
+    (trusting exactly the coordinator's certificate), so what a test sends next is HTTP inside it."""
+    raw = socket.create_connection(("127.0.0.1", c.http_port), timeout=10)
+    ctx = c.ssl_context()
+    assert ctx is not None, "the cluster serves TLS"
+    return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
 def test_slow_headers_and_half_open_requests_are_closed_while_honest_requests_work(cluster):
     c = cluster
     cred = c.create_client("halfopen")
-    status, _, tok = post_form(c.http_url + "/oauth/token", {"grant_type": "client_credentials"}, cred)
+    status, _, tok = post_form(c, c.http_url + "/oauth/token", {"grant_type": "client_credentials"}, cred)
     assert status == 200
     host = f"Host: 127.0.0.1:{c.http_port}\r\n"
     slow, half_form, half_call = [], [], []
@@ -200,11 +213,11 @@ def test_scope_widening_is_refused_over_http_and_grpc(cluster):
     c = cluster
     cred = c.create_client("narrow", "math.[!c]*")
     url = c.http_url + "/oauth/token"
-    status, _, err = post_form(url, {"grant_type": "client_credentials", "scope": "math.*"}, cred)
+    status, _, err = post_form(c, url, {"grant_type": "client_credentials", "scope": "math.*"}, cred)
     assert status == 400 and err["error"] == "invalid_scope" and "not covered" in err["error_description"]
-    status, _, ok = post_form(url, {"grant_type": "client_credentials", "scope": "math.add"}, cred)
+    status, _, ok = post_form(c, url, {"grant_type": "client_credentials", "scope": "math.add"}, cred)
     assert status == 200 and ok["scope"] == "math.add"
-    with grpc.insecure_channel(c.addr) as ch:
+    with tls_channel(c) as ch:
         stub = pbg.CoordinatorStub(ch)
         with pytest.raises(grpc.RpcError) as e:
             stub.Token(pb.TokenRequest(grant_type="client_credentials", client_id=cred["client_id"],
@@ -217,17 +230,17 @@ def test_token_requests_are_rate_limited_with_429_and_resource_exhausted(cluster
     burst = int(TOKEN_LIMIT_PER_CLIENT[1])
     cred = c.create_client("burst")
     url = c.http_url + "/oauth/token"
-    answers = [post_form(url, {"grant_type": "client_credentials"}, cred) for _ in range(burst + 5)]
+    answers = [post_form(c, url, {"grant_type": "client_credentials"}, cred) for _ in range(burst + 5)]
     codes = [a[0] for a in answers]
     assert codes[:burst - 2].count(200) == burst - 2 and codes[-1] == 429, codes
     status, headers, err = answers[-1]
     assert err["error"] == "rate_limited" and "retry in" in err["error_description"]
     assert int(headers["Retry-After"]) >= 1
     other = c.create_client("calm")  # another client is not held back by this one
-    assert post_form(url, {"grant_type": "client_credentials"}, other)[0] == 200
+    assert post_form(c, url, {"grant_type": "client_credentials"}, other)[0] == 200
 
     cred = c.create_client("grpcburst")
-    with grpc.insecure_channel(c.addr) as ch:
+    with tls_channel(c) as ch:
         stub = pbg.CoordinatorStub(ch)
         req = pb.TokenRequest(grant_type="client_credentials", client_id=cred["client_id"],
                               client_secret=cred["client_secret"])
@@ -252,7 +265,7 @@ def test_the_admin_credential_is_kept_in_memory_and_reloaded_when_its_file_chang
     new = "rotated-" + os.urandom(16).hex()
     try:
         path.write_text(new)
-        with grpc.insecure_channel(c.addr) as ch:
+        with tls_channel(c) as ch:
             stub = pbg.CoordinatorStub(ch)
 
             def works(cred: str) -> bool:
@@ -315,7 +328,7 @@ def test_open_metrics_carry_no_client_ids_nor_addresses(cluster):
     cred = c.create_client("metered")
     with c.client(client_id=cred["client_id"], client_secret=cred["client_secret"]) as cl:
         assert cl.envelope("math.compute", {"a": 5, "b": 6}).status == "ok"
-    with urllib.request.urlopen(c.http_url + "/metrics", timeout=10) as r:  # no token: open by default
+    with c.urlopen(c.http_url + "/metrics", timeout=10) as r:  # no token: open by default
         body = r.read().decode()
     assert "microswarm_calls" in body
     assert cred["client_id"] not in body and "msc_" not in body and "127.0.0.1" not in body

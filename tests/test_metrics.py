@@ -23,8 +23,7 @@ def http_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClus
 
 
 def scrape(c: LocalCluster, headers: dict[str, str] | None = None) -> dict[str, dict[tuple, float]]:
-    with urllib.request.urlopen(urllib.request.Request(c.http_url + "/metrics", headers=headers or {}),
-                                timeout=10) as r:
+    with c.urlopen(urllib.request.Request(c.http_url + "/metrics", headers=headers or {}), timeout=10) as r:
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/plain")
         text = r.read().decode()
@@ -40,7 +39,7 @@ def value(m: dict, name: str, **labels: str) -> float:
 
 
 def test_every_family_the_operators_need_is_there(http_cluster):
-    with urllib.request.urlopen(http_cluster.http_url + "/metrics", timeout=10) as r:
+    with http_cluster.urlopen(http_cluster.http_url + "/metrics", timeout=10) as r:
         families = {f.name: f.type for f in text_string_to_metric_families(r.read().decode())}
     for fam in FAMILIES:
         assert fam in families, fam

@@ -244,7 +244,7 @@ def test_over_http_a_forged_output_is_caught_and_metrics_count_the_disagreement(
     def call(a: float) -> dict:
         req = urllib.request.Request(f"{c.http_url}/v1/math/compute", data=json.dumps({"a": a, "b": 2, "op": "mul"}).encode(),
                                      headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with c.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
     envs = [call(float(i)) for i in range(6)]
@@ -252,7 +252,7 @@ def test_over_http_a_forged_output_is_caught_and_metrics_count_the_disagreement(
     assert all(e["status"] == "ok" and e["result"] == {"result": i * 2.0} for i, e in enumerate(envs)), envs
     assert all(e["verified"] for e in envs)
     assert agent_info(c, "forger").trust == "quarantined"
-    with urllib.request.urlopen(f"{c.http_url}/metrics", timeout=10) as r:
+    with c.urlopen(f"{c.http_url}/metrics", timeout=10) as r:
         metrics = r.read().decode()
     disagreed = [ln for ln in metrics.splitlines() if ln.startswith('microswarm_verifications_total{outcome="disagreed"}')]
     assert disagreed and float(disagreed[0].split()[-1]) >= 1, disagreed
