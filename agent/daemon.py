@@ -415,7 +415,7 @@ class Agent:
             return await _tls.resolve_async(address, fingerprint=self.token.fingerprint, insecure=self.config.insecure,
                                             unbound_ok=True)
         except _tls.UntrustedCoordinator as exc:
-            raise AgentRefused(KEY_MISMATCH, exc.message, authenticated=False) from None
+            raise AgentRefused(KEY_MISMATCH, exc.message) from None  # our own finding, not a remote refusal
         except MicroError as exc:
             raise ConnectionError(exc.message) from None
 

@@ -175,7 +175,7 @@ def pinned(cert: x509.Certificate, want: bytes, target: str, source: str, unboun
             "own certificate (--tls-cert), trust that through its CA instead of a fingerprint")
     if fingerprint(key) != want:
         raise UntrustedCoordinator(
-            f"the coordinator at {target} proved key {fingerprint(key).hex()}, but {source} pins "
+            f"the coordinator at {target} presented key {fingerprint(key).hex()}, but {source} pins "
             f"{want.hex()}: not the coordinator you meant (or its identity changed); nothing was sent")
     return Trust(root_pem=_pem(cert), server_name=SERVER_NAME, source=source)
 

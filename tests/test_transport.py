@@ -151,7 +151,7 @@ def test_tls_on_both_ports_with_pinning(tmp_path):
         with Client(c.addr, client_id=cred["client_id"], client_secret=cred["client_secret"],
                     fingerprint=c.fingerprint(), state_dir=far) as cl:
             assert cl.call("math.compute", {"a": 6, "b": 7, "op": "mul"}) == {"result": 42.0}
-        with pytest.raises(_tls.UntrustedCoordinator, match="proved key"):
+        with pytest.raises(_tls.UntrustedCoordinator, match="presented key"):
             with Client(c.addr, client_id=cred["client_id"], client_secret=cred["client_secret"],
                         fingerprint="ab" * 32, state_dir=far) as cl:
                 cl.call("math.compute", {"a": 1, "b": 1})
