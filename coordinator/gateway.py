@@ -16,8 +16,8 @@ import base64
 import binascii
 import json
 import logging
-import time
 import ssl
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -135,6 +135,19 @@ async def answer_and_close(request: web.Request, resp: web.StreamResponse) -> we
     return resp
 
 
+class _Site(web.TCPSite):
+    """TCPSite with the TLS handshake bounded like the headers (asyncio's default is 60 s): a client
+    that stalls mid-handshake holds its descriptor no longer than a slow-loris one."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        assert self._runner.server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._runner.server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_handshake_timeout=HEADER_TIMEOUT_S if self._ssl_context else None)
+
+
 class Gateway:
     def __init__(self, coordinator: "Coordinator", listen: str, tls: ssl.SSLContext | None = None) -> None:
         self.c = coordinator
@@ -196,7 +209,7 @@ class Gateway:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True,
                                     keepalive_timeout=HEADER_TIMEOUT_S, max_line_size=8190, max_field_size=8190)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port, backlog=1024, reuse_address=True, ssl_context=self.tls)
+        site = _Site(self.runner, self.host, self.port, backlog=1024, reuse_address=True, ssl_context=self.tls)
         try:
             await site.start()
         except OSError as exc:

@@ -121,6 +121,11 @@ def test_slow_headers_and_half_open_requests_are_closed_while_honest_requests_wo
         s.sendall(b"POST /v1/math/compute HTTP/1.1\r\n" + host.encode() + b"Content-Type: application/json\r\n"
                   + f"Authorization: Bearer {tok['access_token']}\r\n".encode() + b"Content-Length: 5000\r\n\r\n{\"a\": 1")
         half_call.append(s)
+    stalled_tls = []
+    for _ in range(30):  # the start of a TLS ClientHello, and nothing more: the handshake never ends
+        s = socket.create_connection(("127.0.0.1", c.http_port), timeout=10)
+        s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        stalled_tls.append(s)
     honest = []
     with c.client() as op:
         while time.monotonic() - t0 < HEADER_TIMEOUT_S + 6:
@@ -131,18 +136,19 @@ def test_slow_headers_and_half_open_requests_are_closed_while_honest_requests_wo
                     pass
             honest.append(healthz(c))
             assert op.envelope("math.compute", {"a": 2, "b": 3}).status == "ok"
-            if all(closed(s) for s in slow + half_form + half_call):
+            if all(closed(s) for s in slow + half_form + half_call + stalled_tls):
                 break
             time.sleep(1.0)
         took = time.monotonic() - t0
     assert all(closed(s) for s in half_form), "half-open token requests still held"
     assert all(closed(s) for s in half_call), "half-open calls still held"
     assert all(closed(s) for s in slow), "slow headers still held"
+    assert all(closed(s) for s in stalled_tls), "stalled TLS handshakes still held"
     assert took < HEADER_TIMEOUT_S + 6, took
     assert max(honest) < 2.0, honest  # honest requests answered all along
     for s in slow + half_form + half_call:
         s.close()
-    print(f"90 half-open and 60 slow-header connections closed after {took:.1f} s (header timeout "
+    print(f"90 half-open, 60 slow-header and 30 stalled-handshake connections closed after {took:.1f} s (header timeout "
           f"{HEADER_TIMEOUT_S:g} s, form {FORM_TIMEOUT_S:g} s); honest /healthz max {max(honest) * 1000:.0f} ms")
 
 

@@ -176,13 +176,13 @@ def test_status_shows_volunteers_only_to_the_operator(tmp_path):
         assert all(a.address for a in full.agents)
         assert "hits" in op.cache_stats()
 
-        with Client(c.addr, state_dir=str(tmp_path / "not-the-state-dir")) as anonymous:
+        with Client(c.addr, state_dir=str(tmp_path / "not-the-state-dir"), fingerprint=c.fingerprint()) as anonymous:
             for look in (anonymous.status, anonymous.cache_stats):
                 with pytest.raises(Unauthorized) as e:
                     look()
                 assert "scope 'status'" in e.value.message and "admin credential" in e.value.message
         math = json.loads(cli(c, "clients", "create", "mathonly", "--scope", "math.*", "--json").stdout)
-        with Client(c.addr, client_id=math["client_id"], client_secret=math["client_secret"]) as m:
+        with c.client(client_id=math["client_id"], client_secret=math["client_secret"]) as m:
             assert m.envelope("math.compute", {"a": 1, "b": 2}).status == "ok"
             with pytest.raises(Unauthorized) as e:
                 m.status()
@@ -193,7 +193,7 @@ def test_status_shows_volunteers_only_to_the_operator(tmp_path):
             created = cli(c, "clients", "create", f"viewer{len(scope)}", "--scope", scope, "--json")
             assert created.returncode == 0, created.stderr
             viewer = json.loads(created.stdout)
-            with Client(c.addr, client_id=viewer["client_id"], client_secret=viewer["client_secret"]) as who:
+            with c.client(client_id=viewer["client_id"], client_secret=viewer["client_secret"]) as who:
                 st = who.status()
                 assert "hits" in who.cache_stats()
             assert st.redacted
@@ -204,15 +204,15 @@ def test_status_shows_volunteers_only_to_the_operator(tmp_path):
             assert {a.state for a in st.agents} == {a.state for a in full.agents}
             ran = {x.executed_by for x in st.calls} - {"coordinator", "cache"}
             assert ran and ran <= ids and not ran & {"agent1", "agent2"}  # the same stable pseudonyms
-        with Client(c.addr, client_id=viewer["client_id"], client_secret=viewer["client_secret"]) as again:
+        with c.client(client_id=viewer["client_id"], client_secret=viewer["client_secret"]) as again:
             assert {a.agent_id for a in again.status().agents} == ids  # stable across calls
 
         assert {a["agent_id"] for a in status_json(c)["agents"]} == {"agent1", "agent2"}  # the operator's CLI
         env = {"MICROSWARM_CLIENT_ID": viewer["client_id"], "MICROSWARM_CLIENT_SECRET": viewer["client_secret"]}
-        hidden = status_json(c, "--state-dir", str(tmp_path / "nowhere"), env=env)
+        hidden = status_json(c, "--state-dir", str(tmp_path / "nowhere"), "--fingerprint", c.fingerprint(), env=env)
         assert hidden["redacted"] is True and not {a["agent_id"] for a in hidden["agents"]} & {"agent1", "agent2"}
         assert all("packages" in a and "trust" in a and "state" in a for a in hidden["agents"])
-        refused = cli(c, "status", "--json", "--state-dir", str(tmp_path / "nowhere"))
+        refused = cli(c, "status", "--json", "--state-dir", str(tmp_path / "nowhere"), "--fingerprint", c.fingerprint())
         assert refused.returncode != 0 and "status" in refused.stderr
 
 
