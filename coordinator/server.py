@@ -443,7 +443,9 @@ class Coordinator:
                 # peer sends before the handler asks for a message, so unauthenticated agent streams
                 # could park memory before any check (300 unread streams: 649 vs 67 MiB). A message the
                 # handler does ask for still flows whole: the window opens to its size (docs/design.md).
-                ("grpc.http2.bdp_probe", 0)]
+                ("grpc.http2.bdp_probe", 0),
+                # a connection that has not finished its (TLS) handshake is dropped after 15 s, not 120
+                ("grpc.server_handshake_timeout_ms", 15_000)]
         self.server = aio.server(options=opts)
         pbg.add_CoordinatorServicer_to_server(ClientService(self), self.server)
         pbg.add_AgentLinkServicer_to_server(self.link, self.server)

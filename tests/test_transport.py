@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -222,3 +223,21 @@ def test_insecure_is_plaintext_and_clients_must_opt_in(tmp_path):
                 cl.call("math.compute", {"a": 1, "b": 2})
     with socket.socket() as s:  # (the port is closed again after the cluster stops)
         assert s.connect_ex(("127.0.0.1", c.port)) != 0
+
+
+def test_a_stalled_tls_handshake_on_the_grpc_port_is_dropped(tmp_path):
+    """A connection that starts a ClientHello and stalls holds a descriptor 15 s, not gRPC's default
+    120 s (the HTTP port's bound is in test_gateway_abuse.py)."""
+    with LocalCluster(agents=0, workdir=str(tmp_path)) as c:
+        socks = [socket.create_connection(("127.0.0.1", c.port), timeout=40) for _ in range(20)]
+        for s in socks:
+            s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        t0 = time.monotonic()
+        for s in socks:
+            assert s.recv(100) == b""  # closed by the coordinator (a timeout would raise)
+        took = time.monotonic() - t0
+        with c.client() as cl:  # and the port still serves
+            assert cl.status().coordinator_id
+        for s in socks:
+            s.close()
+    assert 10 < took < 25, took
