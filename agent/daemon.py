@@ -255,6 +255,10 @@ class Agent:
         print(f"agent {self.agent_id}: job sandbox {sb.level} ({sb.detail})", flush=True)
         if sb.strong:
             log.info("job sandbox: %s (%s)", sb.level, sb.detail)
+            if os.geteuid() == 0:
+                log.warning("this agent runs as root: its job workers are uid 0 outside their namespaces (the "
+                            "namespaces confine them, no second user does); run the agent as an unprivileged "
+                            "user, as deploy/ does")
         else:
             log.warning("WEAK JOB SANDBOX: shipped code runs with only rlimits and a scrubbed environment "
                         "(%s); it can read what this user can read and use the network. Use "
