@@ -9,6 +9,8 @@ tmpfs with read-only binds of the interpreter, the libraries and its own package
 /tmp, and a /proc of its own PID namespace only: no agent state directory, control socket,
 other package, or the agent's /proc/<pid>/environ and mem.
 
+A job's /tmp holds at most MICROSWARM_JOB_TMP_MIB (256) MiB under bwrap.
+
 Levels, strongest first: `bwrap` (the above), `rlimits` (weak: scrubbed environment, private
 temporary directory, rlimits, nice and NO_NEW_PRIVS only). `MICROSWARM_SANDBOX=off` forces the
 weak level (for tests and debugging); `MICROSWARM_SANDBOX=bwrap` requires the strong one.
@@ -108,14 +110,36 @@ class Sandbox:
                 "--ro-bind", pkg, mount, "--", *inner]
 
 
+TMP_MIB = 256  # a job's /tmp under bwrap, unless MICROSWARM_JOB_TMP_MIB says otherwise
+
+
+def tmp_mib() -> int:
+    try:
+        return max(1, int(os.environ.get("MICROSWARM_JOB_TMP_MIB", "") or TMP_MIB))
+    except ValueError:
+        raise ValueError(f"MICROSWARM_JOB_TMP_MIB={os.environ['MICROSWARM_JOB_TMP_MIB']!r} is not a whole "
+                         "number of MiB") from None
+
+
+def _tmp_size() -> list[str]:
+    """bwrap's --size for the next tmpfs, where this bwrap has it (0.9 and later)."""
+    bw = bwrap_path()
+    try:
+        has = bool(bw) and "--size" in subprocess.run([bw, "--help"], capture_output=True, text=True,  # type: ignore[list-item]
+                                                       timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        has = False
+    return ["--size", str(tmp_mib() << 20)] if has else []
+
+
 def _base_args() -> list[str]:
     args = ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--uid", "65534", "--gid", "65534", "--hostname", "microswarm-worker",
             "--die-with-parent", "--new-session",
             "--tmpfs", "/", "--dev", "/dev", "--proc", "/proc",
             # the private temporary directory: a tmpfs of its own, the worker's HOME and TMPDIR (first:
-            # the read-only binds below may lie under /tmp)
-            "--tmpfs", "/tmp", "--chdir", "/tmp"]
+            # the read-only binds below may lie under /tmp), bounded: tmpfs pages are memory
+            *_tmp_size(), "--tmpfs", "/tmp", "--chdir", "/tmp"]
     for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(d):
             args += ["--symlink", os.readlink(d), d]

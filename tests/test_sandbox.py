@@ -23,6 +23,7 @@ from microswarm.cluster import LocalCluster, wait_for
 
 DATA = Path(__file__).parent / "data"
 CLI = [sys.executable, "-m", "microswarm.cli"]
+TMP_MIB = 16  # the agent's job /tmp in these tests (MICROSWARM_JOB_TMP_MIB)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def sandboxed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster
     c = LocalCluster(agents=0, workdir=str(tmp_path_factory.mktemp("sandbox")))
     with c:
         # the token also in the agent's environment: the probe looks for it there and in /proc
-        c.start_agent("agent1", extra=["--worker-idle", "1"], env={"MICROSWARM_TOKEN": c.token})
+        c.start_agent("agent1", extra=["--worker-idle", "1"], env={"MICROSWARM_TOKEN": c.token,
+                                                                    "MICROSWARM_JOB_TMP_MIB": str(TMP_MIB)})
         c.wait_agents_ready(["agent1"])
         publish(str(DATA / "sandbox_services.py"), coordinator=c.addr, state_dir=str(c.state))
         c.wait_agents_ready(["agent1"])
@@ -78,7 +80,7 @@ def test_shipped_code_is_refused_the_agents_things(sandboxed: LocalCluster) -> N
     try:
         r = probe(c, "sandbox.probe", {"agent_pid": c.agents["agent1"].pid,
                                        "state_dir": str(c.agent_state("agent1")), "other_file": str(other),
-                                       "port": c.port})
+                                       "port": c.port, "fill_mib": TMP_MIB + 8})
     finally:
         if other.read_bytes() != before:  # the weak level let it write: put the other package back
             other.write_bytes(before)
@@ -90,6 +92,7 @@ def test_shipped_code_is_refused_the_agents_things(sandboxed: LocalCluster) -> N
         pytest.skip(f"the sandbox level here is {level!r} ({detect().detail}): only the scrubbed environment "
                     "is enforced; the agent's /proc, state directory, other packages and the network are not "
                     "refused at this level")
+    assert "No space left" in r["tmp_fill"], r  # /tmp is bounded (tmpfs pages are memory)
     for what in ("proc_environ", "proc_mem", "state_list", "state_read", "control_socket",
                  "write_other_package", "network"):
         assert r[what].startswith("refused"), (what, r)

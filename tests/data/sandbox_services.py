@@ -21,6 +21,7 @@ class ProbeIn(BaseModel):
     state_dir: str = ""
     other_file: str = ""   # a file of another package's extracted copy
     port: int = 0          # a TCP port listening on 127.0.0.1
+    fill_mib: int = 0      # write this much into /tmp
 
 
 class ProbeOut(BaseModel):
@@ -85,6 +86,18 @@ def _write_other(path: str) -> str:
     return "written"
 
 
+def _fill_tmp(mib: int) -> str:
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "fill")
+    try:
+        with open(path, "wb") as f:
+            for _ in range(mib):
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        return f"{mib} MiB written"
+    finally:
+        os.unlink(path)
+
+
 def _connect(port: int) -> str:
     with socket.create_connection(("127.0.0.1", port), timeout=3):
         return "connected"
@@ -107,6 +120,8 @@ class Probe(MicroCore[ProbeIn, ProbeOut]):
             r["write_other_package"] = _try(lambda: _write_other(data.other_file))
         if data.port:
             r["network"] = _try(lambda: _connect(data.port))
+        if data.fill_mib:
+            r["tmp_fill"] = _try(lambda: _fill_tmp(data.fill_mib))
         r["tmp_write"] = _try(lambda: open(os.path.join(os.environ.get("TMPDIR", "/tmp"), "x"), "w").write("ok"))
         return ProbeOut(results=r)
 
