@@ -46,6 +46,21 @@ class CoordinatorStub:
                 request_serializer=microswarm__pb2.StreamChunk.SerializeToString,
                 response_deserializer=microswarm__pb2.StreamChunk.FromString,
                 _registered_method=True)
+        self.Submit = channel.unary_unary(
+                '/microswarm.v1.Coordinator/Submit',
+                request_serializer=microswarm__pb2.CallRequest.SerializeToString,
+                response_deserializer=microswarm__pb2.SubmitReply.FromString,
+                _registered_method=True)
+        self.Result = channel.unary_unary(
+                '/microswarm.v1.Coordinator/Result',
+                request_serializer=microswarm__pb2.ResultRequest.SerializeToString,
+                response_deserializer=microswarm__pb2.ResultReply.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/microswarm.v1.Coordinator/Cancel',
+                request_serializer=microswarm__pb2.CancelRequest.SerializeToString,
+                response_deserializer=microswarm__pb2.ResultReply.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/microswarm.v1.Coordinator/Status',
                 request_serializer=microswarm__pb2.StatusRequest.SerializeToString,
@@ -105,6 +120,26 @@ class CoordinatorServicer:
         cut into StreamChunk pieces of at most 1 MiB, so a large payload flows instead of waiting
         for one huge message. Replies come back in completion order.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Submit(self, request, context):
+        """Submit now, fetch later: the call runs on the coordinator's side whether or not the client
+        stays; any process of the same client fetches its envelope by id (kept for a bounded time).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Result(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -176,6 +211,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.CallStream,
                     request_deserializer=microswarm__pb2.StreamChunk.FromString,
                     response_serializer=microswarm__pb2.StreamChunk.SerializeToString,
+            ),
+            'Submit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=microswarm__pb2.CallRequest.FromString,
+                    response_serializer=microswarm__pb2.SubmitReply.SerializeToString,
+            ),
+            'Result': grpc.unary_unary_rpc_method_handler(
+                    servicer.Result,
+                    request_deserializer=microswarm__pb2.ResultRequest.FromString,
+                    response_serializer=microswarm__pb2.ResultReply.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=microswarm__pb2.CancelRequest.FromString,
+                    response_serializer=microswarm__pb2.ResultReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -274,6 +324,87 @@ class Coordinator:
             '/microswarm.v1.Coordinator/CallStream',
             microswarm__pb2.StreamChunk.SerializeToString,
             microswarm__pb2.StreamChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Submit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/microswarm.v1.Coordinator/Submit',
+            microswarm__pb2.CallRequest.SerializeToString,
+            microswarm__pb2.SubmitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Result(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/microswarm.v1.Coordinator/Result',
+            microswarm__pb2.ResultRequest.SerializeToString,
+            microswarm__pb2.ResultReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/microswarm.v1.Coordinator/Cancel',
+            microswarm__pb2.CancelRequest.SerializeToString,
+            microswarm__pb2.ResultReply.FromString,
             options,
             channel_credentials,
             insecure,
