@@ -22,6 +22,7 @@ from .caller import Caller
 if TYPE_CHECKING:
     from .server import Coordinator
 
+MAX_RESULT_WAIT_S = 60.0  # one Result RPC waits at most this long; clients wait longer by asking again
 STATUS_SCOPE = "status"  # a client token whose scope covers this name may read Status and CacheStats
 MAX_STREAM_IN_FLIGHT = 4096
 STREAM_BATCH_BYTES = 1 << 20
@@ -29,6 +30,10 @@ STREAM_BATCH_BYTES = 1 << 20
 # replies share one write: each gRPC write costs the coordinator and the client far more CPU than a
 # reply. Never when it is the only call in flight (a lone call is answered at once).
 STREAM_LINGER_S = 0.001
+
+
+async def _now(reply: pb.CallReply) -> pb.CallReply:
+    return reply
 
 
 class ClientService(TokenService, pbg.CoordinatorServicer):
@@ -46,6 +51,55 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
         except AuthError as exc:
             return auth_refusal(self.c, request.service, exc, client=client, address=context.peer())
         return await self.c.dispatcher.call(request, caller=Caller(client, token, context.peer()))
+
+    async def Submit(self, request: pb.CallRequest, context: aio.ServicerContext) -> pb.SubmitReply:
+        """Start a call and answer its id at once (coordinator/calls.py); refusals are answered as the
+        call's envelope, so a submit never fails for what a call would answer with an error."""
+        md = dict(context.invocation_metadata())
+        request.ClearField("chain")
+        client, token = "anonymous", None
+        try:
+            token = self.c.auth.verify(md.get("authorization"))
+            client = caller_label(token, md.get("x-client", ""))
+            self.c.auth.check(token, request.service)
+        except AuthError as exc:
+            if token is None:  # no valid token at all: nothing to keep a result for
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.error}: {exc.description}")
+            refusal = auth_refusal(self.c, request.service, exc, client=client, address=context.peer())
+            call = self.c.calls.submit(token.client_id, request.service, lambda _cid: _now(refusal))
+            return pb.SubmitReply(call_id=call.call_id)
+        caller = Caller(client, token, context.peer())
+        try:
+            call = self.c.calls.submit(token.client_id, request.service,
+                                       lambda cid: self.c.dispatcher.call(request, caller=caller, call_id=cid))
+        except MicroError as exc:  # overloaded
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc.code}: {exc.message}")
+        return pb.SubmitReply(call_id=call.call_id)
+
+    async def _owner(self, context: aio.ServicerContext) -> str:
+        try:
+            token = self.c.auth.verify(dict(context.invocation_metadata()).get("authorization"))
+        except AuthError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.error}: {exc.description}")
+        return token.client_id
+
+    async def Result(self, request: pb.ResultRequest, context: aio.ServicerContext) -> pb.ResultReply:
+        owner = await self._owner(context)
+        try:
+            call = self.c.calls.get(request.call_id, owner)
+        except MicroError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc.code}: {exc.message}")
+        await self.c.calls.wait(call, min(max(request.wait_s, 0.0), MAX_RESULT_WAIT_S))
+        return call.answer()
+
+    async def Cancel(self, request: pb.CancelRequest, context: aio.ServicerContext) -> pb.ResultReply:
+        owner = await self._owner(context)
+        try:
+            call = self.c.calls.cancel(request.call_id, owner)
+        except MicroError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc.code}: {exc.message}")
+        await self.c.calls.wait(call, 5.0)  # the job's stop is quick; answer with the final state
+        return call.answer()
 
     async def CallStream(self, request_iterator: Any, context: aio.ServicerContext) -> None:
         """Calls multiplexed on one stream; replies are batched in completion order."""

@@ -23,6 +23,7 @@ from .link import AgentLinkService
 from .auth import ACCESS_TTL_S, Auth
 from .cache import ResultCache, cache_key
 from .calllog import CallLog
+from .calls import CallStore
 from .client_api import ClientService
 from .dispatch import STRATEGIES, Dispatcher
 from .governor import GovernorSettings, HeapGovernor, combined_stats
@@ -124,6 +125,7 @@ class Coordinator:
                                    config.tls_cert, config.tls_key)
         self.agents: dict[str, AgentSession] = {}
         self.calllog = CallLog(path=self.state.path / "calls.jsonl")
+        self.calls = CallStore()  # submitted calls, fetched later by id (calls.py)
         if config.dispatch not in STRATEGIES:
             raise ValueError(f"unknown dispatch strategy {config.dispatch!r}; choose one of {', '.join(STRATEGIES)}")
         if config.placement not in PLACEMENTS:

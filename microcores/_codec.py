@@ -25,7 +25,8 @@ _packer_opts = {"default": _default, "use_bin_type": True, "datetime": False}
 
 def pack(value: Any) -> bytes:
     try:
-        return msgpack.packb(value, **_packer_opts)
+        packed: bytes = msgpack.packb(value, **_packer_opts)  # msgpack ships no type hints
+        return packed
     except OverflowError:  # an int beyond 64 bits, which a model's plain `int` lets through
         where = _big_int(value) or "a number"
         raise InvalidInput(f"{where} is out of range: integers must fit in 64 bits",
@@ -46,7 +47,8 @@ def _big_int(value: Any, path: str = "") -> str | None:
 
 def canonical(value: Any) -> bytes:
     """Deterministic encoding (sorted map keys) for cache keys and comparisons."""
-    return msgpack.packb(_sorted(value), **_packer_opts)
+    packed: bytes = msgpack.packb(_sorted(value), **_packer_opts)
+    return packed
 
 
 def _sorted(value: Any) -> Any:

@@ -60,11 +60,13 @@ class Package:
 
     @property
     def name(self) -> str:
-        return self.info["name"]
+        name: str = self.info["name"]
+        return name
 
     @property
     def version(self) -> str:
-        return self.info["version"]
+        version: str = self.info["version"]
+        return version
 
 
 def sha256(data: bytes) -> str:
@@ -274,7 +276,7 @@ def load_service(directory: Path, manifest: dict[str, Any], *, namespace: str | 
         modname = entry["module"]
         if namespace:
             parent = types.ModuleType(namespace)
-            parent.__path__ = [str(directory)]  # type: ignore[attr-defined]
+            parent.__path__ = [str(directory)]
             sys.modules[namespace] = parent
             module = importlib.import_module(f"{namespace}.{modname}")
         else:

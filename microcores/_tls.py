@@ -90,7 +90,8 @@ def bound_identity(cert: x509.Certificate) -> bytes | None:
 
 
 def binding_value(identity_sign: Any, identity_public: bytes, tls_spki: bytes) -> bytes:
-    return identity_public + identity_sign(BINDING_LABEL + tls_spki)
+    signature: bytes = identity_sign(BINDING_LABEL + tls_spki)
+    return identity_public + signature
 
 
 @dataclass(frozen=True)

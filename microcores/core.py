@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import re
-from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -26,7 +26,7 @@ current_caller: contextvars.ContextVar["NestedCaller | None"] = contextvars.Cont
     "microswarm_caller", default=None)
 
 
-class NestedCaller:
+class NestedCaller(Protocol):
     """Interface the worker provides for `MicroCore.call` (kept abstract so the SDK stays light)."""
 
     def call(self, service: str, data: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover
@@ -94,7 +94,8 @@ class MicroCore(Generic[InT, OutT]):
 
     @classmethod
     def validate_input(cls, raw: Any) -> InT:
-        return validate_model(cls.input_model, raw)
+        value: InT = validate_model(cls.input_model, raw)
+        return value
 
     @classmethod
     def validate_output(cls, raw: Any) -> OutT:
