@@ -23,6 +23,8 @@ bench: $(BIN)/.installed
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/mypy --strict microcores
 
 protos: $(BIN)/.installed
 	$(BIN)/python scripts/gen_protos.py

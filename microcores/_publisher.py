@@ -62,7 +62,7 @@ def create(path: Path) -> tuple[Path, bytes]:
     return pub_path, public_bytes(key)
 
 
-def load_private(path: Path | str) -> Ed25519PrivateKey:
+def load_private(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     path = Path(path)
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)

@@ -36,7 +36,7 @@ START_TIMEOUT = 60.0
 # ---------------------------------------------------------------- the worker process
 
 def _read_exact(f: Any, n: int) -> bytes:
-    buf = f.read(n)
+    buf: bytes | None = f.read(n)
     if buf is None or len(buf) < n:
         raise EOFError
     return buf
@@ -46,7 +46,8 @@ def _recv(f: Any) -> dict[str, Any]:
     (n,) = HEADER.unpack(_read_exact(f, HEADER.size))
     if n > MAX_PIPE_MESSAGE:
         raise EOFError
-    return _codec.unpack(_read_exact(f, n), limit=MAX_PIPE_MESSAGE)
+    msg: dict[str, Any] = _codec.unpack(_read_exact(f, n), limit=MAX_PIPE_MESSAGE)
+    return msg
 
 
 def _send(f: Any, msg: dict[str, Any]) -> None:
@@ -67,7 +68,8 @@ class _PipeCaller:
         if msg.get("t") != "nested_reply":
             raise Unavailable(f"worker expected a nested reply, got {msg.get('t')!r}")
         if msg.get("ok"):
-            return msg["result"]
+            result: dict[str, Any] = msg["result"]
+            return result
         err = msg.get("error") or {}
         raise from_code(err.get("code", "error"), err.get("message", "nested call failed"), err.get("field", ""))
 
@@ -251,7 +253,7 @@ def _widen_pipe(stream: Any) -> None:
     """Linux: 1 MiB pipe buffers instead of 64 KiB, so a large payload crosses in few loop turns."""
     try:
         import fcntl
-        transport = getattr(stream, "transport", None) or getattr(stream, "_transport", None)
+        transport: Any = getattr(stream, "transport", None) or getattr(stream, "_transport", None)  # None: caught
         fd = transport.get_extra_info("pipe").fileno()
         fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ
     except (OSError, AttributeError, ImportError, ValueError):
@@ -332,7 +334,8 @@ class Worker:
             (n,) = HEADER.unpack(head)
             if n > MAX_PIPE_MESSAGE:
                 raise WorkerCrashed(f"worker sent a {n}-byte message")
-            return _codec.unpack(await self.proc.stdout.readexactly(n), limit=MAX_PIPE_MESSAGE)
+            msg: dict[str, Any] = _codec.unpack(await self.proc.stdout.readexactly(n), limit=MAX_PIPE_MESSAGE)
+            return msg
         except (asyncio.IncompleteReadError, ConnectionError):
             rc = await self._exit_code()
             if self.sandboxed and rc is not None and rc > 128:  # bwrap exits 128+N when its child dies of N

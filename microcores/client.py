@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc import aio
@@ -112,7 +112,8 @@ def _request(service: str, data: Any, encoding: int, timeout: float | None) -> p
         if hasattr(data, "model_dump"):
             data = data.model_dump(mode="python")
         raw = _codec.pack(data)
-    return pb.CallRequest(service=service, input=raw, encoding=encoding, deadline_s=timeout or 0.0)
+    # (the generated .pyi wants the enum type; protobuf takes its plain int)
+    return pb.CallRequest(service=service, input=raw, encoding=cast(pb.Encoding, encoding), deadline_s=timeout or 0.0)
 
 
 def _wait_for(timeout: float | None) -> float | None:
@@ -132,7 +133,7 @@ def _unavailable(exc: grpc.RpcError, target: str, service: str = "", timeout: fl
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.UNAVAILABLE and _tls.handshake_failed(details or ""):
         return _tls.UntrustedCoordinator(
-            f"the coordinator at {target} did not prove the key this client pins (TLS: {_tls.handshake_reason(details)}); "
+            f"the coordinator at {target} did not prove the key this client pins (TLS: {_tls.handshake_reason(details or '')}); "
             "nothing was sent. Check the address, and the pin: the state directory's coordinator.crt or "
             "--fingerprint / MICROSWARM_FINGERPRINT (MICROSWARM_INSECURE=1 if it runs with --insecure)")
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -294,7 +295,8 @@ class Client:
     def _one(self, req: pb.CallRequest, timeout: float | None) -> pb.CallReply:
         fut = self._stub.Call.future(req, timeout=_wait_for(timeout), metadata=self._call_metadata())
         try:
-            return fut.result()
+            reply: pb.CallReply = fut.result()
+            return reply
         except grpc.RpcError as exc:
             raise _unavailable(exc, self.target, req.service, timeout) from None
         except BaseException:  # Ctrl-C (KeyboardInterrupt) among them: the RPC, hence the job, is cancelled
@@ -328,11 +330,13 @@ class Client:
     def status(self, recent_calls: int = 20, timeout: float = 10) -> pb.StatusReply:
         """The coordinator's status: needs the operator's credential (full view) or a client token
         whose scope covers `status` (volunteers' ids and addresses hidden: `redacted`)."""
-        return self._viewer_rpc("Status", pb.StatusRequest(recent_calls=recent_calls), timeout)
+        reply: pb.StatusReply = self._viewer_rpc("Status", pb.StatusRequest(recent_calls=recent_calls), timeout)
+        return reply
 
     def cache_stats(self, timeout: float = 10) -> dict[str, Any]:
         reply = self._viewer_rpc("CacheStats", pb.CacheStatsRequest(), timeout)
-        return json.loads(reply.json or b"{}")
+        stats: dict[str, Any] = json.loads(reply.json or b"{}")
+        return stats
 
     def close(self) -> None:
         if self._channel is not None:
@@ -421,7 +425,8 @@ class AsyncClient:
         if not self.multiplex:
             md = self._metadata + [("authorization", f"Bearer {tok}")] if tok else self._metadata
             try:  # cancelling the awaiting task cancels the RPC (grpc.aio does), hence the job
-                return await self._stub.Call(req, timeout=_wait_for(timeout), metadata=md)
+                reply: pb.CallReply = await self._stub.Call(req, timeout=_wait_for(timeout), metadata=md)
+                return reply
             except grpc.RpcError as exc:
                 raise _unavailable(exc, self.target, req.service, timeout) from None
         if self._stream is None or self._stream.done():
