@@ -31,14 +31,16 @@ class CallRequest(_message.Message):
     def __init__(self, service: _Optional[str] = ..., input: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., chain: _Optional[_Iterable[str]] = ..., deadline_s: _Optional[float] = ..., client: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "field")
+    __slots__ = ("code", "message", "field", "details")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
     code: str
     message: str
     field: str
-    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
+    details: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., details: _Optional[str] = ...) -> None: ...
 
 class CallReply(_message.Message):
     __slots__ = ("status", "result", "encoding", "error", "executed_by", "attempts", "process_time_ms", "cache_hit", "service", "version", "verified", "call_id")
