@@ -144,6 +144,15 @@ async def _payload(addr: str, size: int, rounds: int) -> tuple[float, list[float
     return size / med / 1e6, times
 
 
+def _gateway_ssl() -> Any:
+    """HTTPS to the gateway trusting the coordinator's certificate, as clients of its state dir do."""
+    from microcores import _tls
+    from microcores.client import default_state_dir
+    trust = _tls.from_state_dir(_STATE_DIR or default_state_dir())
+    ctx = trust.ssl_context() if trust is not None else None
+    return ctx if ctx is not None else True  # True: aiohttp's default verification
+
+
 async def _gateway(addr: str, http_url: str, n: int, seconds: float, in_flight: int) -> dict[str, Any]:
     """The same trivial call over HTTP (keep-alive) and over gRPC (unary Call), interleaved so that
     both see the same machine; then HTTP calls per second with `in_flight` connections."""
@@ -156,7 +165,7 @@ async def _gateway(addr: str, http_url: str, n: int, seconds: float, in_flight: 
     async with AsyncClient(addr, client_name="bench", state_dir=_STATE_DIR, multiplex=False) as c:
         headers = {"Authorization": f"Bearer {await c.token()}", "Content-Type": "application/json"}
         url = http_url + "/v1/math/compute"
-        conn = aiohttp.TCPConnector(limit=in_flight, force_close=False)
+        conn = aiohttp.TCPConnector(limit=in_flight, force_close=False, ssl=_gateway_ssl())
         async with aiohttp.ClientSession(connector=conn, headers=headers) as http:
             async def over_http(i: float) -> None:
                 async with http.post(url, data=json.dumps({"a": base + i, "b": 1.0, "op": "add"})) as r:
@@ -211,7 +220,7 @@ async def _observability(addr: str, http_url: str, rounds: int, seconds: float) 
     plain: list[float] = []
     observed: list[float] = []
     scrapes = 0
-    async with aiohttp.ClientSession(headers=headers) as http:
+    async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(ssl=_gateway_ssl())) as http:
         async def observer(stop: asyncio.Event) -> None:
             nonlocal scrapes
             while not stop.is_set():
