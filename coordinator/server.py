@@ -96,6 +96,7 @@ class CoordinatorConfig:
     insecure: bool = False           # plaintext gRPC and HTTP (a trusted loopback only); default: TLS
     tls_cert: str | None = None      # the operator's own certificate chain (PEM) instead of the bound one
     tls_key: str | None = None
+    result_ttl_s: float = 3600.0     # how long a submitted call's envelope is kept after it ends
 
 
 class Coordinator:
@@ -125,7 +126,7 @@ class Coordinator:
                                    config.tls_cert, config.tls_key)
         self.agents: dict[str, AgentSession] = {}
         self.calllog = CallLog(path=self.state.path / "calls.jsonl")
-        self.calls = CallStore()  # submitted calls, fetched later by id (calls.py)
+        self.calls = CallStore(ttl_s=config.result_ttl_s)  # submitted calls, fetched later by id (calls.py)
         if config.dispatch not in STRATEGIES:
             raise ValueError(f"unknown dispatch strategy {config.dispatch!r}; choose one of {', '.join(STRATEGIES)}")
         if config.placement not in PLACEMENTS:
