@@ -45,6 +45,9 @@ PARTIAL_STALL_S = 10.0         # a partial message that gets no frame this long 
 PARTIAL_MAX_S = 120.0          # nor may one take longer than this in all (64 MiB at ~4 Mbit/s)
 LINK_BUDGET = 256 * 1024 * 1024  # partial bytes of all sessions together (4 results of the largest size)
 FETCH_AGAIN_S = 5.0            # a package is sent again to the same agent at most this often
+FLUSH_S = 1.0                  # an ended session's sender gets this long for what was queued before the end,
+REFUSAL_FLUSH_S = 10.0         # and this long when a refusal is among it (only an agent that stopped reading
+                               # takes it all; 1 s was too short under load: the stream ended without it)
 NESTED_AT_ONCE = 4             # nested calls of one job running at once (a worker makes them one by one)
 NESTED_PER_JOB = 128           # nested calls of one job in all
 MODES = frozenset({"", "active", "paused", "owner_busy", "draining"})
@@ -122,11 +125,13 @@ class AgentLinkService:
                 reason, refusal = reader.result()
             elif s.end_reason:
                 reason = s.end_reason
+            refused = bool(s.end_reason)  # (a stall found by sweep(): its refusal is queued)
             if refusal is not None and not s.closed:
                 s.send(pb.ToAgent(refusal=refusal))  # sealed: the sender writes it before the end
+                refused = True
             c.drop_agent(s, reason)
             if not sender.done():  # what was queued before the end (a refusal among it) still goes out
-                await asyncio.wait((sender,), timeout=1.0)
+                await asyncio.wait((sender,), timeout=REFUSAL_FLUSH_S if refused else FLUSH_S)
         except asyncio.CancelledError:
             reason = "session cancelled"
             reader.cancel()
