@@ -530,7 +530,8 @@ class Agent:
             s = frame.sealed
             data = link.channel.open(s.counter, s.ciphertext, s.more)
             if data is not None:
-                return [pb.ToAgent.FromString(piece) for piece in split(data)]
+                # (protobuf parses any buffer; its stubs say bytes)
+                return [pb.ToAgent.FromString(piece) for piece in split(data)]  # type: ignore[arg-type]
 
     async def _sender(self, link: Link) -> None:
         while True:

@@ -28,7 +28,7 @@ class Sender(Protocol):
 
 class PackageStore:
     def __init__(self, directory: Path, slots: int, max_packages: int, worker_idle_s: float,
-                 worker_env: Callable[[], dict[str, str]]) -> None:
+                 worker_env: Callable[[], dict[str, str] | None]) -> None:
         self.packages_dir = directory
         self.slots = slots
         self.max_packages = max_packages      # 0: no limit

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from microcores.errors import OutcomeUnknown
 from protos import microswarm_pb2 as pb
@@ -127,7 +127,8 @@ class Attempts:
         assert rec.claimed is not None
         try:
             claim_wait = min(CLAIM_TIMEOUT_S, max(0.0, deadline - time.monotonic()))
-            await asyncio.wait({rec.claimed, rec.future}, return_when=asyncio.FIRST_COMPLETED, timeout=claim_wait)
+            either: set[asyncio.Future[Any]] = {rec.claimed, rec.future}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED, timeout=claim_wait)
             if rec.future.done() and rec.future.exception() is None:
                 res = rec.future.result()
                 if res.agent_fault:  # refused before it started (paused, busy, not installed)

@@ -32,6 +32,11 @@ def peer_host(peer: str) -> str:
     return host if sep and port.isdigit() else peer
 
 
+def text_metadata(context: aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    """A call's text metadata (what `text_metadata(context)` held, less binary `-bin` values)."""
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
 def caller_label(token: Token, hint: str) -> str:
     """Who the call log names: the authenticated client id (the operator's tools add their hint)."""
     if token.client_id == OPERATOR and hint:
@@ -73,7 +78,7 @@ class TokenService:
 
     def _admin(self, context: aio.ServicerContext) -> str | None:
         """The admin credential presented in metadata, if it is the right one."""
-        auth = dict(context.invocation_metadata()).get("authorization", "")
+        auth = text_metadata(context).get("authorization", "")
         admin = self.c.admin_credential()
         if auth.startswith("Admin ") and admin and hmac.compare_digest(auth[6:].encode(), admin.encode()):
             return auth[6:]
@@ -97,7 +102,7 @@ class TokenService:
         a = self.c.auth
         try:
             if request.grant_type == "client_credentials" and not request.client_id:
-                md = dict(context.invocation_metadata()).get("authorization", "")
+                md = text_metadata(context).get("authorization", "")
                 if not md.startswith("Admin "):
                     a.limit_token_requests(peer_host(context.peer()))
                     raise AuthError("invalid_client", "no client id: pass a client id and secret "

@@ -3,6 +3,7 @@ with batching and cancellation, status, publishing, and OAuth through TokenServi
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from protos import microswarm_pb2 as pb
 from protos import microswarm_pb2_grpc as pbg
 
 from .auth import OPERATOR, AuthError
-from .auth_grpc import TokenService, auth_refusal, caller_label
+from .auth_grpc import TokenService, auth_refusal, caller_label, text_metadata
 from .caller import Caller
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
         self.c = c
 
     async def Call(self, request: pb.CallRequest, context: aio.ServicerContext) -> pb.CallReply:
-        md = dict(context.invocation_metadata())
+        md = text_metadata(context)
         request.ClearField("chain")  # only the coordinator sets the chain of nested calls
         client = "anonymous"
         try:  # every call needs a bearer token whose scope covers the service
@@ -55,7 +56,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
     async def Submit(self, request: pb.CallRequest, context: aio.ServicerContext) -> pb.SubmitReply:
         """Start a call and answer its id at once (coordinator/calls.py); refusals are answered as the
         call's envelope, so a submit never fails for what a call would answer with an error."""
-        md = dict(context.invocation_metadata())
+        md = text_metadata(context)
         request.ClearField("chain")
         client, token = "anonymous", None
         try:
@@ -78,7 +79,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
 
     async def _owner(self, context: aio.ServicerContext) -> str:
         try:
-            token = self.c.auth.verify(dict(context.invocation_metadata()).get("authorization"))
+            token = self.c.auth.verify(text_metadata(context).get("authorization"))
         except AuthError as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.error}: {exc.description}")
         return token.client_id
@@ -103,7 +104,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
 
     async def CallStream(self, request_iterator: Any, context: aio.ServicerContext) -> None:
         """Calls multiplexed on one stream; replies are batched in completion order."""
-        md = dict(context.invocation_metadata())
+        md = text_metadata(context)
         peer = context.peer()
         token: Any = None
         refusal: AuthError | None = None
@@ -182,7 +183,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
                         continue
                     t = asyncio.create_task(one(cid, req, Caller(client, token, peer)))
                     tasks[cid] = t
-                    t.add_done_callback(lambda t, cid=cid: forget(cid, t))
+                    t.add_done_callback(functools.partial(forget, cid))
                 for cid in batch.cancel:  # calls the client gave up on: their jobs stop (the dispatcher's part)
                     if cid in tasks:
                         tasks[cid].cancel()
@@ -200,7 +201,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
         bearer token of the operator client), False for a client whose token's scope covers
         `status`; anyone else is refused (UNAUTHENTICATED without a valid token, PERMISSION_DENIED
         when its scope lacks `status`)."""
-        auth = dict(context.invocation_metadata()).get("authorization", "")
+        auth = text_metadata(context).get("authorization", "")
         if auth.startswith("Admin "):
             if self._admin(context) is not None:
                 return True
@@ -232,7 +233,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
         return pb.CacheStatsReply(json=json.dumps(self.c.cache_stats()).encode())
 
     async def Publish(self, request: pb.PublishRequest, context: aio.ServicerContext) -> pb.PublishReply:
-        auth = dict(context.invocation_metadata()).get("authorization", "")
+        auth = text_metadata(context).get("authorization", "")
         admin = self.c.admin_credential()
         if not (auth.startswith("Admin ") and admin and hmac.compare_digest(auth[6:].encode(), admin.encode())):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,

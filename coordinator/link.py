@@ -178,7 +178,7 @@ class AgentLinkService:
                 left = False
                 for piece in split(data):
                     msg = pb.ToCoordinator()
-                    msg.ParseFromString(piece)
+                    msg.ParseFromString(piece)  # type: ignore[arg-type]  # any buffer parses; the stubs say bytes
                     left = self._handle(s, msg, now) or left
                 if left:
                     s.state = "leaving"  # no new jobs; close once every job sent is answered

@@ -165,7 +165,8 @@ class Scheduler:
                     and time.monotonic() < limit:
                 await self.installed(limit - time.monotonic())
             if not self.holders(entry.digest, excluded):
-                return await self._local_only(entry, deadline, local_ok)
+                await self._local_only(entry, deadline, local_ok)
+                return None
             agent = self.queue.take(entry.digest, excluded)
             if agent is not None:
                 return agent  # type: ignore[return-value]
@@ -176,7 +177,8 @@ class Scheduler:
         if agent is not None:
             return agent  # type: ignore[return-value]
         if not self.holders(entry.digest, excluded):
-            return await self._local_only(entry, deadline, local_ok)
+            await self._local_only(entry, deadline, local_ok)
+            return None
         if not local_ok:
             raise DeadlineExceeded(f"{entry.name}: no agent slot came free before the deadline")
         return await self._race(entry, deadline, excluded)

@@ -85,8 +85,9 @@ class SlotQueue:
         try:
             return await w.future
         except asyncio.CancelledError:
-            if w.future.done() and not w.future.cancelled() and w.future.result() is not None:
-                w.future.result().reserved -= 1  # handed a slot as we were cancelled: give it back
+            holder = w.future.result() if w.future.done() and not w.future.cancelled() else None
+            if holder is not None:
+                holder.reserved -= 1  # handed a slot as we were cancelled: give it back
                 self.pump()
             raise
         finally:

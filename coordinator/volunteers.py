@@ -230,7 +230,7 @@ class KeyBindings:
             return
         try:
             data = json.loads(self.path.read_text())["agents"]
-            agents = {str(k): {"key": str(v["key"]), "token": str(v.get("token", "")),
+            agents: dict[str, dict[str, Any]] = {str(k): {"key": str(v["key"]), "token": str(v.get("token", "")),
                                "since": float(v.get("since", 0)), "seen": float(v.get("seen", 0))}
                       for k, v in data.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

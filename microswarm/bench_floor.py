@@ -81,7 +81,7 @@ async def measure(port: int, n: int, seconds: float, in_flight: int, tls: Path |
     from microcores._tls import Trust, from_state_dir
     trust = (from_state_dir(tls) if tls else None) or Trust(insecure=True)
     async with trust.aio_channel(f"127.0.0.1:{port}") as channel:
-        echo = channel.unary_unary(METHOD)
+        echo: Any = channel.unary_unary(METHOD)
         for _ in range(100):
             await echo(payload)
         lat = []

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -16,7 +17,7 @@ from .cluster import LocalCluster, wait_for
 
 console = Console()
 
-CALLS = [
+CALLS: list[tuple[str, dict[str, Any]]] = [
     ("math.compute", {"a": 6, "b": 7, "op": "mul"}),
     ("numbers.is_positive", {"n": -3}),
     ("math.compute_and_classify", {"a": 2, "b": -5, "op": "add"}),
@@ -88,8 +89,8 @@ def run_demo(agents: int = 2) -> int:
 
         from .cli import status_tables
         st = client.status(recent_calls=len(CALLS) + 4)
-        agents, scheduler, _services, calls = status_tables(st)[:4]
-        for t in (agents, scheduler, calls):
+        agent_table, scheduler, _services, calls = status_tables(st)[:4]
+        for t in (agent_table, scheduler, calls):
             console.print(t)
         client.close()
     except Exception as exc:  # the demo explains what went wrong, then cleans up
