@@ -696,7 +696,7 @@ class Agent:
             if not outcome.ok:
                 e = outcome.error
                 result.error.CopyFrom(pb.Error(code=e.get("code", "service_error"), message=e.get("message", ""),
-                                               field=e.get("field", "")))
+                                               field=e.get("field", ""), details=e.get("details", "")))
         except LimitExceeded as exc:  # the agent stays up; the coordinator runs the job itself
             result.ok, result.agent_fault, result.not_started = False, True, not started
             result.error.CopyFrom(pb.Error(code=exc.limit, message=str(exc)))
@@ -709,7 +709,7 @@ class Agent:
             log.warning("job %s (%s) failed on this agent: %s", job.job_id, job.service, exc, extra=_ctx(job))
         except MicroError as exc:
             result.ok = False
-            result.error.CopyFrom(pb.Error(code=exc.code, message=exc.message, field=exc.field))
+            result.error.CopyFrom(pb.Error(code=exc.code, message=exc.message, field=exc.field, details=exc.details))
         except asyncio.CancelledError:  # a Cancel from the coordinator: its worker was stopped; say so
             result.ok, result.cancelled, result.not_started = False, True, not started
             result.error.CopyFrom(pb.Error(code="cancelled", message="cancelled by the coordinator"))
@@ -738,7 +738,7 @@ class Agent:
         except ConnectionError as exc:
             raise from_code("unavailable", str(exc)) from None
         if reply.status != "ok":
-            raise from_code(reply.error.code, reply.error.message, reply.error.field)
+            raise from_code(reply.error.code, reply.error.message, reply.error.field, reply.error.details)
         return _codec.unpack(reply.result)
 
 

@@ -143,7 +143,7 @@ class Dispatcher:
             raise
         except MicroError as exc:
             reply.status = "error"
-            reply.error.CopyFrom(pb.Error(code=exc.code, message=exc.message, field=exc.field))
+            reply.error.CopyFrom(pb.Error(code=exc.code, message=exc.message, field=exc.field, details=exc.details))
             reply.ClearField("result")
         except Exception as exc:  # a bug of ours: still exactly one answer, and a loud log
             log.exception("internal error while calling %s", req.service)
@@ -210,7 +210,7 @@ class Dispatcher:
             answer, verified = await self._verified(entry, input_bytes, chain, deadline, reply, nested)
             reply.executed_by, reply.attempts, reply.verified = answer.executor, answer.attempts, verified
             if answer.error is not None:
-                raise from_code(*answer.error)
+                raise from_code(*answer.error, details=answer.details)
             out_value, out = answer.data, answer.model
             producers: tuple[str, ...] = (answer.executor, answer.verified_by)
         else:
@@ -237,7 +237,8 @@ class Dispatcher:
                 output = await self.scheduler.referee(entry, input_bytes, deadline, nested)
             except MicroError as exc:
                 if getattr(exc, "executor", ""):
-                    return Outcome(COORDINATOR, error=(exc.code, exc.message, exc.field), attempts=1)
+                    return Outcome(COORDINATOR, error=(exc.code, exc.message, exc.field), attempts=1,
+                                   details=exc.details)
                 raise Unavailable(f"{entry.name}: the result of agent {first.executor} could not be verified "
                                   f"({exc.message}); retry the call") from None
             return _validated(entry, COORDINATOR, output, 1)
@@ -264,7 +265,8 @@ class Dispatcher:
             executor = getattr(exc, "executor", "")
             if not executor:
                 raise  # nobody answered (unavailable, deadline...): the call fails as it would unverified
-            return Outcome(executor, error=(exc.code, exc.message, exc.field), attempts=reply.attempts)
+            return Outcome(executor, error=(exc.code, exc.message, exc.field), attempts=reply.attempts,
+                           details=exc.details)
         try:
             out = entry.cls.validate_output(_codec.unpack(output))
         except Exception as exc:
@@ -297,7 +299,7 @@ class Dispatcher:
                                  deadline_s=max(0.001, deadline - time.monotonic()))
             reply = await self.call(req, caller=caller)
             if reply.status != "ok":
-                raise from_code(reply.error.code, reply.error.message, reply.error.field)
+                raise from_code(reply.error.code, reply.error.message, reply.error.field, reply.error.details)
             return _codec.unpack(reply.result)
         return nested
 

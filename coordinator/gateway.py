@@ -78,6 +78,8 @@ def envelope_json(reply: pb.CallReply, process_time_ms: float) -> bytes:
         err: dict[str, str] = {"code": reply.error.code, "message": reply.error.message}
         if reply.error.field:
             err["field"] = reply.error.field
+        if reply.error.details:
+            err["details"] = reply.error.details
         head = b'{"status":"error","error":' + json.dumps(err, separators=(",", ":")).encode()
     tail = json.dumps({"executed_by": reply.executed_by, "attempts": reply.attempts,
                        "process_time_ms": round(process_time_ms, 3), "cache_hit": reply.cache_hit,

@@ -87,7 +87,11 @@ def _common_components() -> dict[str, Any]:
             "code": {"type": "string", "description": "stable, machine-readable: invalid_input, "
                                                       "unauthenticated, forbidden, unknown_service, no_data, ..."},
             "message": {"type": "string", "description": "for people: what was wrong and what to do"},
-            "field": {"type": "string", "description": "the input field at fault, when there is one"}}},
+            "field": {"type": "string", "description": "the input field at fault, when there is one (for "
+                                                       "bad_output, the output field)"},
+            "details": {"type": "string", "description": "service_error only: the service's traceback within "
+                        "its package (files relative to it, line numbers, functions, the exception); "
+                        "nothing of the machine that ran it"}}},
         "ErrorEnvelope": {"type": "object", "required": ["status", "error", "executed_by", "attempts",
                                                          "process_time_ms", "cache_hit"],
                           "properties": {"status": {"const": "error"},
@@ -137,6 +141,8 @@ def build(entries: Iterable[Any], *, title: str = "microswarm", version: str = "
         prefix = e.name
         ref_template = f"#/components/schemas/{prefix}.{{model}}"
         in_schema = cls.input_model.model_json_schema(ref_template=ref_template, mode="validation")
+        if cls.input_model.model_config.get("extra") is None:  # unknown fields are refused (core.validate_model)
+            in_schema.setdefault("additionalProperties", False)
         out_schema = cls.output_model.model_json_schema(ref_template=ref_template, mode="serialization")
         in_ref = _hoist(in_schema, prefix, components)
         out_ref = _hoist(out_schema, prefix, components)

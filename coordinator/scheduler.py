@@ -147,7 +147,8 @@ class Scheduler:
                 continue
             reply.executed_by = winner.agent_id
             if not res.ok:  # the service's own answer (a validation error, its exception): not retried
-                raise answered_by(from_code(res.error.code, res.error.message, res.error.field), winner.agent_id)
+                raise answered_by(from_code(res.error.code, res.error.message, res.error.field, res.error.details),
+                                 winner.agent_id)
             self.counts["offloaded"] += 1
             return res.output, winner.agent_id
 
@@ -237,8 +238,8 @@ class Scheduler:
             self.ran(entry.name, outcome.run_ms / 1000)
         if not outcome.ok:
             e = outcome.error
-            raise answered_by(from_code(e.get("code", "service_error"), e.get("message", "failed"), e.get("field", "")),
-                              "coordinator")
+            raise answered_by(from_code(e.get("code", "service_error"), e.get("message", "failed"), e.get("field", ""),
+                                        e.get("details", "")), "coordinator")
         return outcome.output
 
     async def referee(self, entry: ServiceEntry, input_bytes: bytes, deadline: float, nested: NestedHandler) -> bytes:

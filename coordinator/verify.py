@@ -39,6 +39,7 @@ class Outcome:
     forged: bool = False         # an output no honest agent sends (it fails the service's model)
     value: Any = None            # the validated output as plain data
     model: Any = None            # ...and as the service's output model
+    details: str = ""            # with `error`: a service_error's traceback (not compared between executors)
 
     @property
     def data(self) -> Any:

@@ -3,7 +3,8 @@ from typing import TYPE_CHECKING, Any
 
 from .core import MicroCore
 from .errors import (CallCycle, Cancelled, DeadlineExceeded, DepthExceeded, InvalidInput, MicroError, NoData,
-                     OutcomeUnknown, Overloaded, ServiceFailed, Unavailable, UnknownService)
+                     OutcomeUnknown, Overloaded, ServiceError, ServiceFailed, Unavailable,
+                     UnknownService)
 
 if TYPE_CHECKING:  # typed for checkers; loaded lazily at run time (__getattr__)
     from .client import Client, Envelope, publish
@@ -11,7 +12,8 @@ if TYPE_CHECKING:  # typed for checkers; loaded lazily at run time (__getattr__)
 __version__ = "0.1.0"
 
 __all__ = ["MicroCore", "Client", "Envelope", "publish", "MicroError", "InvalidInput", "UnknownService",
-           "NoData", "CallCycle", "DepthExceeded", "DeadlineExceeded", "ServiceFailed", "Unavailable",
+           "NoData", "CallCycle", "DepthExceeded", "DeadlineExceeded", "ServiceFailed", "ServiceError",
+           "Unavailable",
            "Overloaded", "OutcomeUnknown", "Cancelled", "__version__"]
 
 

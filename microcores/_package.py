@@ -317,7 +317,11 @@ def import_path(path: Path) -> list[types.ModuleType]:
         assert spec and spec.loader
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)  # not half a module left behind under its name
+            raise
         return [module]
     if not (path / "__init__.py").exists():
         raise ValueError(f"{path} is a directory but not a Python package (no __init__.py)")

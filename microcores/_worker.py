@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import struct
 import sys
@@ -71,7 +72,8 @@ class _PipeCaller:
             result: dict[str, Any] = msg["result"]
             return result
         err = msg.get("error") or {}
-        raise from_code(err.get("code", "error"), err.get("message", "nested call failed"), err.get("field", ""))
+        raise from_code(err.get("code", "error"), err.get("message", "nested call failed"), err.get("field", ""),
+                        err.get("details", ""))
 
 
 def worker_main(directory: str) -> int:
@@ -139,12 +141,67 @@ def worker_main(directory: str) -> int:
                                "message": f"memory_limit: the job ran out of memory (address-space limit{limit})"}}
         except Exception as exc:
             traceback.print_exc()
-            reply = {"t": "result", "id": job_id, "ok": False,
-                     "error": {"code": "service_error", "message": f"{type(exc).__name__}: {exc}"}}
+            error = {"code": "service_error", "message": _scrub(f"{type(exc).__name__}: {exc}", directory)}
+            details = service_traceback(exc, directory)
+            if details:
+                error["details"] = details
+            reply = {"t": "result", "id": job_id, "ok": False, "error": error}
         finally:
             current_caller.reset(token)
         reply["run_ms"] = (time.perf_counter() - t0) * 1000
         _send(fout, reply)
+
+
+MAX_DETAILS = 8 * 1024  # bytes of a service_error's details
+MAX_FRAMES = 30
+
+
+def _scrub(text: str, directory: str) -> str:
+    """Package paths made relative: the caller learns nothing of where the volunteer keeps them."""
+    for d in {os.path.realpath(directory), os.path.abspath(directory)}:
+        text = text.replace(d + os.sep, "").replace(d, ".")
+    return text
+
+
+def service_traceback(exc: BaseException, directory: str) -> str:
+    """A service's exception as a traceback of its own code: frames in files inside its package
+    (named relative to it, with line, function and source line), then the exception's type and
+    message. Frames of microswarm and of libraries, absolute paths and the host's name are left out.
+    At most MAX_FRAMES frames (the innermost) and MAX_DETAILS bytes."""
+    root = os.path.realpath(directory)
+    frames = []
+    for fs in traceback.extract_tb(exc.__traceback__):
+        path = os.path.realpath(fs.filename) if os.path.isabs(fs.filename) else ""
+        if not path.startswith(root + os.sep):
+            continue
+        frame = f'  File "{os.path.relpath(path, root)}", line {fs.lineno}, in {fs.name}'
+        if fs.line:
+            frame += "\n    " + fs.line.strip()[:200]
+        frames.append(frame)
+    text = _scrub(str(exc), directory)
+    try:
+        import socket
+        host = socket.gethostname()
+    except OSError:
+        host = ""
+    if len(host) >= 3:
+        text = text.replace(host, "<host>")
+    text = _ABS_PATH.sub("<path>", text)[:2000]
+    last = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    left_out = max(0, len(frames) - MAX_FRAMES)
+    frames = frames[left_out:]
+    while True:
+        head = ["Traceback (most recent call last; the service's own files):"]
+        if left_out:
+            head.append(f"  ... {left_out} earlier frame{'s' if left_out > 1 else ''} left out")
+        out = "\n".join([*head, *frames, last])
+        if len(out.encode()) <= MAX_DETAILS or not frames:
+            return out.encode()[:MAX_DETAILS].decode(errors="ignore")
+        frames.pop(0)
+        left_out += 1
+
+
+_ABS_PATH = re.compile(r"""(?<![\w.~-])/(?:[^\s'"/:,;()\[\]]+/)*[^\s'"/:,;()\[\]]+""")
 
 
 def _set_limit(name: str, soft: int, hard: int | None = None) -> None:

@@ -77,7 +77,7 @@ class Envelope:
         if self.ok:
             return self.result
         e = self.error or {}
-        raise from_code(e.get("code", "error"), e.get("message", ""), e.get("field", ""))
+        raise from_code(e.get("code", "error"), e.get("message", ""), e.get("field", ""), e.get("details", ""))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"status": self.status}
@@ -100,6 +100,8 @@ class Envelope:
             error = {"code": reply.error.code, "message": reply.error.message}
             if reply.error.field:
                 error["field"] = reply.error.field
+            if reply.error.details:  # a service_error's traceback within its package
+                error["details"] = reply.error.details
         return cls(reply.status, result, error, reply.executed_by, reply.attempts, reply.process_time_ms,
                    reply.cache_hit, reply.service, reply.version, reply.verified)
 
@@ -557,7 +559,7 @@ def publish(target: Any, *, coordinator: str | None = None, state_dir: str | os.
     coordinator (started with `--publisher-key`) relays the signature to agents."""
     from . import _publisher
     from ._package import build, import_path, services_in
-    from .core import MicroCore
+    from .core import MicroCore, check_definition
 
     if state_dir is None:
         state_dir = default_state_dir()
@@ -569,6 +571,8 @@ def publish(target: Any, *, coordinator: str | None = None, state_dir: str | os.
         classes = services_in(target)
     if not classes:
         raise ValueError(f"no MicroCore subclass with a name found in {target}")
+    for cls in classes:  # a name changed after the class was made: one line naming the class and its file
+        check_definition(cls)
     signer = _publisher.load_private(sign_with) if sign_with else None
     cred = admin_credential(state_dir)
     target_addr = coordinator or default_coordinator()

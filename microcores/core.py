@@ -8,6 +8,7 @@ service through the coordinator (the paper's ExtendedService).
 from __future__ import annotations
 
 import contextvars
+import inspect
 import re
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, get_args, get_origin
 
@@ -57,17 +58,9 @@ class MicroCore(Generic[InT, OutT]):
                     cls.input_model, cls.output_model = args
         if not cls.__dict__.get("name"):
             return  # an abstract intermediate class
-        if not NAME_RE.match(cls.name):
-            raise TypeError(f"{cls.__qualname__}.name {cls.name!r} must look like 'group.function' "
-                            "(lower case letters, digits and underscores, one dot)")
-        if not VERSION_RE.match(str(cls.version)):
-            raise TypeError(f"{cls.__qualname__}.version {cls.version!r} must be 1-64 characters "
-                            "of letters, digits, '.', '_', '+' or '-'")
-        if not hasattr(cls, "input_model") or not hasattr(cls, "output_model"):
-            raise TypeError(f"{cls.__qualname__} must declare its models: class "
-                            f"{cls.__name__}(MicroCore[InputModel, OutputModel])")
-        if not (0 < float(cls.timeout) <= 24 * 3600):
-            raise TypeError(f"{cls.__qualname__}.timeout must be between 0 and 86400 seconds")
+        problem = definition_problem(cls)
+        if problem:
+            raise ServiceDefinitionError(f"{_where_defined(cls)}: {problem}")
 
     # -- what developers implement and call
 
@@ -106,7 +99,8 @@ class MicroCore(Generic[InT, OutT]):
         except ValidationError as exc:
             err = validation_error(exc)
             raise MicroError(f"{cls.name} returned an output that does not match "
-                             f"{cls.output_model.__name__}: {err.message}", code="bad_output") from None
+                             f"{cls.output_model.__name__}: {err.message}", code="bad_output",
+                             field=err.field) from None
 
     def run(self, raw: Any) -> dict[str, Any]:
         """Validate, process, check the output: one job, as a worker runs it."""
@@ -127,20 +121,135 @@ class MicroCore(Generic[InT, OutT]):
         }
 
 
-def validate_model(model: type[BaseModel], raw: Any) -> Any:
-    """Validate a dict (msgpack) or raw JSON bytes (which honours the model's JSON options)."""
-    if isinstance(raw, (bytes, bytearray)):
+class ServiceDefinitionError(TypeError, ValueError):
+    """A MicroCore subclass that cannot be a service (its name, version, models or timeout): one
+    line naming the class and the file (a ValueError too, so `microswarm publish` says it so)."""
+
+
+def definition_problem(cls: type[MicroCore[Any, Any]]) -> str:
+    """What is wrong with a service class's declaration, in one line ("" when nothing is)."""
+    if not isinstance(cls.name, str) or not NAME_RE.match(cls.name):
+        return (f"name {cls.name!r} must look like 'group.function' "
+                "(lower case letters, digits and underscores, one dot)")
+    if not VERSION_RE.match(str(cls.version)):
+        return (f"version {cls.version!r} must be 1-64 characters "
+                "of letters, digits, '.', '_', '+' or '-'")
+    if not hasattr(cls, "input_model") or not hasattr(cls, "output_model"):
+        return ("it must declare its models: class "
+                f"{cls.__name__}(MicroCore[InputModel, OutputModel])")
+    try:
+        timeout = float(cls.timeout)
+    except (TypeError, ValueError):
+        timeout = -1.0
+    if not (0 < timeout <= 24 * 3600):
+        return f"timeout {cls.timeout!r} must be between 0 and 86400 seconds"
+    return ""
+
+
+def _where_defined(cls: type) -> str:
+    """`file:line` of a class statement being run (called from __init_subclass__), or its file."""
+    import os
+    import sys
+    path, line = "", 0
+    try:
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_name == "__init_subclass__":
+            frame = frame.f_back  # type: ignore[assignment]
+        if frame is not None:
+            path, line = frame.f_code.co_filename, frame.f_lineno
+    except (AttributeError, ValueError):
+        pass
+    module = sys.modules.get(cls.__module__)
+    mfile = getattr(module, "__file__", None) or ""
+    if mfile and os.path.realpath(path) != os.path.realpath(mfile):  # built elsewhere (type(...)): its module's file
+        path, line = mfile, 0
+    if not path:
+        return f"class {cls.__qualname__}"
+    path = _relative(path)
+    return f"{path}:{line}: class {cls.__qualname__}" if line else f"{path}: class {cls.__qualname__}"
+
+
+def check_definition(cls: type[MicroCore[Any, Any]]) -> None:
+    """Raise ServiceDefinitionError for a class that cannot be published (e.g. a name changed after it
+    was defined), naming the class and its file."""
+    problem = definition_problem(cls)
+    if problem:
+        import inspect
         try:
-            return model.model_validate_json(raw)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
-    if not isinstance(raw, dict):
+            path = inspect.getsourcefile(cls) or ""
+        except (TypeError, OSError):
+            path = ""
+        where = f"{_relative(path)}: class {cls.__qualname__}" if path else f"class {cls.__qualname__}"
+        raise ServiceDefinitionError(f"{where}: {problem}")
+
+
+def _relative(path: str) -> str:
+    import os
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def validate_model(model: type[BaseModel], raw: Any) -> Any:
+    """Validate a dict (msgpack) or raw JSON bytes (which honours the model's JSON options).
+
+    Fields the model does not have are refused (`unknown field 'x'`), unless its config says what
+    to do with extras (`extra="allow"`, or `"ignore"` set on purpose)."""
+    if not isinstance(raw, (bytes, bytearray)) and not isinstance(raw, dict):
         raise InvalidInput(f"input must be a JSON object with the fields of {model.__name__}, "
                            f"not {type(raw).__name__}")
+    json_in = isinstance(raw, (bytes, bytearray))
+    refuse = model.model_config.get("extra") is None
+    if refuse and _EXTRA_OVERRIDE:
+        try:
+            return _validate(model, raw, json_in, "forbid")
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+        # the override reaches nested models too: theirs keep their own say over their extras
+        if not any(e.get("type") == "extra_forbidden" and len(e.get("loc", ())) > 1 for e in errors):
+            raise validation_error(errors) from None
+        unknown = [e for e in errors if e.get("type") == "extra_forbidden" and len(e.get("loc", ())) == 1]
+        try:
+            value = _validate(model, raw, json_in, None)
+        except ValidationError as exc:
+            raise validation_error(exc.errors(include_url=False) + unknown) from None
+        if unknown:
+            raise validation_error(unknown)
+        return value
+    unknown = _unknown_keys(model, raw) if refuse else []  # a pydantic without the per-call override
     try:
-        return model.model_validate(raw)
+        value = _validate(model, raw, json_in, None)
     except ValidationError as exc:
-        raise validation_error(exc) from None
+        raise validation_error(exc.errors(include_url=False) + unknown) from None
+    if unknown:
+        raise validation_error(unknown)
+    return value
+
+
+def _unknown_keys(model: type[BaseModel], raw: Any) -> list[dict[str, Any]]:
+    if isinstance(raw, dict):
+        keys = list(raw)
+    else:
+        from pydantic_core import from_json
+        try:
+            obj = from_json(raw)
+        except ValueError:
+            return []  # not JSON: validation says so
+        keys = list(obj) if isinstance(obj, dict) else []
+    known = set()
+    for name, f in model.model_fields.items():
+        known.update(a for a in (name, f.alias, f.validation_alias) if isinstance(a, str))
+    return [{"type": "extra_forbidden", "loc": (k,), "input": None} for k in keys if k not in known]
+
+
+def _validate(model: type[BaseModel], raw: Any, json_in: bool, extra: Any) -> Any:
+    kw = {"extra": extra} if extra else {}
+    return model.model_validate_json(raw, **kw) if json_in else model.model_validate(raw, **kw)
+
+
+_EXTRA_OVERRIDE = "extra" in inspect.signature(BaseModel.model_validate).parameters  # pydantic >= 2.11
 
 
 _TYPE_WORDS = {
@@ -149,11 +258,12 @@ _TYPE_WORDS = {
 }
 
 
-def validation_error(exc: ValidationError) -> InvalidInput:
+def validation_error(exc: ValidationError | list[Any]) -> InvalidInput:
     """Turn pydantic's report into one message per field, in the gateway's words."""
     messages: list[str] = []
     first_field = ""
-    for e in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False) if isinstance(exc, ValidationError) else exc
+    for e in errors:
         field = ".".join(str(p) for p in e.get("loc", ())) or "input"
         first_field = first_field or field
         kind = e.get("type", "")
@@ -162,7 +272,11 @@ def validation_error(exc: ValidationError) -> InvalidInput:
             msg = f"input is not valid JSON: {ctx.get('error', e.get('msg'))}"
         elif kind in ("model_type", "model_attributes_type", "dict_type") and field == "input":
             msg = "input must be a JSON object with the service's fields"
-        elif kind == "missing" or (kind == "string_too_short" and ctx.get("min_length") == 1) or (
+        elif kind == "missing":
+            msg = f"{field} is required"
+        elif kind == "extra_forbidden":
+            msg = f"unknown field {field!r}: the service's input has no such field"
+        elif (kind == "string_too_short" and ctx.get("min_length") == 1) or (
                 field != "input" and (e.get("input") is None or e.get("input") == "")):
             msg = f"{field} cannot be empty"  # absent, null or "" where a value is needed
         elif kind == "int_from_float":
@@ -184,8 +298,6 @@ def validation_error(exc: ValidationError) -> InvalidInput:
                   "less_than_equal": "<="}[kind]
             bound = next(iter(ctx.values()), "?")
             msg = f"{field} is out of range: must be {op} {bound}"
-        elif kind == "extra_forbidden":
-            msg = f"{field} is not a field of this service's input"
         else:
             msg = f"{field}: {e.get('msg', 'invalid value')}"
         messages.append(msg)

@@ -1,7 +1,8 @@
 """Errors every microswarm part can raise or report.
 
 Each carries a stable `code` (what scripts match on), a message for people, and the input
-field at fault when there is one. The same triple travels on the wire as `Error`.
+field at fault when there is one. The same triple travels on the wire as `Error`, with a
+service's own failure's `details`: its traceback within its package (see `_worker.service_traceback`).
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ class MicroError(Exception):
 
     code = "error"
 
-    def __init__(self, message: str, *, field: str = "", code: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str = "", code: str | None = None, details: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        self.details = details  # a service_error's traceback (package-relative), else ""
         if code is not None:
             self.code = code
 
@@ -22,6 +24,8 @@ class MicroError(Exception):
         d = {"code": self.code, "message": self.message}
         if self.field:
             d["field"] = self.field
+        if self.details:
+            d["details"] = self.details
         return d
 
     def __str__(self) -> str:
@@ -58,6 +62,11 @@ class ServiceFailed(MicroError):
     """The service's own code raised: the answer, not an agent fault."""
 
     code = "service_error"
+
+
+class ServiceError(ServiceFailed):
+    """What clients raise for a `service_error`: `details` holds the service's traceback, its files
+    named relative to its package (`except ServiceFailed` catches it too)."""
 
 
 class Unavailable(MicroError):
@@ -107,15 +116,21 @@ class PackageError(MicroError):
     code = "bad_package"
 
 
+class UnknownCall(MicroError):
+    """No submitted call of this client has that id (never submitted by it, or its result expired)."""
+
+    code = "unknown_call"
+
+
 BY_CODE: dict[str, type[MicroError]] = {
     cls.code: cls
     for cls in (InvalidInput, UnknownService, NoData, CallCycle, DepthExceeded, DeadlineExceeded,
-                ServiceFailed, Unavailable, Overloaded, OutcomeUnknown, Cancelled, Unauthorized, Forbidden,
-                TooLarge, ProtocolError, PackageError)
+                ServiceError, Unavailable, Overloaded, OutcomeUnknown, Cancelled, Unauthorized, Forbidden,
+                TooLarge, ProtocolError, PackageError, UnknownCall)
 }
 
 
-def from_code(code: str, message: str, field: str = "") -> MicroError:
+def from_code(code: str, message: str, field: str = "", details: str = "") -> MicroError:
     """Rebuild the matching exception from a wire error."""
     cls = BY_CODE.get(code, MicroError)
-    return cls(message, field=field, code=code)
+    return cls(message, field=field, code=code, details=details)

@@ -344,6 +344,8 @@ def cmd_call(a: argparse.Namespace) -> int:
                 print(json.dumps({"status": "error", "error": exc.to_dict(), "executed_by": "", "attempts": 0,
                                   "process_time_ms": 0.0, "cache_hit": False, "verified": False}))
             err.print(f"[red]error:[/] {exc.message}")
+            if exc.details:  # a service_error's traceback, within its package
+                print(exc.details, file=sys.stderr)
             return 3
         if exc is not None:
             raise exc
@@ -357,6 +359,8 @@ def cmd_call(a: argparse.Namespace) -> int:
         else:
             e = env.error or {}
             err.print(f"[red]{e.get('code')}:[/] {e.get('message')}")
+            if e.get("details"):  # a service_error's traceback, within its package
+                print(e["details"], file=sys.stderr)
         return 0 if env.ok else 1
     except KeyboardInterrupt:
         interrupted = True  # (keeps on_sigint in place, ignoring any further Ctrl-C, until the exit)

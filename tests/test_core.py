@@ -43,7 +43,7 @@ def test_missing_models_are_refused():
 
 
 @pytest.mark.parametrize("raw,message,field", [
-    ({"name": "x"}, "id cannot be empty", "id"),
+    ({"name": "x"}, "id is required", "id"),
     ({"id": "abc", "name": "x"}, "id must be an integer", "id"),
     ({"id": 0, "name": "x"}, "id is out of range: must be >= 1", "id"),
     ({"id": 5000, "name": "x"}, "id is out of range: must be <= 1000", "id"),

@@ -51,7 +51,7 @@ def test_call_cli_prints_the_envelope(cluster):
     assert env["status"] == "ok" and env["result"] == {"result": 6.0}
     assert {"executed_by", "attempts", "process_time_ms", "cache_hit"} <= env.keys()
     r = cli(cluster, "call", "math.compute", '{"a": 2}')
-    assert r.returncode != 0 and "b cannot be empty" in r.stderr
+    assert r.returncode != 0 and "b is required" in r.stderr
 
 
 def test_bad_input_and_unknown_service_are_clear_errors(cluster):
