@@ -25,6 +25,7 @@ from protos import microswarm_pb2 as pb
 from .agents import AgentSession
 from .caller import CALLER, Caller
 from .calllog import CallEntry
+from .calls import new_call_id
 from .registry import ServiceEntry
 from .verify import COORDINATOR, Outcome, Verifier, opened, seal
 
@@ -109,7 +110,7 @@ class Dispatcher:
     # ------------------------------------------------------------ the call pipeline
 
     async def call(self, req: pb.CallRequest, *, client: str = "", address: str = "",
-                   caller: Caller | None = None) -> pb.CallReply:
+                   caller: Caller | None = None, call_id: str = "") -> pb.CallReply:
         """One call, run as `caller` (caller.py: its client, token and address; `client` and `address`
         alone make a caller without a token, an in-process one). The caller is in CALLER for the call's
         task, so the jobs it sends carry it and their nested calls run as it, in its scope."""
@@ -117,7 +118,7 @@ class Dispatcher:
         if caller is None:
             caller = Caller(client or req.client or "anonymous", None, address)
         self.in_flight += 1
-        reply = pb.CallReply(service=req.service, encoding=req.encoding)
+        reply = pb.CallReply(service=req.service, encoding=req.encoding, call_id=call_id or new_call_id())
         task = asyncio.current_task()
         if task is not None:
             self.tasks.add(task)

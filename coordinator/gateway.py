@@ -31,6 +31,7 @@ from . import openapi
 from .auth import AuthError, ClientRecord, Token
 from .auth_grpc import auth_refusal, caller_label, refuse
 from .caller import Caller
+from .gateway_calls import CallRoutes, wants_async
 
 if TYPE_CHECKING:
     from .server import Coordinator
@@ -83,7 +84,8 @@ def envelope_json(reply: pb.CallReply, process_time_ms: float) -> bytes:
         head = b'{"status":"error","error":' + json.dumps(err, separators=(",", ":")).encode()
     tail = json.dumps({"executed_by": reply.executed_by, "attempts": reply.attempts,
                        "process_time_ms": round(process_time_ms, 3), "cache_hit": reply.cache_hit,
-                       "verified": reply.verified, "service": reply.service, "version": reply.version}, separators=(",", ":")).encode()
+                       "verified": reply.verified, "service": reply.service, "version": reply.version,
+                       **({"call_id": reply.call_id} if reply.call_id else {})}, separators=(",", ":")).encode()
     return head + b"," + tail[1:]
 
 
@@ -169,6 +171,8 @@ class Gateway:
         r.add_route("GET", "/docs/assets/{name}", self.asset)
         r.add_route("GET", "/", self.root)
         r.add_route("GET", "/healthz", self.healthz)
+        self.calls = CallRoutes(self)
+        self.calls.register(r)  # /v1/calls/{call_id}: before /v1/{group}/{function}, which would match it
         r.add_route("POST", "/v1/{group}/{function}", self.call)
         r.add_route("GET", "/v1/{group}/{function}", self.call)
         r.add_route("*", "/v1/{group}/{function}", self.wrong_method)
@@ -303,6 +307,8 @@ class Gateway:
                 resp.set_status(exc.status)
                 return await answer_and_close(request, resp)  # type: ignore[return-value]
         req = pb.CallRequest(service=service, input=b"{}" if not raw or raw.isspace() else raw, encoding=pb.JSON)
+        if wants_async(request):
+            return self.calls.submit(request, req, Caller(client, token, address), token.client_id)
         reply = await self.c.dispatcher.call(req, caller=Caller(client, token, address))
         return self._respond(reply, t0)
 

@@ -102,7 +102,9 @@ class CallRoutes:
 
 def openapi_paths() -> dict[str, Any]:
     """The /v1/calls/{call_id} operations for /openapi.json."""
-    ref = {"$ref": "#/components/schemas/Envelope"}
+    ref = {"type": "object", "description": "the service's envelope (see its own operation for the result's "
+                                            "schema)", "required": ["status"]}
+    err = {"$ref": "#/components/schemas/ErrorEnvelope"}
     pending = {"type": "object", "properties": {"call_id": {"type": "string"}, "status": {"const": "pending"},
                                                 "service": {"type": "string"}, "age_s": {"type": "number"},
                                                 "url": {"type": "string"}}}
@@ -111,7 +113,11 @@ def openapi_paths() -> dict[str, Any]:
                        "content": {"application/json": {"schema": ref}}},
                "202": {"description": "still running", "content": {"application/json": {"schema": pending}}},
                "401": {"description": "no valid bearer token"},
-               "404": {"description": "unknown_call: not this client's, or expired"}}
+               "404": {"description": "unknown_call: not this client's, or expired",
+                       "content": {"application/json": {"schema": err}}},
+               "default": {"description": "the call ended in an error (its envelope, with the HTTP status "
+                                          "of that error: 400, 499 cancelled, 500, 503, 504 ...)",
+                           "content": {"application/json": {"schema": err}}}}
     return {"/v1/calls/{call_id}": {
         "get": {"summary": "The envelope of a call submitted with ?async=1", "tags": ["calls"],
                 "operationId": "calls_get", "security": [{"oauth2": []}],

@@ -27,6 +27,7 @@ STATUS_OF_CODE: dict[str, int] = {
     "outcome_unknown": 502,
     "cancelled": 499,
     "deadline_exceeded": 504,
+    "unknown_call": 404,
 }
 
 
@@ -78,6 +79,7 @@ ENVELOPE_FIELDS: dict[str, Any] = {
                  "coordinator computed it (see the coordinator's --verify)"},
     "service": {"type": "string"},
     "version": {"type": "string"},
+    "call_id": {"type": "string", "description": "the call's id (GET /v1/calls/{call_id} for submitted calls)"},
 }
 
 
@@ -164,8 +166,12 @@ def build(entries: Iterable[Any], *, title: str = "microswarm", version: str = "
         item: dict[str, Any] = {"post": {
             "operationId": f"{op_id}_post", "tags": [group], "summary": summary, "description": description,
             "security": security,
+            "parameters": [{"name": "async", "in": "query", "required": False, "schema": {"type": "string",
+                            "enum": ["1", "true"]}, "description": "answer 202 with the call's id at once; "
+                            "GET /v1/calls/{call_id} gives its envelope"}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": in_ref}}},
-            "responses": {**ok, **errors}}}
+            "responses": {**ok, "202": {"description": "with ?async=1: submitted; fetch /v1/calls/{call_id}"},
+                          **errors}}}
         fields = scalar_fields(cls.input_model)
         if fields is not None:
             required = set(in_schema.get("required", []))
@@ -180,6 +186,8 @@ def build(entries: Iterable[Any], *, title: str = "microswarm", version: str = "
                            "security": security, "parameters": params, "responses": {**ok, **errors}}
         paths[f"/v1/{group}/{function}"] = item
 
+    from .gateway_calls import openapi_paths
+    paths.update(openapi_paths())
     paths["/oauth/token"] = {"post": {
         "operationId": "oauth_token", "tags": ["oauth"], "summary": "Get an access token",
         "description": "OAuth 2.0 token endpoint. Authenticate with HTTP Basic (client id and secret; "

@@ -22,7 +22,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from collections import deque
+from typing import Any, AsyncIterator, Iterable, Iterator, cast
 
 import grpc
 from grpc import aio
@@ -32,6 +33,7 @@ from protos import microswarm_pb2_grpc as pbg
 
 from . import _codec, _tls
 from ._chunks import Assembler, pieces
+from .handles import AsyncCallHandle, CallHandle, envelope_of, rpc_error, wait_envelope, wait_envelope_async
 from .errors import DeadlineExceeded, MicroError, Unauthorized, Unavailable, from_code
 
 DEFAULT_COORDINATOR = "127.0.0.1:7070"
@@ -68,6 +70,7 @@ class Envelope:
     version: str = ""
     verified: bool = False   # a second executor agreed, or the coordinator computed it (--verify)
     extra: dict[str, Any] = field(default_factory=dict)
+    call_id: str = ""        # the coordinator's id of the call (Client.result fetches submitted ones by it)
 
     @property
     def ok(self) -> bool:
@@ -88,6 +91,8 @@ class Envelope:
         d.update(executed_by=self.executed_by, attempts=self.attempts,
                  process_time_ms=round(self.process_time_ms, 3), cache_hit=self.cache_hit,
                  verified=self.verified, service=self.service, version=self.version)
+        if self.call_id:
+            d["call_id"] = self.call_id
         return d
 
     @classmethod
@@ -103,7 +108,7 @@ class Envelope:
             if reply.error.details:  # a service_error's traceback within its package
                 error["details"] = reply.error.details
         return cls(reply.status, result, error, reply.executed_by, reply.attempts, reply.process_time_ms,
-                   reply.cache_hit, reply.service, reply.version, reply.verified)
+                   reply.cache_hit, reply.service, reply.version, reply.verified, call_id=reply.call_id)
 
 
 def _request(service: str, data: Any, encoding: int, timeout: float | None) -> pb.CallRequest:
@@ -340,6 +345,77 @@ class Client:
         stats: dict[str, Any] = json.loads(reply.json or b"{}")
         return stats
 
+    # ------------------------------------------------------------ submit now, fetch later, map
+
+    def submit(self, service: str, data: Any = None, *, timeout: float | None = None,
+               encoding: int = pb.MSGPACK) -> CallHandle:
+        """Start a call and return its handle at once; the call runs on even if this process goes."""
+        req = _request(service, {} if data is None else data, encoding, timeout)
+        for attempt in (1, 2):
+            try:
+                r = self._stub.Submit(req, metadata=self._call_metadata(), timeout=30)
+                return CallHandle(self, r.call_id, service)
+            except grpc.RpcError as exc:
+                if attempt == 1 and exc.code() == grpc.StatusCode.UNAUTHENTICATED and self._tokens.can_mint:
+                    self._tokens.invalidate()
+                    continue
+                raise rpc_error(exc, self.target) from None
+        raise AssertionError("unreachable")
+
+    def _fetch(self, call_id: str, wait_s: float) -> Envelope | None:
+        try:
+            r = self._stub.Result(pb.ResultRequest(call_id=call_id, wait_s=wait_s), timeout=wait_s + 30,
+                                  metadata=self._call_metadata())
+        except grpc.RpcError as exc:
+            raise rpc_error(exc, self.target) from None
+        return envelope_of(r)
+
+    def result(self, call_id: str, *, timeout: float | None = None) -> Envelope:
+        """The envelope of a submitted call of this client (from any process), waiting up to
+        `timeout` s for it to end (None: as long as it takes); UnknownCall once it has expired."""
+        return wait_envelope(self._fetch, call_id, timeout)
+
+    def cancel(self, call_id: str) -> Envelope | None:
+        """Stop a submitted call; its envelope (`cancelled`, or what it had already answered)."""
+        try:
+            r = self._stub.Cancel(pb.CancelRequest(call_id=call_id), timeout=30, metadata=self._call_metadata())
+        except grpc.RpcError as exc:
+            raise rpc_error(exc, self.target) from None
+        return envelope_of(r)
+
+    def map(self, service: str, inputs: Iterable[Any], *, concurrency: int = 16, timeout: float | None = None,
+            envelopes: bool = False) -> Iterator[Any]:
+        """Results (or envelopes) of `service` over `inputs`, in order, with at most `concurrency`
+        calls in flight. Without `envelopes`, the first failed call raises its error there."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        window: deque[tuple[pb.CallRequest, Any]] = deque()
+
+        def launch(data: Any) -> None:
+            req = _request(service, {} if data is None else data, pb.MSGPACK, timeout)
+            window.append((req, self._stub.Call.future(req, timeout=_wait_for(timeout),
+                                                       metadata=self._call_metadata())))
+
+        def take() -> Any:
+            req, fut = window.popleft()
+            try:
+                reply = fut.result()
+            except grpc.RpcError as exc:
+                raise _unavailable(exc, self.target, req.service, timeout) from None
+            env = Envelope.from_reply(self._tokens.explain(reply))
+            return env if envelopes else env.unwrap()
+
+        try:
+            for data in inputs:
+                launch(data)
+                if len(window) >= concurrency:
+                    yield take()
+            while window:
+                yield take()
+        finally:
+            for _, fut in window:  # given up on (an error raised, or the caller stopped iterating)
+                fut.cancel()
+
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
@@ -515,6 +591,66 @@ class AsyncClient:
 
     async def call(self, service: str, data: Any = None, *, timeout: float | None = None) -> Any:
         return (await self.envelope(service, data, timeout=timeout)).unwrap()
+
+    # ------------------------------------------------------------ submit now, fetch later, map
+
+    async def submit(self, service: str, data: Any = None, *, timeout: float | None = None,
+                     encoding: int = pb.MSGPACK) -> AsyncCallHandle:
+        req = _request(service, {} if data is None else data, encoding, timeout)
+        for attempt in (1, 2):
+            md = await self._md()
+            try:
+                r = await self._stub.Submit(req, metadata=md, timeout=30)
+                return AsyncCallHandle(self, r.call_id, service)
+            except grpc.RpcError as exc:
+                if attempt == 1 and exc.code() == grpc.StatusCode.UNAUTHENTICATED and self._tokens.can_mint:
+                    self._tokens.invalidate()
+                    continue
+                raise rpc_error(exc, self.target) from None
+        raise AssertionError("unreachable")
+
+    async def _md(self) -> list[tuple[str, str]]:
+        tok = await self.token()
+        return self._metadata + [("authorization", f"Bearer {tok}")] if tok else self._metadata
+
+    async def _fetch(self, call_id: str, wait_s: float) -> Envelope | None:
+        md = await self._md()
+        try:
+            r = await self._stub.Result(pb.ResultRequest(call_id=call_id, wait_s=wait_s), timeout=wait_s + 30,
+                                        metadata=md)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc, self.target) from None
+        return envelope_of(r)
+
+    async def result(self, call_id: str, *, timeout: float | None = None) -> Envelope:
+        return await wait_envelope_async(self._fetch, call_id, timeout)
+
+    async def cancel(self, call_id: str) -> Envelope | None:
+        md = await self._md()
+        try:
+            r = await self._stub.Cancel(pb.CancelRequest(call_id=call_id), timeout=30, metadata=md)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc, self.target) from None
+        return envelope_of(r)
+
+    async def map(self, service: str, inputs: Iterable[Any], *, concurrency: int = 64,
+                  timeout: float | None = None, envelopes: bool = False) -> AsyncIterator[Any]:
+        """Results (or envelopes) in order, at most `concurrency` calls in flight."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        window: deque[asyncio.Task[Envelope]] = deque()
+        try:
+            for data in inputs:
+                window.append(asyncio.ensure_future(self.envelope(service, data, timeout=timeout)))
+                if len(window) >= concurrency:
+                    env = await window.popleft()
+                    yield env if envelopes else env.unwrap()
+            while window:
+                env = await window.popleft()
+                yield env if envelopes else env.unwrap()
+        finally:
+            for t in window:
+                t.cancel()
 
     async def close(self) -> None:
         if self._stream is not None:

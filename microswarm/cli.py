@@ -40,11 +40,23 @@ def _client_args(p: argparse.ArgumentParser) -> None:
                         "MICROSWARM_FINGERPRINT): pins its key where the state directory is not readable")
     p.add_argument("--insecure", action="store_true", default=None,
                    help="plaintext, for a coordinator started with --insecure (env MICROSWARM_INSECURE=1)")
+    p.add_argument("--client-id", default=None, metavar="ID",
+                   help="call as this client (env MICROSWARM_CLIENT_ID; default: the operator, from the state dir)")
+    p.add_argument("--client-secret", default=None, metavar="SECRET",
+                   help="its secret (env MICROSWARM_CLIENT_SECRET; the variable keeps it out of `ps`)")
 
 
 def _pin(a: argparse.Namespace) -> dict[str, Any]:
     """How a client command pins the coordinator's key (microcores._tls)."""
     return {"state_dir": a.state_dir, "fingerprint": a.fingerprint, "insecure": a.insecure}
+
+
+def _client_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    """A client command's Client: its pin, and --client-id/--client-secret when given."""
+    kw = _pin(a)
+    if getattr(a, "client_id", None):
+        kw.update(client_id=a.client_id, client_secret=a.client_secret)
+    return kw
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
@@ -68,7 +80,8 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
                             queue_wait_s=a.queue_wait, queue_limit=a.queue_limit, max_attempts=a.max_attempts,
                             quarantine_s=a.quarantine, hedge=a.hedge, worker_idle_s=a.worker_idle,
                             verify=a.verify, trust_after=a.trust_after, spot_check=a.spot_check,
-                            insecure=a.insecure, tls_cert=a.tls_cert, tls_key=a.tls_key)
+                            insecure=a.insecure, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                            result_ttl_s=a.result_ttl)
     cfg.advertise = a.advertise
     try:
         from microcores import _publisher
@@ -262,7 +275,7 @@ def _wait_rollout(a: argparse.Namespace, digests: dict[str, str]) -> int:
     from microcores.errors import MicroError
 
     deadline = time.monotonic() + a.wait
-    with Client(a.coordinator, **_pin(a)) as c, Progress(console=err, transient=True) as progress:
+    with Client(a.coordinator, **_client_kwargs(a)) as c, Progress(console=err, transient=True) as progress:
         task = progress.add_task("rolling out to agents", total=None)
         while True:
             try:
@@ -327,7 +340,7 @@ def cmd_call(a: argparse.Namespace) -> int:
                 if interrupted:
                     return
                 with Client(a.coordinator, client_name=f"cli:{os.environ.get('USER', 'user')}",
-                            **_pin(a)) as client:
+                            **_client_kwargs(a)) as client:
                     outcome["env"] = client.envelope(a.service, a.input.encode(), timeout=a.timeout,
                                                      encoding=pb.JSON)
             except BaseException as exc:  # handed to the main thread as it is
@@ -538,7 +551,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     from microcores.errors import MicroError
 
     try:  # with the admin credential of the state directory, when readable: the operator's full view
-        with Client(a.coordinator, **_pin(a)) as c:
+        with Client(a.coordinator, **_client_kwargs(a)) as c:
             if a.watch:
                 from rich.live import Live
                 from rich.console import Group
@@ -570,7 +583,7 @@ def cmd_cache_stats(a: argparse.Namespace) -> int:
     from microcores.errors import MicroError
 
     try:
-        with Client(a.coordinator, **_pin(a)) as c:  # the operator's credential, or a client's
+        with Client(a.coordinator, **_client_kwargs(a)) as c:  # the operator's credential, or a client's
             stats = c.cache_stats()
     except MicroError as exc:
         err.print(f"[red]error:[/] {exc.message}")
@@ -605,8 +618,10 @@ def _daemon_args(p: argparse.ArgumentParser, section: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from microcores import __version__
     p = argparse.ArgumentParser(prog="microswarm", description="Dynamic task offloading to volunteer agents.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"microswarm {__version__}")
+    sub = p.add_subparsers(dest="command")
 
     co = sub.add_parser("coordinator", help="run or manage the coordinator daemon")
     cosub = co.add_subparsers(dest="action", required=True)
@@ -662,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="/metrics needs a bearer token (by default it is readable, as exporters are)")
     st.add_argument("--advertise", action=argparse.BooleanOptionalAction, default=None,
                     help="advertise on the LAN with zeroconf (default: yes, unless listening on loopback)")
+    st.add_argument("--result-ttl", type=float, default=3600.0, metavar="S",
+                    help="a submitted call's envelope is kept S seconds after it ends (then `unknown_call`)")
     st.add_argument("--tls-cert", default=os.environ.get("MICROSWARM_TLS_CERT"), metavar="PEM",
                     help="serve this certificate chain (leaf first) on gRPC and HTTP instead of the one made from "
                          "the coordinator's key; needs --tls-key")
@@ -761,6 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("path", metavar="PATH")
     kc.set_defaults(func=cmd_keys_create)
 
+    from microswarm import cli_calls
+    cli_calls.add_parsers(sub, _client_args)
+
     ca = sub.add_parser("call", help="call a service with a JSON input")
     ca.add_argument("service")
     ca.add_argument("input", nargs="?", default="{}")
@@ -819,6 +839,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `microswarm`: what it can do
+        parser.print_help()
+        return 0
     if args.command not in ("coordinator", "agent"):
         # gRPC core's own lines (a failed TLS handshake, say) repeat what the command says better
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
