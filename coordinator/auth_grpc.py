@@ -33,7 +33,7 @@ def peer_host(peer: str) -> str:
 
 
 def text_metadata(context: aio.ServicerContext[Any, Any]) -> dict[str, str]:
-    """A call's text metadata (what `text_metadata(context)` held, less binary `-bin` values)."""
+    """A call's text metadata: its (key, value) pairs as a dict, less binary (`-bin`) values."""
     return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
 
