@@ -210,7 +210,7 @@ def validate_model(model: type[BaseModel], raw: Any) -> Any:
         # the override reaches nested models too: theirs keep their own say over their extras
         if not any(e.get("type") == "extra_forbidden" and len(e.get("loc", ())) > 1 for e in errors):
             raise validation_error(errors) from None
-        unknown = [e for e in errors if e.get("type") == "extra_forbidden" and len(e.get("loc", ())) == 1]
+        unknown: list[Any] = [e for e in errors if e.get("type") == "extra_forbidden" and len(e.get("loc", ())) == 1]
         try:
             value = _validate(model, raw, json_in, None)
         except ValidationError as exc:
@@ -238,7 +238,7 @@ def _unknown_keys(model: type[BaseModel], raw: Any) -> list[dict[str, Any]]:
         except ValueError:
             return []  # not JSON: validation says so
         keys = list(obj) if isinstance(obj, dict) else []
-    known = set()
+    known: set[str] = set()
     for name, f in model.model_fields.items():
         known.update(a for a in (name, f.alias, f.validation_alias) if isinstance(a, str))
     return [{"type": "extra_forbidden", "loc": (k,), "input": None} for k in keys if k not in known]
