@@ -39,8 +39,8 @@ from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, che
 from microcores._sandbox import detect as detect_sandbox
 from microcores._worker import LimitExceeded, WorkerCrashed
 from microcores.errors import MicroError, ProtocolError, from_code
-from protos import microswarm_pb2 as pb
-from protos import microswarm_pb2_grpc as pbg
+from microswarm.protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2_grpc as pbg
 
 from .identity import claim
 from .packages import PackageStore

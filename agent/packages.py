@@ -15,7 +15,7 @@ from microcores._package import Package, extract, verify_signature
 from microcores._sandbox import Sandbox
 from microcores._worker import WorkerCrashed, WorkerPool
 from microcores.errors import MicroError, PackageError
-from protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2 as pb
 
 log = logging.getLogger("microswarm.agent")
 

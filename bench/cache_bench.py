@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from coordinator.cache import ResultCache, cache_key  # noqa: E402
-from coordinator.governor import GovernorSettings, HeapGovernor  # noqa: E402
+from microswarm.coordinator.cache import ResultCache, cache_key  # noqa: E402
+from microswarm.coordinator.governor import GovernorSettings, HeapGovernor  # noqa: E402
 
 
 class BareLRU:

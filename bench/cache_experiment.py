@@ -38,8 +38,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from coordinator.cache import ResultCache, cache_key  # noqa: E402
-from coordinator.governor import GovernorSettings, HeapGovernor, parse_size  # noqa: E402
+from microswarm.coordinator.cache import ResultCache, cache_key  # noqa: E402
+from microswarm.coordinator.governor import GovernorSettings, HeapGovernor, parse_size  # noqa: E402
 
 MiB = 1 << 20
 

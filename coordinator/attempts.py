@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable
 
 from microcores.errors import OutcomeUnknown
-from protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2 as pb
 
 from .agents import AgentLost, AgentSession, AgentSilent, JobRecord
 from .logsafe import safe

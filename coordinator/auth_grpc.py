@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc import aio
 
-from protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2 as pb
 
 from .auth import OPERATOR, AuthError, ClientRecord, Token
 from .calllog import CallEntry

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from microcores.errors import Overloaded, UnknownCall
-from protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2 as pb
 
 TTL_S = 3600.0
 MAX_CALLS = 10_000

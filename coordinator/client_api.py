@@ -13,8 +13,8 @@ from grpc import aio
 
 from microcores._chunks import Assembler, pieces
 from microcores.errors import MicroError
-from protos import microswarm_pb2 as pb
-from protos import microswarm_pb2_grpc as pbg
+from microswarm.protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2_grpc as pbg
 
 from .auth import OPERATOR, AuthError
 from .auth_grpc import TokenService, auth_refusal, caller_label, text_metadata

@@ -20,7 +20,7 @@ from microcores.core import validate_model
 from microcores.errors import (CallCycle, DepthExceeded, InvalidInput, MicroError,
                                Unavailable, from_code)
 from microcores._worker import NestedHandler
-from protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2 as pb
 
 from .agents import AgentSession
 from .caller import CALLER, Caller

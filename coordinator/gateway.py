@@ -25,7 +25,7 @@ from aiohttp import web
 
 from microcores import _codec
 from microcores.core import NAME_RE
-from protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2 as pb
 
 from . import openapi
 from .auth import AuthError, ClientRecord, Token

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from microcores._secure import (PROTOCOL, Channel, check_len, coordinator_channel, derive_keys, handshake_seen,
                                 hello_transcript, new_ephemeral, sign, sign_refusal, verify)
 from microcores.errors import ProtocolError
-from protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2 as pb
 
 from .agents import AgentSession
 from .logsafe import safe

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from microcores._secure import MAX_FRAME, MAX_MESSAGE, collect, fingerprint, split
 from microcores.errors import MicroError, ProtocolError
-from protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2 as pb
 
 from .agents import AgentSession, JobRecord
 from .caller import Caller

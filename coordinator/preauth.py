@@ -13,7 +13,7 @@ import contextlib
 import time
 from typing import Any, AsyncIterator
 
-from protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2 as pb
 
 from .handshake import Refused
 from .ratelimit import Bucket

@@ -17,7 +17,7 @@ from microcores import services as builtin_services
 from microcores._package import Package, build, load_service, parse_manifest, sign
 from microcores.core import NAME_RE, MicroCore
 from microcores.errors import PackageError, UnknownService
-from protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2 as pb
 
 from .state import StateDir
 

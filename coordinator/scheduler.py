@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from microcores._worker import NestedHandler, WorkerCrashed
 from microcores.errors import DeadlineExceeded, Unavailable, from_code
-from protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2 as pb
 
 from .agents import AgentSession, JobRecord
 from .attempts import Attempts, Retry

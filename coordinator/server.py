@@ -15,8 +15,8 @@ from grpc import aio
 
 from microcores import _codec, _publisher
 from microcores._tls import CERT_FILE
-from protos import microswarm_pb2 as pb
-from protos import microswarm_pb2_grpc as pbg
+from microswarm.protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2_grpc as pbg
 
 from .agents import AgentSession
 from .link import AgentLinkService

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2 as pb
 
 from .errors import TooLarge
 

@@ -28,8 +28,8 @@ from typing import Any, AsyncIterator, Iterable, Iterator, cast
 import grpc
 from grpc import aio
 
-from protos import microswarm_pb2 as pb
-from protos import microswarm_pb2_grpc as pbg
+from microswarm.protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2_grpc as pbg
 
 from . import _codec, _tls
 from ._chunks import Assembler, pieces

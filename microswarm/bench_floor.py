@@ -38,7 +38,7 @@ def _tls_dir() -> Path | None:
 def _make_tls_dir() -> str:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from coordinator.tls import prepare
+    from microswarm.coordinator.tls import prepare
     d = tempfile.mkdtemp(prefix="microswarm-floor-")
     prepare(Path(d), Ed25519PrivateKey.generate(), ["127.0.0.1:0"])
     return d

@@ -20,7 +20,7 @@ out = Console()
 
 
 def _state_default() -> str:
-    from coordinator.state import default_state_dir
+    from microswarm.coordinator.state import default_state_dir
     return str(default_state_dir())
 
 
@@ -70,7 +70,7 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
 # ---------------------------------------------------------------- coordinator
 
 def cmd_coordinator_start(a: argparse.Namespace) -> int:
-    from coordinator.server import Coordinator, CoordinatorConfig
+    from microswarm.coordinator.server import Coordinator, CoordinatorConfig
 
     _setup_logging(a.log_level, a.log_format)
     cfg = CoordinatorConfig(listen=a.listen, state_dir=a.state_dir or _state_default(), dispatch=a.dispatch,
@@ -91,7 +91,7 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
         err.print(f"[red]error:[/] --publisher-key: {exc}")
         return 2
     try:
-        from coordinator.governor import GovernorSettings
+        from microswarm.coordinator.governor import GovernorSettings
         cfg.governor = GovernorSettings.from_options(a.max_heap, a.eviction_threshold, a.soft_target,
                                                      a.critical_threshold)
     except ImportError:
@@ -108,7 +108,7 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
 
 
 def cmd_coordinator_token(a: argparse.Namespace) -> int:
-    from coordinator.state import StateDir
+    from microswarm.coordinator.state import StateDir
 
     state = StateDir(a.state_dir or _state_default())
     if a.name is None:
@@ -136,7 +136,7 @@ def cmd_coordinator_token(a: argparse.Namespace) -> int:
 
 
 def cmd_coordinator_tokens_list(a: argparse.Namespace) -> int:
-    from coordinator.volunteers import KEYS_FILE, SECRETS_FILE, KeyBindings, load_tokens
+    from microswarm.coordinator.volunteers import KEYS_FILE, SECRETS_FILE, KeyBindings, load_tokens
 
     state = Path(a.state_dir or _state_default()).expanduser()
     try:
@@ -161,7 +161,7 @@ def cmd_coordinator_tokens_list(a: argparse.Namespace) -> int:
 
 
 def cmd_coordinator_tokens_revoke(a: argparse.Namespace) -> int:
-    from coordinator.volunteers import SECRETS_FILE, revoke
+    from microswarm.coordinator.volunteers import SECRETS_FILE, revoke
 
     try:
         tok, now = revoke(Path(a.state_dir or _state_default()).expanduser() / SECRETS_FILE, a.name)
@@ -178,7 +178,7 @@ def cmd_coordinator_tokens_revoke(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- agent
 
 def cmd_agent_start(a: argparse.Namespace) -> int:
-    from agent.daemon import Agent, AgentConfig
+    from microswarm.agent.daemon import Agent, AgentConfig
 
     _setup_logging(a.log_level, a.log_format)
     token = a.token or os.environ.get("MICROSWARM_TOKEN", "")
@@ -186,7 +186,7 @@ def cmd_agent_start(a: argparse.Namespace) -> int:
         err.print("[red]error:[/] no join token: pass --token or set MICROSWARM_TOKEN "
                   "(get one with `microswarm coordinator token` on the coordinator)")
         return 2
-    from agent.volunteer import VolunteerSettings, parse_size
+    from microswarm.agent.volunteer import VolunteerSettings, parse_size
     try:
         vol = VolunteerSettings(max_cpu=float(a.max_cpu or 0), max_memory=parse_size(a.max_memory or 0),
                                 max_job_cpu=int(a.max_job_cpu or 0), idle_only=bool(a.idle_only),
@@ -212,7 +212,7 @@ def cmd_agent_start(a: argparse.Namespace) -> int:
 
 def cmd_agent_control(a: argparse.Namespace) -> int:
     """pause / resume / status of the agent running on this machine with this state directory."""
-    from agent.volunteer import control
+    from microswarm.agent.volunteer import control
 
     state_dir = a.state_dir or _state_default()
     args = {"finish": True} if getattr(a, "finish", False) else {}
@@ -329,7 +329,7 @@ def cmd_call(a: argparse.Namespace) -> int:
             pass
         from microcores.client import Client
         from microcores.errors import MicroError
-        from protos import microswarm_pb2 as pb
+        from microswarm.protos import microswarm_pb2 as pb
 
         done = threading.Event()
         outcome: dict[str, Any] = {}
@@ -394,7 +394,7 @@ def _admin_stub(a: argparse.Namespace) -> tuple[Any, Any, list[tuple[str, str]]]
 
     from microcores import _tls
     from microcores.client import CHANNEL_OPTIONS, admin_credential, default_coordinator
-    from protos import microswarm_pb2_grpc as pbg
+    from microswarm.protos import microswarm_pb2_grpc as pbg
 
     md = [("authorization", f"Admin {admin_credential(a.state_dir)}")]
     target = a.coordinator or default_coordinator()
@@ -438,7 +438,7 @@ def _client_row(ci: Any) -> dict[str, Any]:
 
 
 def cmd_clients_create(a: argparse.Namespace) -> int:
-    from protos import microswarm_pb2 as pb
+    from microswarm.protos import microswarm_pb2 as pb
 
     r = _admin_rpc(a, "CreateClient", pb.CreateClientRequest(name=a.name, scopes=a.scope or []))
     if a.json:
@@ -452,7 +452,7 @@ def cmd_clients_create(a: argparse.Namespace) -> int:
 
 
 def cmd_clients_list(a: argparse.Namespace) -> int:
-    from protos import microswarm_pb2 as pb
+    from microswarm.protos import microswarm_pb2 as pb
 
     r = _admin_rpc(a, "ListClients", pb.ListClientsRequest())
     rows = [_client_row(c) for c in r.clients if a.all or not c.revoked]
@@ -471,7 +471,7 @@ def cmd_clients_list(a: argparse.Namespace) -> int:
 
 
 def cmd_clients_revoke(a: argparse.Namespace) -> int:
-    from protos import microswarm_pb2 as pb
+    from microswarm.protos import microswarm_pb2 as pb
 
     r = _admin_rpc(a, "RevokeClient", pb.RevokeClientRequest(client=a.client))
     out.print(f"client {r.client.client_id} ({r.client.name}) revoked: its tokens stopped working")

@@ -105,7 +105,7 @@ class LocalCluster:
         return base64.b64encode(hashlib.sha256(spki(cert)).digest()).decode()
 
     def fingerprint(self) -> str:
-        from coordinator.state import StateDir
+        from microswarm.coordinator.state import StateDir
         return StateDir(self.state).fingerprint.hex()
 
     def client(self, **kwargs: Any) -> Any:
@@ -139,7 +139,7 @@ class LocalCluster:
                 except MicroError:
                     return False
             wait_for(ready, timeout, "the coordinator to answer", 0.1)
-        from coordinator.state import StateDir
+        from microswarm.coordinator.state import StateDir
         self.token = StateDir(self.state).token()
 
     def start_agent(self, agent_id: str, slots: int | None = None, extra: list[str] | None = None,

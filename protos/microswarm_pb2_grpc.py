@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import microswarm_pb2 as microswarm__pb2
+from microswarm.protos import microswarm_pb2 as microswarm__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -1,7 +1,7 @@
 """Regenerate protos/*_pb2*.py from protos/microswarm.proto.
 
 Usage: python scripts/gen_protos.py [OUT_DIR]   (default: protos/). The generated gRPC module
-imports its messages as `protos.microswarm_pb2`, so it works from the installed package.
+imports its messages as `microswarm.protos.microswarm_pb2`, so it works from the installed package.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def generate(out: pathlib.Path) -> None:
         raise SystemExit(f"protoc failed with exit code {rc}")
     grpc_file = out / "microswarm_pb2_grpc.py"
     text = grpc_file.read_text()
-    grpc_file.write_text(text.replace("import microswarm_pb2 as", "from protos import microswarm_pb2 as"))
+    grpc_file.write_text(text.replace("import microswarm_pb2 as", "from microswarm.protos import microswarm_pb2 as"))
 
 
 if __name__ == "__main__":

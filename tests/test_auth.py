@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.auth import ACCESS_TTL_S, OPERATOR, Auth, AuthError, narrows, parse_scopes, token_digest
+from microswarm.coordinator.auth import ACCESS_TTL_S, OPERATOR, Auth, AuthError, narrows, parse_scopes, token_digest
 from microswarm.cluster import LocalCluster, wait_for
 
 CLI = [sys.executable, "-m", "microswarm.cli"]
@@ -435,7 +435,7 @@ def test_a_requested_scope_must_be_covered_as_a_pattern_not_as_a_string(auth):
 
 
 def test_token_requests_are_rate_limited_per_client_and_per_address(auth):
-    from coordinator.auth import TOKEN_LIMIT_PER_ADDRESS, TOKEN_LIMIT_PER_CLIENT, RateLimiter
+    from microswarm.coordinator.auth import TOKEN_LIMIT_PER_ADDRESS, TOKEN_LIMIT_PER_CLIENT, RateLimiter
 
     burst = int(TOKEN_LIMIT_PER_CLIENT[1])
     for _ in range(burst):

@@ -8,7 +8,7 @@ import tracemalloc
 
 import pytest
 
-from coordinator.cache import ENTRY_OVERHEAD, TTL_OVERHEAD, ResultCache, cache_key
+from microswarm.coordinator.cache import ENTRY_OVERHEAD, TTL_OVERHEAD, ResultCache, cache_key
 
 pytestmark = pytest.mark.timeout(30)
 

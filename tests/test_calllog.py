@@ -4,7 +4,7 @@ import os
 import signal
 import time
 
-from coordinator.calllog import FLUSH_INTERVAL_S, CallEntry, CallLog
+from microswarm.coordinator.calllog import FLUSH_INTERVAL_S, CallEntry, CallLog
 from microswarm.cluster import LocalCluster, wait_for
 
 

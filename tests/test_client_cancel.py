@@ -21,13 +21,13 @@ import pytest
 from grpc import aio
 
 import microcores.client as client_mod
-from agent.volunteer import control
+from microswarm.agent.volunteer import control
 from microcores._chunks import Assembler
 from microcores.client import AsyncClient, Client
 from microcores.errors import DeadlineExceeded
 from microswarm.cluster import LocalCluster, free_port, wait_for
-from protos import microswarm_pb2 as pb
-from protos import microswarm_pb2_grpc as pbg
+from microswarm.protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2_grpc as pbg
 
 CLI = [sys.executable, "-m", "microswarm.cli"]
 
@@ -80,7 +80,7 @@ def silent(tmp_path) -> Iterator[tuple[str, Silent, str]]:
     directory that the clients pin (address, servicer, that state directory)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from coordinator import tls
+    from microswarm.coordinator import tls
 
     servicer = Silent()
     addr = f"127.0.0.1:{free_port()}"

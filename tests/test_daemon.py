@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.state import StateDir
+from microswarm.coordinator.state import StateDir
 from microswarm.cluster import LocalCluster, wait_for
 
 DATA = Path(__file__).parent / "data"
@@ -55,7 +55,7 @@ def test_sigterm_answers_every_call_in_flight_and_exits_0(tmp_path):
 
 def _publish_behind_its_back(state: Path, path: Path) -> str:
     """Another process adds a version to the coordinator's state directory (a restore, say)."""
-    from coordinator.registry import Registry
+    from microswarm.coordinator.registry import Registry
     from microcores._package import build, import_path, services_in
 
     reg = Registry(StateDir(state))

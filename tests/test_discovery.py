@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.state import StateDir
+from microswarm.coordinator.state import StateDir
 from microcores._discovery import should_advertise
 from microswarm.cluster import LocalCluster, wait_for
 

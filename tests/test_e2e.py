@@ -21,8 +21,8 @@ from microcores._secure import (JoinToken, agent_channel, derive_keys, hello_tra
                                 public_bytes, sign, split)
 from microcores.client import publish
 from microswarm.cluster import LocalCluster, wait_for
-from protos import microswarm_pb2 as pb
-from protos import microswarm_pb2_grpc as pbg
+from microswarm.protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2_grpc as pbg
 
 DATA = Path(__file__).parent / "data"
 CLI = [sys.executable, "-m", "microswarm.cli"]

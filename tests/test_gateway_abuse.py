@@ -24,14 +24,14 @@ from typing import Any
 import grpc
 import pytest
 
-from coordinator.auth import TOKEN_LIMIT_PER_CLIENT
-from coordinator.gateway import FORM_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_FORM
+from microswarm.coordinator.auth import TOKEN_LIMIT_PER_CLIENT
+from microswarm.coordinator.gateway import FORM_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_FORM
 from microcores import _tls
 from microcores.client import Client
 from microcores.errors import Unauthorized
 from microswarm.cluster import LocalCluster, wait_for
-from protos import microswarm_pb2 as pb
-from protos import microswarm_pb2_grpc as pbg
+from microswarm.protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2_grpc as pbg
 
 CLI = [sys.executable, "-m", "microswarm.cli"]
 

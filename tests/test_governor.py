@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.cache import ENTRY_OVERHEAD, ResultCache
-from coordinator.governor import (
+from microswarm.coordinator.cache import ENTRY_OVERHEAD, ResultCache
+from microswarm.coordinator.governor import (
     GovernorSettings,
     HeapGovernor,
     StatmReader,
@@ -355,8 +355,8 @@ def test_stats_and_combined_stats_are_flat_and_json() -> None:
 INTEGRATION = r"""
 import json, random, sys, threading, time
 sys.path.insert(0, sys.argv[2])
-from coordinator.cache import ResultCache, cache_key
-from coordinator.governor import GovernorSettings, HeapGovernor, StatmReader
+from microswarm.coordinator.cache import ResultCache, cache_key
+from microswarm.coordinator.governor import GovernorSettings, HeapGovernor, StatmReader
 
 managed = sys.argv[1] == "managed"
 MiB = 1 << 20

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.identity import claim
+from microswarm.agent.identity import claim
 from microcores._secure import (fingerprint, handshake_seen, public_bytes, refusal_payload, refusal_verifies,
                                 sign_refusal)
 from microswarm.cluster import LocalCluster, free_port, wait_for

@@ -19,12 +19,12 @@ from typing import Any
 import psutil
 import pytest
 
-from coordinator.link import LINK_BUDGET, PARTIAL_IDLE, AgentLinkService, LinkLimit
-from coordinator.preauth import HANDSHAKE_S, Busy, PreAuthGate
-from coordinator.logsafe import safe
-from coordinator.ratelimit import Bucket, Limits
+from microswarm.coordinator.link import LINK_BUDGET, PARTIAL_IDLE, AgentLinkService, LinkLimit
+from microswarm.coordinator.preauth import HANDSHAKE_S, Busy, PreAuthGate
+from microswarm.coordinator.logsafe import safe
+from microswarm.coordinator.ratelimit import Bucket, Limits
 from microswarm.cluster import LocalCluster, wait_for
-from protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2 as pb
 
 DATA = Path(__file__).resolve().parent / "data"
 ROGUE = DATA / "rogue_agent.py"
@@ -304,7 +304,7 @@ class _FakeCoordinator:
 
 
 def test_claims_for_packages_not_given_are_ignored_and_the_sets_stay_bounded(caplog):
-    from coordinator.agents import AgentSession
+    from microswarm.coordinator.agents import AgentSession
 
     fake = _FakeCoordinator()
     link = AgentLinkService(fake)  # type: ignore[arg-type]

@@ -59,7 +59,7 @@ def test_counters_move_with_real_calls(http_cluster):
         assert c.envelope("math.compute", {"a": "x", "b": 1}).error["code"] == "invalid_input"
     after = scrape(http_cluster)
     d = lambda name, **kw: value(after, name, **kw) - value(before, name, **kw)  # noqa: E731
-    from coordinator.state import StateDir
+    from microswarm.coordinator.state import StateDir
     alias = StateDir(http_cluster.state).pseudonym("agent1")  # an open /metrics does not name volunteers
     assert d("microswarm_calls_total", service="math.compute", outcome="success", executed_by=alias) == 3
     assert not any("agent1" in dict(k).values() for series in after.values() for k in series)
@@ -97,9 +97,9 @@ def test_label_values_stay_bounded_as_agents_come_and_go():
     months of churn must not grow the series without end."""
     from types import SimpleNamespace
 
-    from coordinator.calllog import CallEntry
-    from coordinator.metrics import MAX_OUTCOMES, Metrics
-    from coordinator.verify import Verifier
+    from microswarm.coordinator.calllog import CallEntry
+    from microswarm.coordinator.metrics import MAX_OUTCOMES, Metrics
+    from microswarm.coordinator.verify import Verifier
 
     class Queue(list):  # the scheduler's line for agent slots, empty
         on_wait = None

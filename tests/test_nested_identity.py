@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coordinator.link import NESTED_AT_ONCE
+from microswarm.coordinator.link import NESTED_AT_ONCE
 from microswarm.cluster import LocalCluster, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

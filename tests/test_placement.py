@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from coordinator.placement import BUCKETS, STRATEGIES, AgentView, Placement
+from microswarm.coordinator.placement import BUCKETS, STRATEGIES, AgentView, Placement
 
 pytestmark = pytest.mark.timeout(30)
 

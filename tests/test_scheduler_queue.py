@@ -328,7 +328,7 @@ def test_calls_that_hit_their_own_deadline_do_not_quarantine_a_healthy_agent(tmp
 
 
 def test_reconnect_backoff_with_jitter_stays_within_its_cap():
-    from agent.daemon import reconnect_delay
+    from microswarm.agent.daemon import reconnect_delay
     backoff, cap = 0.5, 30.0
     for _ in range(12):  # 0.5, 1, 2, ... doubling past the cap, as the agent's loop does
         for rnd in (0.0, 0.5, 0.999999, None):

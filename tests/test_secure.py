@@ -130,7 +130,7 @@ def test_batches_split_back_into_their_messages():
     import asyncio
 
     from microcores._secure import collect, split
-    from protos import microswarm_pb2 as pb
+    from microswarm.protos import microswarm_pb2 as pb
 
     q: asyncio.Queue = asyncio.Queue()
     msgs = [pb.Ping(seq=i) for i in range(5)]

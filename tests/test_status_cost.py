@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from coordinator.agents import AgentSession
-from coordinator.server import STATUS_TTL_S, Coordinator, CoordinatorConfig
+from microswarm.coordinator.agents import AgentSession
+from microswarm.coordinator.server import STATUS_TTL_S, Coordinator, CoordinatorConfig
 
 AGENTS = 3000
 

@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from coordinator.state import StateDir
-from coordinator.volunteers import (KEYS_FILE, SECRETS_FILE, Denied, KeyBindings, Volunteers, load_tokens, mint,
+from microswarm.coordinator.state import StateDir
+from microswarm.coordinator.volunteers import (KEYS_FILE, SECRETS_FILE, Denied, KeyBindings, Volunteers, load_tokens, mint,
                                     revoke)
 from microcores._secure import JoinToken
 from microcores.client import Client

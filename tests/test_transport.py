@@ -28,13 +28,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from coordinator.state import StateDir
-from coordinator.tls import prepare
+from microswarm.coordinator.state import StateDir
+from microswarm.coordinator.tls import prepare
 from microcores import _tls
 from microcores.client import Client
 from microswarm.cluster import LocalCluster, free_port, wait_for
-from protos import microswarm_pb2 as pb
-from protos import microswarm_pb2_grpc as pbg
+from microswarm.protos import microswarm_pb2 as pb
+from microswarm.protos import microswarm_pb2_grpc as pbg
 
 DATA = Path(__file__).parent / "data"
 CLI = [sys.executable, "-m", "microswarm.cli"]

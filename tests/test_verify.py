@@ -15,8 +15,8 @@ from typing import Iterator
 
 import pytest
 
-from coordinator.cache import ResultCache
-from coordinator.verify import Outcome, Verifier, made_by, opened, seal
+from microswarm.coordinator.cache import ResultCache
+from microswarm.coordinator.verify import Outcome, Verifier, made_by, opened, seal
 from microcores import _codec
 from microswarm.cluster import LocalCluster, wait_for
 

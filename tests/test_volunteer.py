@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.volunteer import IdleProbe, VolunteerSettings, parse_size
+from microswarm.agent.volunteer import IdleProbe, VolunteerSettings, parse_size
 from microcores.client import publish
 from microswarm.cluster import LocalCluster, wait_for
 

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from microcores import _tls  # noqa: E402
 from microcores._secure import (PROTOCOL, JoinToken, agent_channel, collect, derive_keys,  # noqa: E402
                                 hello_transcript, join_mac, new_ephemeral, public_bytes, sign, split)
-from protos import microswarm_pb2 as pb  # noqa: E402
-from protos import microswarm_pb2_grpc as pbg  # noqa: E402
+from microswarm.protos import microswarm_pb2 as pb  # noqa: E402
+from microswarm.protos import microswarm_pb2_grpc as pbg  # noqa: E402
 
 
 def log_job(path: str, job: pb.Job) -> None:

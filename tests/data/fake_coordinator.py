@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import grpc  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from coordinator.tls import prepare  # noqa: E402
+from microswarm.coordinator.tls import prepare  # noqa: E402
 
 
 class Catch(grpc.GenericRpcHandler):

@@ -19,10 +19,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from agent import daemon  # noqa: E402
+from microswarm.agent import daemon  # noqa: E402
 from microcores import _codec  # noqa: E402
 from microswarm import cli  # noqa: E402
-from protos import microswarm_pb2 as pb  # noqa: E402
+from microswarm.protos import microswarm_pb2 as pb  # noqa: E402
 
 
 def lie(value: Any) -> Any:

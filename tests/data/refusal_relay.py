@@ -28,8 +28,8 @@ import grpc  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from microcores._secure import public_bytes, sign_refusal  # noqa: E402
-from protos import microswarm_pb2 as pb  # noqa: E402
-from protos import microswarm_pb2_grpc as pbg  # noqa: E402
+from microswarm.protos import microswarm_pb2 as pb  # noqa: E402
+from microswarm.protos import microswarm_pb2_grpc as pbg  # noqa: E402
 
 
 class Relay(pbg.AgentLinkServicer):

@@ -61,8 +61,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from microcores import _codec, _tls  # noqa: E402
 from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, collect, derive_keys,  # noqa: E402
                                 hello_transcript, join_mac, new_ephemeral, public_bytes, sign, split)
-from protos import microswarm_pb2 as pb  # noqa: E402
-from protos import microswarm_pb2_grpc as pbg  # noqa: E402
+from microswarm.protos import microswarm_pb2 as pb  # noqa: E402
+from microswarm.protos import microswarm_pb2_grpc as pbg  # noqa: E402
 
 FORGED_LINE = "2030-01-01 00:00:00 ERROR microswarm.coordinator FORGED: the operator credential is hunter2"
 OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 128 << 20)]
