@@ -37,7 +37,7 @@ from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, che
                                 fingerprint, handshake_seen, hello_transcript, join_mac, new_ephemeral, public_bytes,
                                 refusal_verifies, sign, split, verify)
 from microcores._sandbox import detect as detect_sandbox
-from microcores._worker import LimitExceeded, WorkerCrashed
+from microcores._worker import PROGRESS_INTERVAL_S, LimitExceeded, WorkerCrashed
 from microcores.errors import MicroError, ProtocolError, from_code
 from microswarm.protos import microswarm_pb2 as pb
 from microswarm.protos import microswarm_pb2_grpc as pbg
@@ -684,8 +684,13 @@ class Agent:
                 t_in = time.monotonic()
                 return True
 
-            outcome = await pool.run(job.job_id, job.input, max(0.001, job.deadline_s),
-                                     lambda s, d: self._nested_call(link, job, s, d), on_start=start)
+            progress = _ProgressForward(link, job.job_id)
+            try:
+                outcome = await pool.run(job.job_id, job.input, max(0.001, job.deadline_s),
+                                         lambda s, d: self._nested_call(link, job, s, d), on_start=start,
+                                         on_progress=progress.report)
+            finally:
+                progress.close()
             if outcome is None:
                 result.ok, result.cancelled, result.not_started = False, True, True
                 result.error.CopyFrom(pb.Error(code="cancelled", message="the coordinator withdrew the job"))
@@ -740,6 +745,45 @@ class Agent:
         if reply.status != "ok":
             raise from_code(reply.error.code, reply.error.message, reply.error.field, reply.error.details)
         return _codec.unpack(reply.result)
+
+
+class _ProgressForward:
+    """A job's `self.progress()` updates on their way to the coordinator: at most one per
+    PROGRESS_INTERVAL_S (the worker limits itself too, but its code is not trusted), the last one
+    held back and sent when the interval is up; none after the job's end (its result says more)."""
+
+    def __init__(self, link: Link, job_id: str) -> None:
+        self.link, self.job_id = link, job_id
+        self.last = -1e18
+        self.pending: tuple[float, str] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def report(self, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if self.timer is None and now - self.last >= PROGRESS_INTERVAL_S:
+            self._send(fraction, message, now)
+            return
+        self.pending = (fraction, message)
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(
+                max(0.0, self.last + PROGRESS_INTERVAL_S - now), self._due)
+
+    def _due(self) -> None:
+        self.timer = None
+        if self.pending is not None:
+            (f, m), self.pending = self.pending, None
+            self._send(f, m, time.monotonic())
+
+    def _send(self, fraction: float, message: str, now: float) -> None:
+        self.last = now
+        self.link.send(pb.ToCoordinator(progress=pb.JobProgress(job_id=self.job_id, fraction=fraction,
+                                                                message=message)))
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pending = None
 
 
 def _ctx(job: pb.Job) -> dict[str, str]:

@@ -15,6 +15,7 @@ from microcores._secure import Channel
 from microswarm.protos import microswarm_pb2 as pb
 
 from .caller import CALLER, Caller
+from .calls import PROGRESS, Progress
 from .ratelimit import Limits
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class JobRecord:
     caller: Caller | None = None  # whose call it is: its nested calls run as them (caller.py)
     nested: set[asyncio.Task[Any]] | None = None  # its nested calls running now (cancelled when it ends)
     nested_total: int = 0
+    progress: Progress | None = None  # where its self.progress() goes: its call's slot (calls.Progress)
 
     @property
     def in_flight(self) -> bool:
@@ -156,7 +158,8 @@ class AgentSession:
         """Send a job on a slot reserved for it (see slots.SlotQueue); its result resolves the record."""
         loop = asyncio.get_running_loop()
         rec = JobRecord(job.job_id, loop.create_future(), list(job.chain), time.monotonic() + job.deadline_s,
-                        job.service, loop.create_future() if job.confirm_start else None, caller=CALLER.get())
+                        job.service, loop.create_future() if job.confirm_start else None, caller=CALLER.get(),
+                        progress=PROGRESS.get())
         if self.reserved > 0:
             self.reserved -= 1
         self.jobs[job.job_id] = rec

@@ -10,6 +10,7 @@ that submitted it: anyone else (or an expired id) gets `unknown_call`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import secrets
 import time
 from collections import OrderedDict
@@ -31,6 +32,29 @@ def new_call_id() -> str:
 
 
 @dataclass
+class Progress:
+    """A call's progress: the last `self.progress()` of a job of it (any executor's), and who ran it.
+    The dispatcher keeps one per call in flight (Dispatcher.progress, by call id); a submitted call's
+    is its StoredCall's, so it is there for Result and GET /v1/calls/ID."""
+
+    service: str = ""
+    fraction: float = 0.0
+    message: str = ""
+    executor: str = ""   # the agent (or "coordinator") whose job reported last
+    updated: float = 0.0  # monotonic; 0: no report yet
+    started: float = field(default_factory=time.monotonic)
+
+    def report(self, fraction: float, message: str, executor: str) -> None:
+        from microcores.core import clean_progress
+        self.fraction, self.message = clean_progress(fraction, message)
+        self.executor, self.updated = executor, time.monotonic()
+
+
+# The progress slot of the call whose task this is (set by Dispatcher.call): jobs sent for it report there.
+PROGRESS: contextvars.ContextVar[Progress | None] = contextvars.ContextVar("microswarm_progress", default=None)
+
+
+@dataclass
 class StoredCall:
     call_id: str
     owner: str
@@ -42,10 +66,20 @@ class StoredCall:
     finished: float = 0.0
     size: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    slot: Progress = field(default_factory=Progress)
+
+    @property
+    def progress(self) -> float:
+        return 1.0 if self.state == DONE else self.slot.fraction
+
+    @property
+    def message(self) -> str:
+        return self.slot.message
 
     def answer(self) -> pb.ResultReply:
         r = pb.ResultReply(call_id=self.call_id, state=self.state, service=self.service,
-                           age_s=round(time.monotonic() - self.created, 3))
+                           age_s=round(time.monotonic() - self.created, 3), progress=self.progress,
+                           progress_message=self.message)
         if self.reply is not None:
             r.reply.CopyFrom(self.reply)
         return r
@@ -72,6 +106,7 @@ class CallStore:
         if len(self._calls) >= self.max_calls and not self._drop_finished(len(self._calls) - self.max_calls + 1):
             raise Overloaded(f"{self.max_calls} submitted calls are still running: wait for some to finish")
         call = StoredCall(new_call_id(), owner, service)
+        call.slot.service = service
         self._calls[call.call_id] = call
 
         async def runner() -> None:
@@ -115,6 +150,11 @@ class CallStore:
                 await asyncio.wait_for(call.done.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
+
+    def slot(self, call_id: str) -> Progress | None:
+        """The progress slot of a submitted call still running (for the dispatcher running it)."""
+        call = self._calls.get(call_id)
+        return call.slot if call is not None and call.state == PENDING else None
 
     def cancel(self, call_id: str, owner: str) -> StoredCall:
         """Stop a running call (its job stops wherever it runs); a finished one is left as it is."""

@@ -25,7 +25,7 @@ from microswarm.protos import microswarm_pb2 as pb
 from .agents import AgentSession
 from .caller import CALLER, Caller
 from .calllog import CallEntry
-from .calls import new_call_id
+from .calls import PROGRESS, Progress, new_call_id
 from .registry import ServiceEntry
 from .verify import COORDINATOR, Outcome, Verifier, opened, seal
 
@@ -95,6 +95,7 @@ class Dispatcher:
         self.observers: list[Callable[[CallEntry, pb.CallReply], None]] = []
         self.tasks: set[asyncio.Task[Any]] = set()  # calls being answered: drain answers them if it runs out
         self.stopped_message = ""
+        self.progress: dict[str, Progress] = {}  # call id -> progress of each call in flight (calls.Progress)
 
     @property
     def fallbacks(self) -> int:
@@ -123,6 +124,10 @@ class Dispatcher:
         if task is not None:
             self.tasks.add(task)
         as_caller = CALLER.set(caller)
+        store = getattr(self.c, "calls", None)
+        slot = (store.slot(reply.call_id) if store is not None and call_id else None) or Progress(req.service)
+        self.progress[reply.call_id] = slot  # one per call in flight: removed when it ends
+        as_progress = PROGRESS.set(slot)
         try:
             if not self.accepting:
                 raise Unavailable("the coordinator is shutting down; retry against another coordinator "
@@ -154,6 +159,8 @@ class Dispatcher:
             self.in_flight -= 1
             self.tasks.discard(task)  # type: ignore[arg-type]
             CALLER.reset(as_caller)
+            PROGRESS.reset(as_progress)
+            self.progress.pop(reply.call_id, None)
         self._log(req, reply, t0, caller)
         return reply
 

@@ -29,7 +29,8 @@ def wants_async(request: web.Request) -> bool:
 
 def _pending(call: StoredCall) -> web.Response:
     body = {"call_id": call.call_id, "status": PENDING, "service": call.service,
-            "age_s": round(time.monotonic() - call.created, 3), "url": f"/v1/calls/{call.call_id}"}
+            "age_s": round(time.monotonic() - call.created, 3), "progress": round(call.progress, 4),
+            "message": call.message, "url": f"/v1/calls/{call.call_id}"}
     return web.json_response(body, status=202, headers={"Location": f"/v1/calls/{call.call_id}",
                                                         "Retry-After": "1", "Cache-Control": "no-store"})
 
@@ -107,6 +108,9 @@ def openapi_paths() -> dict[str, Any]:
     err = {"$ref": "#/components/schemas/ErrorEnvelope"}
     pending = {"type": "object", "properties": {"call_id": {"type": "string"}, "status": {"const": "pending"},
                                                 "service": {"type": "string"}, "age_s": {"type": "number"},
+                                                "progress": {"type": "number", "minimum": 0, "maximum": 1,
+                                                             "description": "the service's last self.progress()"},
+                                                "message": {"type": "string", "description": "its message"},
                                                 "url": {"type": "string"}}}
     param = {"name": "call_id", "in": "path", "required": True, "schema": {"type": "string"}}
     answers = {"200": {"description": "the call's envelope (its HTTP status is the call's, as for a direct call)",

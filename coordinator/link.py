@@ -350,6 +350,16 @@ class AgentLinkService:
             self._installed(s, msg.installed)
         elif kind == "nested_call":
             self._nested_call(s, msg.nested_call, now)
+        elif kind == "progress":
+            self._limit(s, "progress", now)
+            jp = msg.progress
+            rec = s.jobs.get(jp.job_id)
+            if rec is None:  # no job of this id on this agent: it cannot write into another's call
+                self._limit(s, "bogus", now)
+                s.claims_ignored += 1
+                self.counts["claims_ignored"] += 1
+            elif rec.in_flight and rec.progress is not None:  # (a hedge's loser, given up on: dropped)
+                rec.progress.report(jp.fraction, jp.message, s.agent_id)
         elif kind == "pong":
             self._limit(s, "pong", now)
         elif kind == "leaving":

@@ -6,7 +6,7 @@ import asyncio
 import os
 
 from microcores._sandbox import detect as detect_sandbox
-from microcores._worker import JobOutcome, NestedHandler, WorkerPool
+from microcores._worker import JobOutcome, NestedHandler, ProgressHandler, WorkerPool
 
 from .registry import ServiceEntry
 from .state import StateDir
@@ -36,10 +36,11 @@ class LocalRunner:
         return p
 
     async def run(self, entry: ServiceEntry, job_id: str, input_bytes: bytes, timeout_s: float,
-                  nested: NestedHandler) -> JobOutcome:
+                  nested: NestedHandler, on_progress: ProgressHandler | None = None) -> JobOutcome:
         self.running += 1
         try:
-            outcome = await self.pool(entry).run(job_id, input_bytes, timeout_s, nested)
+            outcome = await self.pool(entry).run(job_id, input_bytes, timeout_s, nested,
+                                                 on_progress=on_progress)
             assert outcome is not None  # only a start hook can hold a job back, and there is none here
             return outcome
         finally:

@@ -41,7 +41,7 @@ class Bucket:
 
 # what a kind is called in a refusal
 KIND_TEXT = {"heartbeat": "heartbeats", "pong": "pongs", "installed": "install reports", "fetch": "package fetches",
-             "nested_call": "nested calls", "claim": "repeated job claims", "all": "messages",
+             "nested_call": "nested calls", "progress": "progress reports", "claim": "repeated job claims", "all": "messages",
              "bogus": "messages about jobs not in flight (results, claims, nested calls)"}
 
 # kind -> (rate per second, burst). "all" is every message an agent sends except results and
@@ -54,6 +54,7 @@ AGENT_LIMITS: dict[str, tuple[float, float]] = {
     "fetch": (20.0, 512.0),
     "nested_call": (500.0, 1000.0),
     "claim": (500.0, 1000.0),
+    "progress": (500.0, 1000.0),  # ~10/s per job (the agent and the worker hold back the rest)
     "bogus": (5.0, 20.0),
     "all": (2000.0, 4000.0),
 }

@@ -26,6 +26,7 @@ from microswarm.protos import microswarm_pb2 as pb
 
 from .agents import AgentSession, JobRecord
 from .attempts import Attempts, Retry
+from .calls import PROGRESS
 from .local import LocalRunner
 from .observed import Observed
 from .quarantine import Quarantine
@@ -228,8 +229,11 @@ class Scheduler:
             if remaining <= 0:
                 raise DeadlineExceeded(f"{entry.name}: the deadline passed before the coordinator could run it")
             try:
+                slot = PROGRESS.get()
                 outcome = await self.local.run(entry, self.job_id(), input_bytes,
-                                               min(remaining, float(entry.cls.timeout)), nested)
+                                               min(remaining, float(entry.cls.timeout)), nested,
+                                               None if slot is None else
+                                               lambda f, m: slot.report(f, m, "coordinator"))
             except WorkerCrashed as exc:
                 raise Unavailable(f"{entry.name} could not run on the coordinator either: {exc}") from None
         finally:

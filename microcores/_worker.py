@@ -16,6 +16,7 @@ import re
 import signal
 import struct
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -51,11 +52,78 @@ def _recv(f: Any) -> dict[str, Any]:
     return msg
 
 
+_WRITE_LOCK = threading.Lock()  # the job's thread and a progress timer both write to the parent
+
+
 def _send(f: Any, msg: dict[str, Any]) -> None:
     data = _codec.pack(msg)
-    f.write(HEADER.pack(len(data)))
-    f.write(data)
-    f.flush()
+    with _WRITE_LOCK:
+        f.write(HEADER.pack(len(data)))
+        f.write(data)
+        f.flush()
+
+
+PROGRESS_INTERVAL_S = 0.1  # at most ~10 progress messages a second per job leave the worker
+
+
+class ProgressLimiter:
+    """`self.progress()` of one job, rate-limited: an update goes out at once when the last one left
+    PROGRESS_INTERVAL_S ago or more; otherwise it waits (replacing any that waits) and a timer sends
+    it when the interval is up, so the last one always arrives, at most that late. `close()` at the
+    job's end sends what still waits (before the result) and stops the timer."""
+
+    def __init__(self, send: Callable[[float, str], None], interval: float = PROGRESS_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._send, self.interval, self.clock = send, interval, clock
+        self._lock = threading.Lock()
+        self._last = -1e18
+        self._pending: tuple[float, str] | None = None
+        self._timer: threading.Timer | None = None
+        self._closed = False
+        self.sent = 0
+
+    def report(self, fraction: float, message: str) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            now = self.clock()
+            if now - self._last >= self.interval and self._timer is None:
+                self._last = now
+                self._emit(fraction, message)
+                return
+            self._pending = (fraction, message)
+            if self._timer is None:
+                self._timer = threading.Timer(max(0.0, self._last + self.interval - now), self._due)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _due(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._closed or self._pending is None:
+                return
+            pending, self._pending = self._pending, None
+            self._last = self.clock()
+            self._emit(*pending)
+
+    def _emit(self, fraction: float, message: str) -> None:
+        self.sent += 1
+        try:
+            self._send(fraction, message)
+        except (OSError, ValueError):
+            pass  # the parent went away: the job's own result will say so
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                self._emit(*pending)
 
 
 class _PipeCaller:
@@ -78,7 +146,7 @@ class _PipeCaller:
 
 def worker_main(directory: str) -> int:
     from ._package import load_service
-    from .core import current_caller
+    from .core import current_caller, current_progress
 
     # The parent owns this process's lifetime: a SIGTERM or Ctrl-C sent to the whole group
     # must not kill a running job while the agent drains; it ends us by closing stdin.
@@ -128,6 +196,8 @@ def worker_main(directory: str) -> int:
         if isinstance(sys.stderr, _JsonLines):
             sys.stderr.context["job"] = job_id
         token = current_caller.set(_PipeCaller(fin, fout, job_id))
+        progress = ProgressLimiter(_progress_to(fout, job_id))
+        ptoken = current_progress.set(progress)
         t0 = time.perf_counter()
         try:
             out = service.run(_codec.unpack(msg["input"]))
@@ -148,8 +218,16 @@ def worker_main(directory: str) -> int:
             reply = {"t": "result", "id": job_id, "ok": False, "error": error}
         finally:
             current_caller.reset(token)
+            current_progress.reset(ptoken)
+            progress.close()
         reply["run_ms"] = (time.perf_counter() - t0) * 1000
         _send(fout, reply)
+
+
+def _progress_to(fout: Any, job_id: str) -> Callable[[float, str], None]:
+    def send(fraction: float, message: str) -> None:
+        _send(fout, {"t": "progress", "id": job_id, "f": fraction, "m": message})
+    return send
 
 
 MAX_DETAILS = 8 * 1024  # bytes of a service_error's details
@@ -269,6 +347,7 @@ class _JsonLines:
 # ---------------------------------------------------------------- the parent side
 
 NestedHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+ProgressHandler = Callable[[float, str], None]  # a job's progress: (fraction 0..1, message)
 
 
 class WorkerCrashed(Exception):
@@ -423,7 +502,8 @@ class Worker:
             self.proc.stdin.write(HEADER.pack(len(data)))
             self.proc.stdin.write(data)
 
-    async def run(self, job_id: str, input_bytes: bytes, timeout_s: float, nested: NestedHandler) -> JobOutcome:
+    async def run(self, job_id: str, input_bytes: bytes, timeout_s: float, nested: NestedHandler,
+                  on_progress: ProgressHandler | None = None) -> JobOutcome:
         """Run one job; raises DeadlineExceeded (worker killed) or WorkerCrashed."""
         try:
             async with asyncio.timeout(timeout_s):
@@ -439,6 +519,11 @@ class Worker:
                             raise LimitExceeded(str(msg["limit"]), str(err.get("message", msg["limit"])))
                         return JobOutcome(bool(msg.get("ok")), msg.get("output", b""), msg.get("error") or {},
                                           float(msg.get("run_ms", 0.0)))
+                    if kind == "progress":
+                        if on_progress is not None and msg.get("id") == job_id:
+                            from .core import clean_progress
+                            on_progress(*clean_progress(msg.get("f"), msg.get("m")))
+                        continue
                     if kind == "call":
                         try:
                             result = await nested(str(msg.get("service", "")), msg.get("input") or {})
@@ -569,7 +654,8 @@ class WorkerPool:
             raise
 
     async def run(self, job_id: str, input_bytes: bytes, timeout_s: float, nested: NestedHandler,
-                  on_start: Callable[[], Awaitable[bool]] | None = None) -> JobOutcome | None:
+                  on_start: Callable[[], Awaitable[bool]] | None = None,
+                  on_progress: ProgressHandler | None = None) -> JobOutcome | None:
         """`on_start` is awaited once a worker is ready for the job (until then it only waited for a
         slot); if it says no, the job does not run (None) and the worker stays for the next."""
         if self._closed:
@@ -588,7 +674,7 @@ class WorkerPool:
                     if not go:
                         ok = True
                         return None
-                outcome = await w.run(job_id, input_bytes, timeout_s, nested)
+                outcome = await w.run(job_id, input_bytes, timeout_s, nested, on_progress)
                 ok = True
                 return outcome
             finally:

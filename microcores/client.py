@@ -363,12 +363,15 @@ class Client:
         raise AssertionError("unreachable")
 
     def _fetch(self, call_id: str, wait_s: float) -> Envelope | None:
+        return envelope_of(self._result_reply(call_id, wait_s))
+
+    def _result_reply(self, call_id: str, wait_s: float) -> pb.ResultReply:
         try:
-            r = self._stub.Result(pb.ResultRequest(call_id=call_id, wait_s=wait_s), timeout=wait_s + 30,
-                                  metadata=self._call_metadata())
+            r: pb.ResultReply = self._stub.Result(pb.ResultRequest(call_id=call_id, wait_s=wait_s),
+                                                  timeout=wait_s + 30, metadata=self._call_metadata())
         except grpc.RpcError as exc:
             raise rpc_error(exc, self.target) from None
-        return envelope_of(r)
+        return r
 
     def result(self, call_id: str, *, timeout: float | None = None) -> Envelope:
         """The envelope of a submitted call of this client (from any process), waiting up to
@@ -614,13 +617,16 @@ class AsyncClient:
         return self._metadata + [("authorization", f"Bearer {tok}")] if tok else self._metadata
 
     async def _fetch(self, call_id: str, wait_s: float) -> Envelope | None:
+        return envelope_of(await self._result_reply(call_id, wait_s))
+
+    async def _result_reply(self, call_id: str, wait_s: float) -> pb.ResultReply:
         md = await self._md()
         try:
-            r = await self._stub.Result(pb.ResultRequest(call_id=call_id, wait_s=wait_s), timeout=wait_s + 30,
-                                        metadata=md)
+            r: pb.ResultReply = await self._stub.Result(pb.ResultRequest(call_id=call_id, wait_s=wait_s),
+                                                        timeout=wait_s + 30, metadata=md)
         except grpc.RpcError as exc:
             raise rpc_error(exc, self.target) from None
-        return envelope_of(r)
+        return r
 
     async def result(self, call_id: str, *, timeout: float | None = None) -> Envelope:
         return await wait_envelope_async(self._fetch, call_id, timeout)

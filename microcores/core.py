@@ -27,6 +27,32 @@ current_caller: contextvars.ContextVar["NestedCaller | None"] = contextvars.Cont
     "microswarm_caller", default=None)
 
 
+# Set by the worker around `process()`: where `self.progress()` goes (None: nowhere, a no-op).
+current_progress: contextvars.ContextVar["ProgressSink | None"] = contextvars.ContextVar(
+    "microswarm_progress", default=None)
+
+MAX_PROGRESS_MESSAGE = 200  # characters of a progress message
+
+
+class ProgressSink(Protocol):
+    """Interface the worker provides for `MicroCore.progress` (rate-limited there)."""
+
+    def report(self, fraction: float, message: str) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+def clean_progress(fraction: Any, message: Any) -> tuple[float, str]:
+    """A fraction clamped to 0..1 (0 for NaN or not a number) and a message of at most
+    MAX_PROGRESS_MESSAGE characters."""
+    try:
+        f = float(fraction)
+    except (TypeError, ValueError):
+        f = 0.0
+    if f != f:  # NaN
+        f = 0.0
+    return min(1.0, max(0.0, f)), str(message or "")[:MAX_PROGRESS_MESSAGE]
+
+
 class NestedCaller(Protocol):
     """Interface the worker provides for `MicroCore.call` (kept abstract so the SDK stays light)."""
 
@@ -82,6 +108,15 @@ class MicroCore(Generic[InT, OutT]):
         if isinstance(service, type):
             return service.output_model.model_validate(result)
         return result
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Tell the caller how far this job is: `fraction` (clamped to 0..1) and a short message (at
+        most 200 characters). Cheap to call often: at most ~10 updates a second leave the worker,
+        and the last one always does (at most 100 ms late). Outside microswarm it does nothing."""
+        sink = current_progress.get()
+        if sink is not None:
+            f, m = clean_progress(fraction, message)
+            sink.report(f, m)
 
     # -- what the runtime uses
 

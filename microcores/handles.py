@@ -4,6 +4,7 @@ AsyncCallHandle, like Ray's ObjectRef or a concurrent.futures.Future.
     h = client.submit("math.compute", {"a": 2, "b": 3, "op": "mul"})
     h.id                 # fetch it later, from any process of the same client: client.result(h.id)
     h.done()             # without waiting
+    h.progress()         # (fraction, message): the last self.progress() of its service, without waiting
     h.result(timeout=30) # the result, or the MicroError the call ended in
     h.envelope()         # the whole answer
     h.cancel()           # stops its job wherever it runs; its envelope is then `cancelled`
@@ -47,10 +48,29 @@ def _not_yet(call_id: str, timeout: float | None) -> DeadlineExceeded:
                             "with result(), or cancel it)")
 
 
+def _progress_of(r: pb.ResultReply, last: tuple[float, str]) -> tuple[float, str]:
+    if r.state == "pending":
+        return float(r.progress), r.progress_message
+    done = r.state == "done" and r.reply.status == "ok"
+    return (1.0 if done else last[0]), (r.progress_message or last[1])
+
+
 class CallHandle:
     def __init__(self, client: Client, call_id: str, service: str = "") -> None:
         self._client, self.id, self.service = client, call_id, service
         self._envelope: Envelope | None = None
+        self._progress: tuple[float, str] = (0.0, "")
+
+    def progress(self) -> tuple[float, str]:
+        """(fraction 0..1, message): the last `self.progress()` its service reported (1.0 once it
+        succeeded), asked of the coordinator without waiting."""
+        if self._envelope is None:
+            r = self._client._result_reply(self.id, 0.0)
+            self._progress = _progress_of(r, self._progress)
+            self._envelope = envelope_of(r)
+        elif self._envelope.ok:
+            self._progress = (1.0, self._progress[1])
+        return self._progress
 
     def __repr__(self) -> str:
         return f"CallHandle({self.id!r}, service={self.service!r}, done={self._envelope is not None})"
@@ -80,6 +100,18 @@ class AsyncCallHandle:
     def __init__(self, client: AsyncClient, call_id: str, service: str = "") -> None:
         self._client, self.id, self.service = client, call_id, service
         self._envelope: Envelope | None = None
+        self._progress: tuple[float, str] = (0.0, "")
+
+    async def progress(self) -> tuple[float, str]:
+        """(fraction 0..1, message): the last `self.progress()` its service reported (1.0 once it
+        succeeded), asked of the coordinator without waiting."""
+        if self._envelope is None:
+            r = await self._client._result_reply(self.id, 0.0)
+            self._progress = _progress_of(r, self._progress)
+            self._envelope = envelope_of(r)
+        elif self._envelope.ok:
+            self._progress = (1.0, self._progress[1])
+        return self._progress
 
     def __repr__(self) -> str:
         return f"AsyncCallHandle({self.id!r}, service={self.service!r}, done={self._envelope is not None})"

@@ -85,18 +85,22 @@ class ResultRequest(_message.Message):
     def __init__(self, call_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class ResultReply(_message.Message):
-    __slots__ = ("call_id", "state", "reply", "service", "age_s")
+    __slots__ = ("call_id", "state", "reply", "service", "age_s", "progress", "progress_message")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REPLY_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     AGE_S_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     state: str
     reply: CallReply
     service: str
     age_s: float
-    def __init__(self, call_id: _Optional[str] = ..., state: _Optional[str] = ..., reply: _Optional[_Union[CallReply, _Mapping]] = ..., service: _Optional[str] = ..., age_s: _Optional[float] = ...) -> None: ...
+    progress: float
+    progress_message: str
+    def __init__(self, call_id: _Optional[str] = ..., state: _Optional[str] = ..., reply: _Optional[_Union[CallReply, _Mapping]] = ..., service: _Optional[str] = ..., age_s: _Optional[float] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("call_id",)
@@ -722,6 +726,16 @@ class JobResult(_message.Message):
     not_started: bool
     def __init__(self, job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., run_ms: _Optional[float] = ..., agent_fault: _Optional[bool] = ..., cancelled: _Optional[bool] = ..., not_started: _Optional[bool] = ...) -> None: ...
 
+class JobProgress(_message.Message):
+    __slots__ = ("job_id", "fraction", "message")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    fraction: float
+    message: str
+    def __init__(self, job_id: _Optional[str] = ..., fraction: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
 class JobClaim(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -751,7 +765,7 @@ class Leaving(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class ToCoordinator(_message.Message):
-    __slots__ = ("heartbeat", "fetch", "installed", "result", "nested_call", "pong", "leaving", "claim")
+    __slots__ = ("heartbeat", "fetch", "installed", "result", "nested_call", "pong", "leaving", "claim", "progress")
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     FETCH_FIELD_NUMBER: _ClassVar[int]
     INSTALLED_FIELD_NUMBER: _ClassVar[int]
@@ -760,6 +774,7 @@ class ToCoordinator(_message.Message):
     PONG_FIELD_NUMBER: _ClassVar[int]
     LEAVING_FIELD_NUMBER: _ClassVar[int]
     CLAIM_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     heartbeat: Heartbeat
     fetch: Fetch
     installed: Installed
@@ -768,4 +783,5 @@ class ToCoordinator(_message.Message):
     pong: Pong
     leaving: Leaving
     claim: JobClaim
-    def __init__(self, heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., fetch: _Optional[_Union[Fetch, _Mapping]] = ..., installed: _Optional[_Union[Installed, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., nested_call: _Optional[_Union[NestedCall, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., leaving: _Optional[_Union[Leaving, _Mapping]] = ..., claim: _Optional[_Union[JobClaim, _Mapping]] = ...) -> None: ...
+    progress: JobProgress
+    def __init__(self, heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., fetch: _Optional[_Union[Fetch, _Mapping]] = ..., installed: _Optional[_Union[Installed, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., nested_call: _Optional[_Union[NestedCall, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., leaving: _Optional[_Union[Leaving, _Mapping]] = ..., claim: _Optional[_Union[JobClaim, _Mapping]] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ...) -> None: ...
