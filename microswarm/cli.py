@@ -12,11 +12,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
-err = Console(stderr=True)
-out = Console()
+from microswarm.render import Parser, cache_summary, console, env_help, fill_help
+
+err = console(stderr=True)
+out = console()  # the terminal's width, or 200 columns when not a terminal (no 80-column cut)
 
 
 def _state_default() -> str:
@@ -487,7 +488,9 @@ def status_dict(reply: Any) -> dict[str, Any]:
     return d
 
 
-def status_tables(reply: Any) -> list[Table]:
+def status_tables(reply: Any, max_calls: int | None = None) -> list[Table]:
+    """`status`'s tables: agents, scheduler, services, recent calls (the max_calls most recent, when
+    given), and the result cache in a few figures (`cache stats` has them all)."""
     t = Table(title=f"agents ({len(reply.agents)})", title_justify="left")
     for col in ("id", "address", "state", "trust", "sandbox", "packages", "slots", "load", "last heartbeat", "done",
                 "failed"):
@@ -514,7 +517,10 @@ def status_tables(reply: Any) -> list[Table]:
               title_justify="left")
     for col in ("time", "client", "service", "executed by", "success", "ms"):
         c.add_column(col)
-    for call in reply.calls:
+    calls = list(reply.calls)  # oldest first
+    if max_calls is not None:
+        calls = calls[len(calls) - max_calls:] if max_calls > 0 else []
+    for call in calls:
         ok = "[green]yes[/]" if call.success else f"[red]no[/] {call.error_code}"
         who = f"{call.client} via {call.via_agent}" if call.via_agent else call.client  # a nested call: who asked
         c.add_row(datetime.fromtimestamp(call.time).strftime("%H:%M:%S.%f")[:-3], who, call.service,
@@ -531,11 +537,12 @@ def status_tables(reply: Any) -> list[Table]:
                   f"{q.quarantines_total} quarantines, {q.overloaded_total} overloaded")
     tables = [t, sched, s, c]
     if reply.cache_json:
-        tables.append(cache_table(json.loads(reply.cache_json)))
+        tables.append(cache_summary(json.loads(reply.cache_json)))
     return tables
 
 
 def cache_table(stats: dict[str, Any]) -> Table:
+    """Every figure of the cache and the heap governor (`cache stats`)."""
     t = Table(title="result cache and heap governor", title_justify="left")
     t.add_column("figure")
     t.add_column("value", justify="right")
@@ -552,13 +559,19 @@ def cmd_status(a: argparse.Namespace) -> int:
 
     try:  # with the admin credential of the state directory, when readable: the operator's full view
         with Client(a.coordinator, **_client_kwargs(a)) as c:
-            if a.watch:
+            if a.watch:  # redrawn in place, cut to the terminal's height (the most recent calls that fit)
                 from rich.live import Live
-                from rich.console import Group
-                with Live(Group(*status_tables(c.status(a.calls))), console=out, refresh_per_second=4) as live:
+
+                from microswarm.render import fit_height
+
+                def frame() -> Any:
+                    reply = c.status(a.calls)
+                    return fit_height(lambda n: status_tables(reply, n), out, a.calls)
+
+                with Live(frame(), console=out, refresh_per_second=4, vertical_overflow="crop") as live:
                     while True:
                         time.sleep(a.interval)
-                        live.update(Group(*status_tables(c.status(a.calls))))
+                        live.update(frame())
             reply = c.status(a.calls)
     except MicroError as exc:
         err.print(f"[red]error:[/] {exc.message}")
@@ -609,25 +622,39 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- parser
 
+STATE_HELP = ("the coordinator's state directory: its key, tokens, clients, call log "
+              "(env MICROSWARM_STATE_DIR; default: ~/.local/state/microswarm)")
+
+# arguments that cli_calls.add_parsers leaves without help
+_FILL_HELP = {"service": "the service's name, e.g. math.compute",
+              "id": "the call's id, as `microswarm submit` printed it"}
+
+
 def _daemon_args(p: argparse.ArgumentParser, section: str) -> None:
     """What both daemons take: logging and a settings file."""
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument("--log-level", default="info", metavar="LEVEL",
+                   help="log this level and above: debug, info, warning, error")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="log lines as text, or as one JSON object each (for a log collector)")
     p.add_argument("--config", default=os.environ.get("MICROSWARM_CONFIG"), metavar="FILE",
-                   help=f"settings from a TOML file ([{section}] table); flags override it")
+                   help=env_help(f"settings from a TOML file ([{section}] table); flags override it",
+                                 "MICROSWARM_CONFIG", None))
 
 
 def build_parser() -> argparse.ArgumentParser:
     from microcores import __version__
-    p = argparse.ArgumentParser(prog="microswarm", description="Dynamic task offloading to volunteer agents.")
+    p = Parser(prog="microswarm", description="Dynamic task offloading to volunteer agents.",
+               epilog="`microswarm COMMAND --help` says what each command takes, and its defaults.")
     p.add_argument("--version", action="version", version=f"microswarm {__version__}")
     sub = p.add_subparsers(dest="command")
 
     co = sub.add_parser("coordinator", help="run or manage the coordinator daemon")
     cosub = co.add_subparsers(dest="action", required=True)
     st = cosub.add_parser("start", help="start the coordinator daemon")
-    st.add_argument("--listen", default=os.environ.get("MICROSWARM_LISTEN", "127.0.0.1:7070"), metavar="HOST:PORT")
-    st.add_argument("--state-dir", default=None, metavar="DIR")
+    st.add_argument("--listen", default=os.environ.get("MICROSWARM_LISTEN", "127.0.0.1:7070"), metavar="HOST:PORT",
+                    help=env_help("serve agents and clients (gRPC) here; 0.0.0.0:7070 for the LAN",
+                                  "MICROSWARM_LISTEN", "127.0.0.1:7070"))
+    st.add_argument("--state-dir", default=None, metavar="DIR", help=STATE_HELP)
     st.add_argument("--dispatch", default="random", choices=["random", "round_robin", "least_loaded", "p2c"],
                     help="how a job picks among the agents with a free slot (p2c: the less loaded of two sampled)")
     st.add_argument("--placement", default="all", choices=["all", "arbitrary", "common", "expensive", "combined"],
@@ -663,15 +690,18 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--drain", type=float, default=30.0, metavar="S", help="on SIGTERM, wait this long for calls")
     st.add_argument("--no-cache", action="store_true", help="turn the result cache off")
     st.add_argument("--max-heap", default=None, metavar="SIZE",
-                    help="memory budget of the coordinator process, like -Xmx (e.g. 2GiB)")
+                    help="memory budget of the coordinator process, like -Xmx (e.g. 2GiB; default: 25%% of the "
+                         "machine's or container's memory)")
     st.add_argument("--eviction-threshold", type=float, default=None, metavar="PCT",
                     help="percent of max heap above which the cache evicts LRU entries (default 60)")
     st.add_argument("--soft-target", type=float, default=None, metavar="PCT",
-                    help="percent of max heap above which the governor collects (like SoftMaxHeapSize)")
+                    help="percent of max heap above which the governor collects (like SoftMaxHeapSize; default: "
+                         "5 below --eviction-threshold)")
     st.add_argument("--critical-threshold", type=float, default=None, metavar="PCT",
-                    help="percent of max heap above which the cache admits nothing new")
+                    help="percent of max heap above which the cache admits nothing new (default: 90)")
     st.add_argument("--http", default=os.environ.get("MICROSWARM_HTTP"), metavar="HOST:PORT",
-                    help="also serve the HTTP/JSON gateway (OAuth 2.0, /v1/..., /openapi.json, /docs) here")
+                    help=env_help("also serve the HTTP/JSON gateway (OAuth 2.0, /v1/..., /openapi.json, /docs) here",
+                                  "MICROSWARM_HTTP", "off"))
     st.add_argument("--token-ttl", type=float, default=3600.0, metavar="S", help="lifetime of access tokens")
     st.add_argument("--metrics-auth", action="store_true",
                     help="/metrics needs a bearer token (by default it is readable, as exporters are)")
@@ -680,10 +710,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--result-ttl", type=float, default=3600.0, metavar="S",
                     help="a submitted call's envelope is kept S seconds after it ends (then `unknown_call`)")
     st.add_argument("--tls-cert", default=os.environ.get("MICROSWARM_TLS_CERT"), metavar="PEM",
-                    help="serve this certificate chain (leaf first) on gRPC and HTTP instead of the one made from "
-                         "the coordinator's key; needs --tls-key")
+                    help=env_help("serve this certificate chain (leaf first) on gRPC and HTTP instead of the one "
+                                  "made from the coordinator's key; needs --tls-key", "MICROSWARM_TLS_CERT",
+                                  "the coordinator's own"))
     st.add_argument("--tls-key", default=os.environ.get("MICROSWARM_TLS_KEY"), metavar="PEM",
-                    help="the private key of --tls-cert (PEM, unencrypted; keep it 0600)")
+                    help=env_help("the private key of --tls-cert (PEM, unencrypted; keep it 0600)",
+                                  "MICROSWARM_TLS_KEY", None))
     st.add_argument("--insecure", action="store_true",
                     help="no TLS on gRPC and HTTP: credentials travel in cleartext (a trusted loopback only)")
     st.add_argument("--publisher-key", action="append", default=None, metavar="PUB",
@@ -692,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     _daemon_args(st, "coordinator")
     st.set_defaults(func=cmd_coordinator_start, config_section="coordinator")
     tk = cosub.add_parser("token", help="print a join token for agents (shared, or one volunteer's with --name)")
-    tk.add_argument("--state-dir", default=None, metavar="DIR")
+    tk.add_argument("--state-dir", default=None, metavar="DIR", help=STATE_HELP)
     tk.add_argument("--new", action="store_true", help="mint a new shared join secret instead of the default one")
     tk.add_argument("--name", default=None, metavar="NAME",
                     help="a token of the volunteer NAME's own (the same one again if it exists), revocable alone")
@@ -705,25 +737,28 @@ def build_parser() -> argparse.ArgumentParser:
     tks = cosub.add_parser("tokens", help="volunteers' join tokens: list, revoke")
     tksub = tks.add_subparsers(dest="tokens_action", required=True)
     tl = tksub.add_parser("list", help="the volunteer tokens, their caps and state (never their secrets)")
-    tl.add_argument("--state-dir", default=None, metavar="DIR")
-    tl.add_argument("--json", action="store_true")
+    tl.add_argument("--state-dir", default=None, metavar="DIR", help=STATE_HELP)
+    tl.add_argument("--json", action="store_true", help="one JSON array instead of the table")
     tl.set_defaults(func=cmd_coordinator_tokens_list)
     tr = tksub.add_parser("revoke", help="revoke a volunteer's token: its agents are disconnected and refused")
-    tr.add_argument("name")
-    tr.add_argument("--state-dir", default=None, metavar="DIR")
+    tr.add_argument("name", help="the volunteer's name, as given to `coordinator token --name`")
+    tr.add_argument("--state-dir", default=None, metavar="DIR", help=STATE_HELP)
     tr.set_defaults(func=cmd_coordinator_tokens_revoke)
 
     ag = sub.add_parser("agent", help="run a volunteer agent")
     agsub = ag.add_subparsers(dest="action", required=True)
     ast = agsub.add_parser("start", help="join a coordinator and serve jobs")
-    ast.add_argument("--coordinator", default=None, metavar="HOST:PORT")
-    ast.add_argument("--token", default=None, help="join token (env MICROSWARM_TOKEN)")
+    ast.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                     help=env_help("the coordinator to join", "MICROSWARM_COORDINATOR", "127.0.0.1:7070"))
+    ast.add_argument("--token", default=None, help="join token, from `microswarm coordinator token` "
+                                                   "(env MICROSWARM_TOKEN; the variable keeps it out of `ps`)")
     ast.add_argument("--slots", type=int, default=max(1, (os.cpu_count() or 2) // 2), metavar="N",
-                     help="jobs run at once")
+                     help="jobs run at once (default: half this machine's CPUs, here %(default)s)")
     ast.add_argument("--id", default=None,
                      help="agent id (default: host name and a random suffix, kept in the state directory)")
     ast.add_argument("--state-dir", default=None, metavar="DIR",
-                     help="where the agent's key, its id and verified packages are kept")
+                     help="where the agent's key, its id and verified packages are kept (env "
+                          "MICROSWARM_STATE_DIR; default: ~/.local/state/microswarm)")
     ast.add_argument("--drain", type=float, default=60.0, metavar="S",
                      help="on SIGTERM, wait this long for running jobs")
     ast.add_argument("--discover", action="store_true",
@@ -733,7 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
     ast.add_argument("--max-cpu", type=float, default=0.0, metavar="PERCENT",
                      help="jobs use at most this share of the machine's CPU (100 = every core; 0: no limit)")
     ast.add_argument("--max-memory", default=None, metavar="SIZE",
-                     help="memory for jobs, e.g. 2GiB: each job's address space, and all jobs' resident memory")
+                     help="memory for jobs, e.g. 2GiB: each job's address space, and all jobs' resident memory "
+                          "(default: no limit)")
     ast.add_argument("--max-job-cpu", type=int, default=0, metavar="S",
                      help="CPU seconds one job may use (RLIMIT_CPU; 0: no limit)")
     ast.add_argument("--max-packages", type=int, default=0, metavar="N",
@@ -762,7 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
         ap.set_defaults(func=cmd_agent_control)
 
     pu = sub.add_parser("publish", help="publish every MicroCore subclass in a file or package")
-    pu.add_argument("path")
+    pu.add_argument("path", help="a .py file or a package directory")
     pu.add_argument("--wait", type=float, default=60.0, metavar="S",
                     help="wait up to S seconds for the connected agents to install it (0: do not wait)")
     _client_args(pu)
@@ -775,39 +811,41 @@ def build_parser() -> argparse.ArgumentParser:
     kesub = ke.add_subparsers(dest="action", required=True)
     kc = kesub.add_parser("create", help="make a publisher key pair: the private key at PATH (0600), the public "
                                          "at PATH.pub (give it to `coordinator start --publisher-key`)")
-    kc.add_argument("path", metavar="PATH")
+    kc.add_argument("path", metavar="PATH", help="where to write the private key (never overwritten)")
     kc.set_defaults(func=cmd_keys_create)
 
     from microswarm import cli_calls
     cli_calls.add_parsers(sub, _client_args)
 
     ca = sub.add_parser("call", help="call a service with a JSON input")
-    ca.add_argument("service")
-    ca.add_argument("input", nargs="?", default="{}")
+    ca.add_argument("service", help=_FILL_HELP["service"])
+    ca.add_argument("input", nargs="?", default="{}", help="the input, JSON")
     ca.add_argument("--json", action="store_true", help="print the whole response envelope")
-    ca.add_argument("--timeout", type=float, default=None, metavar="S")
+    ca.add_argument("--timeout", type=float, default=None, metavar="S",
+                    help="the call's deadline in seconds (default: the service's own timeout)")
     _client_args(ca)
     ca.set_defaults(func=cmd_call)
 
     sa = sub.add_parser("status", help="agents, services and recent calls")
-    sa.add_argument("--json", action="store_true")
-    sa.add_argument("--calls", type=int, default=20, metavar="N")
-    sa.add_argument("--watch", action="store_true", help="redraw in place until interrupted")
-    sa.add_argument("--interval", type=float, default=1.0, metavar="S")
+    sa.add_argument("--json", action="store_true", help="one JSON object, every figure (the cache's too)")
+    sa.add_argument("--calls", type=int, default=20, metavar="N", help="show the N most recent calls")
+    sa.add_argument("--watch", action="store_true",
+                    help="redraw in place until interrupted (recent calls cut to what the terminal holds)")
+    sa.add_argument("--interval", type=float, default=1.0, metavar="S", help="with --watch: redraw every S seconds")
     _client_args(sa)
     sa.set_defaults(func=cmd_status)
 
     cc = sub.add_parser("cache", help="the coordinator's result cache")
     ccsub = cc.add_subparsers(dest="action", required=True)
     cs = ccsub.add_parser("stats", help="cache and heap governor figures")
-    cs.add_argument("--json", action="store_true")
+    cs.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     _client_args(cs)
     cs.set_defaults(func=cmd_cache_stats)
 
     cl = sub.add_parser("clients", help="clients of the gateway: credentials for calling services")
     clsub = cl.add_subparsers(dest="action", required=True)
     cc_ = clsub.add_parser("create", help="create a client; prints its id and secret once")
-    cc_.add_argument("name")
+    cc_.add_argument("name", help="a name for it, to know it by in `clients list`")
     cc_.add_argument("--scope", action="append", metavar="PATTERN",
                      help="services it may call, a glob over names (repeatable; default: '*')")
     cc_.add_argument("--json", action="store_true", help="one JSON object with client_id and client_secret")
@@ -815,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc_.set_defaults(func=cmd_clients_create)
     cls_ = clsub.add_parser("list", help="the clients (never their secrets)")
     cls_.add_argument("--all", action="store_true", help="revoked ones too")
-    cls_.add_argument("--json", action="store_true")
+    cls_.add_argument("--json", action="store_true", help="one JSON array instead of the table")
     _client_args(cls_)
     cls_.set_defaults(func=cmd_clients_list)
     clr = clsub.add_parser("revoke", help="revoke a client and every token it holds")
@@ -824,7 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     clr.set_defaults(func=cmd_clients_revoke)
 
     de = sub.add_parser("demo", help="a coordinator and two agents on loopback, serving real calls")
-    de.add_argument("--agents", type=int, default=2)
+    de.add_argument("--agents", type=int, default=2, metavar="N", help="agents to start")
     de.set_defaults(func=cmd_demo)
 
     be = sub.add_parser("bench", help="latency, throughput and payload benchmark")
@@ -833,6 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--quick", action="store_true", help="fewer samples")
     be.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
     be.set_defaults(func=cmd_bench)
+    fill_help(p, _FILL_HELP)
     return p
 
 

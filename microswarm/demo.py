@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from .cluster import LocalCluster, wait_for
+from .render import console as wide_console
 
-console = Console()
+console = wide_console()  # no 80-column cut under `make` or a pipe
 
 CALLS: list[tuple[str, dict[str, Any]]] = [
     ("math.compute", {"a": 6, "b": 7, "op": "mul"}),
