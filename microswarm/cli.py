@@ -322,6 +322,7 @@ def cmd_call(a: argparse.Namespace) -> int:
     previous: Any = None
     client: Any = None
     worker: threading.Thread | None = None
+    bar: Any = None  # on a terminal: the call is submitted and its progress drawn (callbar.py)
     try:
         try:
             if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (started with Ctrl-C ignored: kept so)
@@ -334,6 +335,9 @@ def cmd_call(a: argparse.Namespace) -> int:
 
         done = threading.Event()
         outcome: dict[str, Any] = {}
+        if err.is_terminal:
+            from microswarm.callbar import CallBar
+            bar = CallBar(err)
 
         def call() -> None:
             nonlocal client
@@ -342,8 +346,11 @@ def cmd_call(a: argparse.Namespace) -> int:
                     return
                 with Client(a.coordinator, client_name=f"cli:{os.environ.get('USER', 'user')}",
                             **_client_kwargs(a)) as client:
-                    outcome["env"] = client.envelope(a.service, a.input.encode(), timeout=a.timeout,
-                                                     encoding=pb.JSON)
+                    if bar is not None:
+                        outcome["env"] = bar.run(client, a.service, a.input.encode(), a.timeout, pb.JSON)
+                    else:
+                        outcome["env"] = client.envelope(a.service, a.input.encode(), timeout=a.timeout,
+                                                         encoding=pb.JSON)
             except BaseException as exc:  # handed to the main thread as it is
                 outcome["exc"] = exc
             finally:
@@ -379,6 +386,8 @@ def cmd_call(a: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True  # (keeps on_sigint in place, ignoring any further Ctrl-C, until the exit)
         print("cancelled", file=sys.stderr, flush=True)
+        if bar is not None:
+            bar.cancel()  # a submitted call: the Cancel RPC stops it
         if client is not None:
             client.close()  # cancels the RPC in flight: the coordinator stops the job
         if worker is not None:

@@ -14,7 +14,7 @@ import pytest
 
 from microcores._worker import ProgressLimiter
 from microcores.client import publish
-from microswarm.cluster import LocalCluster
+from microswarm.cluster import LocalCluster, wait_for
 
 DATA = Path(__file__).parent / "data"
 
@@ -30,7 +30,10 @@ def on_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]
     c = LocalCluster(agents=1, http=True, workdir=str(tmp_path_factory.mktemp("progress")),
                      coordinator_args=["--local-slots", "0"])
     with c:
-        yield _published(c)
+        _published(c)
+        with c.client() as cl:  # the agent holds it and has a worker warm
+            wait_for(lambda: cl.envelope("progress.steps", {"pause": 0}, timeout=30).ok, 60, "a first run")
+        yield c
 
 
 def _watch(handle: Any, timeout: float = 30) -> list[tuple[float, str]]:
@@ -163,3 +166,68 @@ def test_progress_is_clamped_and_a_noop_outside_microswarm():
         current_progress.reset(token)
     assert got == [(1.0, "x" * 200), (0.0, ""), (0.0, "neg")]
     assert clean_progress("bad", None) == (0.0, "")
+
+
+def _cli_on_a_tty(c: LocalCluster, *args: str) -> tuple[Any, int, list[bytes]]:
+    """`microswarm call` with stderr on a pseudo-terminal (stdout a pipe): its bar is drawn there."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    master, slave = pty.openpty()
+    env = {**c.env(), "COLUMNS": "120", "TERM": "xterm"}
+    proc = subprocess.Popen([sys.executable, "-m", "microswarm.cli", "call", *args], stdout=subprocess.PIPE,
+                            stderr=slave, stdin=subprocess.DEVNULL, env=env)
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+    threading.Thread(target=read, daemon=True).start()
+    return proc, master, chunks
+
+
+def test_cli_call_draws_a_bar_on_a_terminal(on_agent):
+    import os
+    proc, master, chunks = _cli_on_a_tty(on_agent, "progress.steps", '{"pause": 0.6}')
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        time.sleep(0.2)
+        os.close(master)
+    import re
+    drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert proc.returncode == 0, drawn
+    assert json.loads(out.decode().strip().splitlines()[-1]) == {"done": 3}  # stdout exactly as without a bar
+    assert "step 1 of 3" in drawn or "step 2 of 3" in drawn, drawn
+    assert "progress.steps@1 by agent1" in drawn
+
+
+def test_cli_ctrl_c_cancels_the_submitted_call(on_agent):
+    import os
+    import signal
+    proc, master, chunks = _cli_on_a_tty(on_agent, "progress.steps", '{"pause": 3}')
+    try:
+        end = time.monotonic() + 30
+        while b"step 1 of 3" not in b"".join(chunks):
+            assert time.monotonic() < end and proc.poll() is None, b"".join(chunks)
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        time.sleep(0.2)
+        os.close(master)
+    assert proc.returncode == 130
+    assert "cancelled" in b"".join(chunks).decode(errors="replace")
+    with on_agent.client() as c:  # its job stopped on the agent (long before its 12 s would end)
+        end = time.monotonic() + 5
+        while any(a.running for a in c.status().agents):
+            assert time.monotonic() < end, "the cancelled call's job still runs"
+            time.sleep(0.1)

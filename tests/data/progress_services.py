@@ -24,6 +24,7 @@ class Steps(MicroCore[StepsIn, StepsOut]):
 
     name = "progress.steps"
     timeout = 60.0
+    idempotent = True  # (a cold worker may start slower than a confirm_start job's 1 s claim window)
 
     def process(self, data: StepsIn) -> StepsOut:
         for i, f in enumerate((0.25, 0.5, 0.75), 1):
