@@ -160,6 +160,8 @@ class AgentSession:
         rec = JobRecord(job.job_id, loop.create_future(), list(job.chain), time.monotonic() + job.deadline_s,
                         job.service, loop.create_future() if job.confirm_start else None, caller=CALLER.get(),
                         progress=PROGRESS.get())
+        if rec.progress is not None:
+            rec.progress.executor = self.agent_id  # (the dashboard's "executed by" of a call in flight)
         if self.reserved > 0:
             self.reserved -= 1
         self.jobs[job.job_id] = rec

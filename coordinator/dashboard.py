@@ -30,6 +30,7 @@ ASSETS = {"dashboard.js": "application/javascript", "dashboard.css": "text/css"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 REALM = 'Basic realm="microswarm operator", charset="UTF-8"'
+MAX_RUNNING = 100  # calls in flight listed (the longest-running first), with their progress
 
 
 def peer(address: str) -> dict[str, str]:
@@ -119,8 +120,12 @@ class Dashboard:
         log = [{"time": x.time, "client": x.client, **peer(x.address), "service": x.service,
                 "executed_by": x.executed_by, "success": x.success, "ms": round(x.ms, 2),
                 "error": x.error_code} for x in reversed(c.calllog.recent(max(1, min(calls, 500))))]
+        flight = sorted(c.dispatcher.progress.items(), key=lambda kv: kv[1].started)[:MAX_RUNNING]
+        running = [{"call": cid[:10], "service": p.service, "progress": round(p.fraction, 4), "message": p.message,
+                    "executed_by": p.executor, "age_s": round(now - p.started, 1)} for cid, p in flight]
         return {"coordinator": c.state.fingerprint.hex()[:16], "uptime_s": round(time.time() - c.started, 1),
                 "calls_total": c.calllog.total, "fallbacks_total": c.dispatcher.fallbacks,
                 "in_flight": c.dispatcher.in_flight, "placement": c.placement.name,
                 "dispatch": c.dispatcher.strategy.name, "queue_depth": len(c.scheduler.queue), "agents": agents, "services": services, "calls": log,
+                "running": running,
                 "cache": c.cache_stats()}

@@ -230,6 +230,8 @@ class Scheduler:
                 raise DeadlineExceeded(f"{entry.name}: the deadline passed before the coordinator could run it")
             try:
                 slot = PROGRESS.get()
+                if slot is not None:
+                    slot.executor = "coordinator"
                 outcome = await self.local.run(entry, self.job_id(), input_bytes,
                                                min(remaining, float(entry.cls.timeout)), nested,
                                                None if slot is None else

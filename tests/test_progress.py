@@ -231,3 +231,21 @@ def test_cli_ctrl_c_cancels_the_submitted_call(on_agent):
         while any(a.running for a in c.status().agents):
             assert time.monotonic() < end, "the cancelled call's job still runs"
             time.sleep(0.1)
+
+
+def test_dashboard_lists_calls_in_flight_with_progress(on_agent):
+    import base64
+    admin = (on_agent.state / "admin.token").read_text().strip()
+    auth = "Basic " + base64.b64encode(f"operator:{admin}".encode()).decode()
+    with on_agent.client() as c:
+        h = c.submit("progress.steps", {"pause": 0.6})
+        rows: list[dict[str, Any]] = []
+        end = time.monotonic() + 30
+        while not h.done() and time.monotonic() < end:
+            req = urllib.request.Request(on_agent.http_url + "/dashboard/data", headers={"Authorization": auth})
+            with on_agent.urlopen(req) as r:
+                rows += [x for x in json.loads(r.read())["running"] if x["service"] == "progress.steps"]
+            time.sleep(0.1)
+        assert h.result() == {"done": 3}
+    assert rows and all(x["executed_by"] == "agent1" for x in rows), rows
+    assert any(0 < x["progress"] < 1 and x["message"].startswith("step ") for x in rows), rows

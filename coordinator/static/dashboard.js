@@ -41,6 +41,14 @@
       cell(a.failed, "num"), cell(`${a.cpu_percent}%`, "num"), cell(fmtBytes(a.rss_bytes), "num")]));
     fill("#services", d.services.map((s) => [cell(s.name), cell(s.version), cell(s.revision, "num"),
       cell(s.pure ? "yes" : ""), cell(s.agents, "num"), cell(s.digest)]));
+    const running = d.running || [];
+    $("#running-count").textContent = `(${running.length}${d.in_flight > running.length ? ` of ${d.in_flight}` : ""})`;
+    fill("#running", running.length ? running.map((c) => {
+      const bar = document.createElement("progress"); bar.max = 1; bar.value = c.progress;
+      const td = cell(` ${Math.round(100 * c.progress)}%`, "num"); td.prepend(bar);
+      return [cell(c.call, "muted"), cell(c.service), cell(c.executed_by || "waiting"), td, cell(c.message || ""),
+        cell(`${c.age_s.toFixed(1)} s`, "num")];
+    }) : [[cell("none")]]);
     fill("#calls", d.calls.map((c) => [cell(c.client), cell(date(c.time)), cell(c.address || "–"),
       cell(c.via || "", "muted"), cell(c.service), cell(c.executed_by),
       cell(c.success ? "yes" : `no ${c.error}`, c.success ? "ok" : "bad"), cell(c.ms.toFixed(1), "num")]));
