@@ -1,8 +1,11 @@
 """`/dashboard`: a live web view for the operator (the paper's call-log page, figure 3, and more).
 
 Agents with load and last heartbeat, services and versions, the call log with the paper's columns
-(client, date, IP and port, function, success), and the cache and governor figures; the page polls
-`/dashboard/data` once a second. Assets ship inside the package: it works with no internet.
+(client, date, IP and port, function, success), and the cache and governor figures, under charts of
+the last 5 minutes (calls/s by who ran them, latency percentiles, errors/s by code, agents and their
+load, the cache's hit ratio, the heap against the governor's thresholds; timeline.py keeps them). The
+page polls `/dashboard/data` once a second and draws the charts as SVG itself. Assets ship inside the
+package: it works with no internet.
 
 Only the operator may look: HTTP Basic with the admin credential of the state directory as the
 password (any user name; the browser asks once), or a bearer token of the built-in `operator`
@@ -21,6 +24,8 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from microcores.errors import MicroError
+
+from .timeline import Timeline
 
 if TYPE_CHECKING:
     from .server import Coordinator
@@ -45,6 +50,25 @@ def peer(address: str) -> dict[str, str]:
 class Dashboard:
     def __init__(self, coordinator: "Coordinator") -> None:
         self.c = coordinator
+        self.timeline = Timeline()  # the charts: the last 5 minutes, fed by every call and a 1 s sampler
+        coordinator.dispatcher.observers.append(self.timeline.observe)
+
+    def gauges(self) -> dict[str, Any]:
+        """What the timeline samples once a second (see timeline.Timeline.sample)."""
+        c = self.c
+        agents = list(c.agents.values())
+        g: dict[str, Any] = {"agents": len(agents), "agent_ids": [a.agent_id for a in agents],
+                             "busy_slots": sum(a.running for a in agents), "total_slots": sum(a.slots for a in agents),
+                             "in_flight": c.dispatcher.in_flight}
+        if c.cache is not None:
+            st = c.cache.stats()
+            g["hits"], g["misses"] = st["hits"], st["misses"]
+        if c.governor is not None:
+            s = c.governor.settings
+            g["heap_bytes"] = c.governor.heap_bytes
+            g["heap_limits"] = {"max": s.max_heap_bytes, "soft_target": s.soft_bytes, "eviction": s.eviction_bytes,
+                                "critical": s.critical_bytes}
+        return g
 
     def routes(self, add: Any) -> None:
         add("GET", "/dashboard", self.page)
@@ -128,4 +152,4 @@ class Dashboard:
                 "in_flight": c.dispatcher.in_flight, "placement": c.placement.name,
                 "dispatch": c.dispatcher.strategy.name, "queue_depth": len(c.scheduler.queue), "agents": agents, "services": services, "calls": log,
                 "running": running,
-                "cache": c.cache_stats()}
+                "cache": c.cache_stats(), "timeline": self.timeline.series()}

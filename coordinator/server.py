@@ -170,7 +170,8 @@ class Coordinator:
             self.gateway = Gateway(self, config.http, self.tls.ssl_context() if self.tls else None)
             self.metrics = Metrics(self, require_token=config.metrics_auth)
             self.gateway.add_route("GET", "/metrics", self.metrics.handler)
-            Dashboard(self).routes(self.gateway.add_route)
+            self.dashboard = Dashboard(self)
+            self.dashboard.routes(self.gateway.add_route)
 
     # ------------------------------------------------------------ agents
 
@@ -464,6 +465,8 @@ class Coordinator:
         await self._advertise()
         self._tasks.append(asyncio.create_task(self._liveness()))
         self._tasks.append(asyncio.create_task(self.auth.run_housekeeping()))
+        if self.gateway is not None:  # the dashboard's charts: gauges once a second
+            self._tasks.append(asyncio.create_task(self.dashboard.timeline.run(self.dashboard.gauges)))
         log.info("coordinator %s listening on %s with %d services", self.state.fingerprint.hex()[:16],
                  self.config.listen, len(self.registry.services))
 

@@ -85,6 +85,36 @@ def test_data_has_the_papers_call_log_columns(dash):
     assert "hits" in d["cache"]
 
 
+def test_data_has_the_charts_series(dash):
+    with dash.client() as c:
+        for i in range(3):
+            c.envelope("math.compute", {"a": 7, "b": i, "op": "add"})
+        c.envelope("math.compute", {"a": 7, "b": 0, "op": "add"})  # again: the cache answers
+        c.envelope("math.compute", {"a": "x", "b": 2})  # refused: an error by code
+    deadline = time.monotonic() + 5
+    while True:  # a call is charted once its second is over
+        st, _, body = get(dash, "/dashboard/data", {"Authorization": basic(dash)})
+        tl = json.loads(body)["timeline"]
+        if sum(sum(v) for v in tl["calls"].values()) >= 5 and tl["errors"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert st == 200
+    assert {"seconds", "t", "calls", "errors", "latency_ms", "agents", "busy_slots", "total_slots", "in_flight",
+            "hit_ratio", "heap_bytes", "heap_limits"} <= tl.keys()
+    n = len(tl["t"])
+    assert 0 < n <= tl["seconds"] == 300
+    assert {"agent1", "agent2", "coordinator", "cache"} <= tl["calls"].keys()
+    assert sum(tl["calls"]["cache"]) >= 1 and sum(tl["errors"]["invalid_input"]) >= 1
+    assert set(tl["latency_ms"]) == {"p50", "p95", "p99"}
+    assert all(len(v) == n for v in [*tl["calls"].values(), *tl["errors"].values(), *tl["latency_ms"].values(),
+                                     tl["agents"], tl["busy_slots"], tl["hit_ratio"], tl["heap_bytes"]])
+    assert any(v is not None for v in tl["latency_ms"]["p99"])
+    assert tl["total_slots"][-1] == 4 and tl["agents"][-1] == 2
+    lim = tl["heap_limits"]
+    assert lim["soft_target"] <= lim["eviction"] < lim["critical"] <= lim["max"]
+    assert get(dash, "/dashboard/data")[0] == 401  # the series are the operator's too
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: `apt-get install -y chromium`")
 def test_dashboard_in_a_browser_shows_a_new_call_within_seconds(dash):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'")
@@ -115,6 +145,25 @@ def test_dashboard_in_a_browser_shows_a_new_call_within_seconds(dash):
             seen_after = time.monotonic() - t0
             expect(page.locator("#calls tbody td.bad").first).to_contain_text("invalid_input", timeout=5_000)
             expect(page.locator("#cache tbody")).to_contain_text("hits")
+            # the charts: SVG drawn from the series, with a legend naming who ran the calls
+            expect(page.locator("#chart-latency path.series").first).to_be_attached(timeout=5_000)
+            expect(page.locator("#chart-errors path.series").first).to_be_attached(timeout=5_000)
+            legend = page.locator("#chart-calls .legend")
+            for who in ("coordinator", "cache", "agent1", "agent2"):
+                expect(legend).to_contain_text(who)
+            assert page.locator("figure.chart svg.plot").count() == 6
+            assert int(page.locator("#chart-calls svg.plot").get_attribute("data-points") or 0) > 0
+            assert page.locator("#chart-calls path.series").count() >= 3
+            assert page.locator("#chart-heap line.limit").count() == 3  # soft target, eviction, critical
+            with dash.client() as c:  # a few seconds of traffic, so that the screenshot has something to show
+                for i in range(12):
+                    for k in range(3 + i % 4):
+                        c.envelope("math.compute", {"a": 1000 * i + k, "b": 3, "op": "mul"})
+                    c.envelope("math.compute", {"a": 31337, "b": 2, "op": "mul"})  # the cache answers
+                    if i % 5 == 4:
+                        c.envelope("math.compute", {"a": "nan", "b": 2})
+                    time.sleep(0.25)
+            time.sleep(2.2)  # the last second closes and the page polls it
             page.screenshot(path=str(ROOT / "docs" / "dashboard.png"), full_page=True)
         finally:
             browser.close()
