@@ -363,7 +363,9 @@ def test_job_waiting_for_a_worker_when_its_agent_dies_has_not_started(tmp_path):
             futs = {t: pool.submit(client.envelope, "effects.append",
                                    {"path": str(effects), "token": t, "seconds": 3.0}) for t in ("first", "second")}
             wait_for(lambda: starts_of(effects), 30, "a job to start on agent1", 0.01)
-            running = agent_info(client, "agent1").running
+            # both jobs on agent1 (the status lags a heartbeat under load: wait for it, briefly)
+            running = wait_for(lambda: (lambda n: n if n == 2 else 0)(agent_info(client, "agent1").running), 2.5,
+                               "agent1 to hold both jobs", 0.02)
             c.kill_agent("agent1", signal.SIGKILL)
             envs = {t: f.result(timeout=60) for t, f in futs.items()}
         assert running == 2, f"agent1 had {running} jobs when it was killed, not both"

@@ -33,10 +33,12 @@ def test_status_at_3000_agents_builds_the_agents_once_per_interval_and_shares_th
         build_ms = (time.perf_counter() - t0) * 1000
         assert len(full.agents) == AGENTS and not full.redacted
         assert all(s.agents == AGENTS for s in full.services)
-        t0 = time.perf_counter()
-        for _ in range(100):  # 100 callers within the interval: one build of the agents between them
+        built = t0 = time.perf_counter()
+        n = 0  # up to 100 callers, all within the interval (under load fewer fit): one build between them
+        while n < 100 and (n == 0 or time.perf_counter() - built < STATUS_TTL_S * 0.6):
             again = c.status(20, operator=True)
-        shared_ms = (time.perf_counter() - t0) * 1000 / 100
+            n += 1
+        shared_ms = (time.perf_counter() - t0) * 1000 / n
         assert again.agents == full.agents and shared_ms < build_ms / 4, (shared_ms, build_ms)
         assert c._agents_view(True)[0] is c._agents_view(True)[0]
         hidden = c.status(20, operator=False)  # each view is built (and kept) on its own
