@@ -292,6 +292,6 @@ def test_http_client_that_disconnects_frees_the_agent_slot(tmp_path):
             s.sendall(request)
             wait_job_on_agent(client)
         # the connection is closed: the job stops on its agent and the slot is free again
-        wait_for(lambda: agents_idle(c, client), 10, "the job of the departed HTTP caller to stop")
+        wait_for(lambda: agents_idle(c, client), 20, "the job of the departed HTTP caller to stop")
         calls = [x for x in client.status(recent_calls=5).calls if x.service == "demo.sleep"]
         assert calls and calls[-1].error_code == "cancelled", calls
