@@ -6,7 +6,7 @@ import asyncio
 import functools
 import hmac
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import grpc
 from grpc import aio
@@ -19,6 +19,7 @@ from microswarm.protos import microswarm_pb2_grpc as pbg
 from .auth import OPERATOR, AuthError
 from .auth_grpc import TokenService, auth_refusal, caller_label, text_metadata
 from .caller import Caller
+from .calls import StoredCall
 
 if TYPE_CHECKING:
     from .server import Coordinator
@@ -84,21 +85,23 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.error}: {exc.description}")
         return token.client_id
 
-    async def Result(self, request: pb.ResultRequest, context: aio.ServicerContext) -> pb.ResultReply:
+    async def _stored(self, context: aio.ServicerContext, call_id: str,
+                      lookup: Callable[[str, str], StoredCall]) -> StoredCall:
+        """The caller's submitted call (`calls.get` or `calls.cancel`); NOT_FOUND `unknown_call` otherwise."""
         owner = await self._owner(context)
         try:
-            call = self.c.calls.get(request.call_id, owner)
+            return lookup(call_id, owner)
         except MicroError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc.code}: {exc.message}")
+            raise  # (abort raises)
+
+    async def Result(self, request: pb.ResultRequest, context: aio.ServicerContext) -> pb.ResultReply:
+        call = await self._stored(context, request.call_id, self.c.calls.get)
         await self.c.calls.wait(call, min(max(request.wait_s, 0.0), MAX_RESULT_WAIT_S))
         return call.answer()
 
     async def Cancel(self, request: pb.CancelRequest, context: aio.ServicerContext) -> pb.ResultReply:
-        owner = await self._owner(context)
-        try:
-            call = self.c.calls.cancel(request.call_id, owner)
-        except MicroError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc.code}: {exc.message}")
+        call = await self._stored(context, request.call_id, self.c.calls.cancel)
         await self.c.calls.wait(call, 5.0)  # the job's stop is quick; answer with the final state
         return call.answer()
 

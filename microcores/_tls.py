@@ -16,7 +16,6 @@ coordinator started with `--insecure` on a trusted loopback.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import socket
 import ssl
@@ -30,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ._secure import fingerprint
 from .errors import MicroError
 
 CERT_FILE = "coordinator.crt"
@@ -46,11 +46,6 @@ class UntrustedCoordinator(MicroError):
     nothing was sent to it."""
 
     code = "untrusted_coordinator"
-
-
-def fingerprint(public_key: bytes) -> bytes:
-    """Same as _secure.fingerprint (kept here so the TLS layer has no import cycle)."""
-    return hashlib.sha256(b"microswarm-key\0" + public_key).digest()
 
 
 def parse_fingerprint(text: str) -> bytes:
@@ -278,32 +273,36 @@ def _unpinned(target: str, cert: x509.Certificate) -> Trust:
     return Trust(root_pem=system_roots(), source="the system's certificate authorities (MICROSWARM_CACERT)")
 
 
+def _without_network(fingerprint: str | bytes | None, state_dir: str | os.PathLike[str] | None,
+                     insecure: bool | None) -> tuple[Trust | None, tuple[bytes, str] | None]:
+    """The trust that needs no connection (plaintext, or a state directory's certificate), or else the
+    fingerprint pin (None: nothing pins) that the certificate the coordinator presents must meet."""
+    if insecure if insecure is not None else insecure_from_env():
+        return Trust(insecure=True, source="MICROSWARM_INSECURE"), None
+    pin = _fingerprint_pin(fingerprint)
+    if pin is None:
+        local = from_state_dir(state_dir)
+        if local is not None:
+            return local, None
+    return None, pin
+
+
+def _presented(cert: x509.Certificate, target: str, pin: tuple[bytes, str] | None, unbound_ok: bool) -> Trust:
+    return _unpinned(target, cert) if pin is None else pinned(cert, pin[0], target, pin[1], unbound_ok)
+
+
 def resolve(target: str, *, fingerprint: str | bytes | None = None, state_dir: str | os.PathLike[str] | None = None,
             insecure: bool | None = None) -> Trust:
     """How to trust the coordinator at `target` (see the module's docstring for the order)."""
-    if insecure if insecure is not None else insecure_from_env():
-        return Trust(insecure=True, source="MICROSWARM_INSECURE")
-    pin = _fingerprint_pin(fingerprint)
-    if pin is not None:
-        return pinned(fetch_certificate(target), pin[0], target, pin[1])
-    local = from_state_dir(state_dir)
-    if local is not None:
-        return local
-    return _unpinned(target, fetch_certificate(target))
+    trust, pin = _without_network(fingerprint, state_dir, insecure)
+    return trust or _presented(fetch_certificate(target), target, pin, False)
 
 
 async def resolve_async(target: str, *, fingerprint: str | bytes | None = None,
                         state_dir: str | os.PathLike[str] | None = None, insecure: bool | None = None,
                         unbound_ok: bool = False) -> Trust:
-    if insecure if insecure is not None else insecure_from_env():
-        return Trust(insecure=True, source="MICROSWARM_INSECURE")
-    pin = _fingerprint_pin(fingerprint)
-    if pin is not None:
-        return pinned(await fetch_certificate_async(target), pin[0], target, pin[1], unbound_ok)
-    local = from_state_dir(state_dir)
-    if local is not None:
-        return local
-    return _unpinned(target, await fetch_certificate_async(target))
+    trust, pin = _without_network(fingerprint, state_dir, insecure)
+    return trust or _presented(await fetch_certificate_async(target), target, pin, unbound_ok)
 
 
 def handshake_failed(details: str) -> bool:

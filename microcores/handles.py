@@ -91,9 +91,8 @@ class CallHandle:
 
     def cancel(self) -> bool:
         """Stop the call; True if it was cancelled (False: it had already finished)."""
-        env = self._client.cancel(self.id)
-        self._envelope = env
-        return env is not None and not env.ok and (env.error or {}).get("code") == "cancelled"
+        self._envelope = self._client.cancel(self.id)
+        return _cancelled(self._envelope)
 
 
 class AsyncCallHandle:
@@ -130,12 +129,16 @@ class AsyncCallHandle:
         return (await self.envelope(timeout)).unwrap()
 
     async def cancel(self) -> bool:
-        env = await self._client.cancel(self.id)
-        self._envelope = env
-        return env is not None and not env.ok and (env.error or {}).get("code") == "cancelled"
+        self._envelope = await self._client.cancel(self.id)
+        return _cancelled(self._envelope)
 
     def __await__(self) -> Any:
         return self.result().__await__()
+
+
+def _cancelled(env: Envelope | None) -> bool:
+    """Whether a Cancel's answer says the call was stopped (not: it had already finished)."""
+    return env is not None and not env.ok and (env.error or {}).get("code") == "cancelled"
 
 
 def envelope_of(reply: pb.ResultReply) -> Envelope | None:
