@@ -46,6 +46,7 @@ MAX_FORM = 16 * 1024       # /oauth/token and /oauth/revoke: a few fields (64 sc
 # stalls for BODY_IDLE_S is answered 408 and its connection closed; a form must arrive whole within
 # FORM_TIMEOUT_S. Bodies are read through bounded readers, chunked or not (read_body).
 HEADER_TIMEOUT_S = 15.0
+TLS_SHUTDOWN_S = 2.0  # the wait for a departing caller's close_notify
 BODY_IDLE_S = 15.0
 FORM_TIMEOUT_S = 10.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -141,7 +142,9 @@ async def answer_and_close(request: web.Request, resp: web.StreamResponse) -> we
 
 class _Site(web.TCPSite):
     """TCPSite with the TLS handshake bounded like the headers (asyncio's default is 60 s): a client
-    that stalls mid-handshake holds its descriptor no longer than a slow-loris one."""
+    that stalls mid-handshake holds its descriptor no longer than a slow-loris one. The TLS shutdown
+    is bounded too (default 30 s): a caller that closed without close_notify is gone, and its call must
+    be cancelled at once, not when the wait for its close_notify runs out."""
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
@@ -149,7 +152,8 @@ class _Site(web.TCPSite):
         self._server = await asyncio.get_running_loop().create_server(
             self._runner.server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
             reuse_address=self._reuse_address, reuse_port=self._reuse_port,
-            ssl_handshake_timeout=HEADER_TIMEOUT_S if self._ssl_context else None)
+            ssl_handshake_timeout=HEADER_TIMEOUT_S if self._ssl_context else None,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_S if self._ssl_context else None)
 
 
 class Gateway:

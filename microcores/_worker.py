@@ -454,6 +454,9 @@ class Worker:
         except (asyncio.TimeoutError, WorkerCrashed) as exc:
             self.kill()
             raise WorkerCrashed(f"worker for {self.label} did not start: {exc}") from None
+        except BaseException:  # its job was cancelled while it loaded: no half-started process left behind
+            self.kill()
+            raise
         if msg.get("t") != "ready":
             self.kill()
             raise WorkerCrashed(f"worker for {self.label} failed to load: {msg.get('error')}")

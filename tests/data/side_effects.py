@@ -3,6 +3,11 @@
 Each run first appends `<token> <pid of its agent>` to `<path>.started` (the job began: who ran
 it), sleeps `seconds`, then appends `<token>` to `<path>` (the job's effect took place). Appends
 are single O_APPEND writes of one short line, so concurrent runs never interleave.
+
+With EFFECTS_SLOW_LATER_WORKERS=<path> in a worker's environment and a file at <path>, the first
+worker to load after the file appeared loads at once and every later one takes SLOW_START_S: a test
+can hold a job deterministically "waiting for a worker" (accepted by its agent, not started) while
+another runs.
 """
 from __future__ import annotations
 
@@ -12,6 +17,22 @@ import time
 from pydantic import BaseModel, Field
 
 from microcores import MicroCore
+
+
+SLOW_START_S = 3.0
+
+
+def _slow_start(flag: str) -> None:
+    if not os.path.exists(flag):
+        return
+    try:
+        os.close(os.open(flag + ".taken", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        time.sleep(SLOW_START_S)
+
+
+if os.environ.get("EFFECTS_SLOW_LATER_WORKERS"):
+    _slow_start(os.environ["EFFECTS_SLOW_LATER_WORKERS"])
 
 
 class AppendIn(BaseModel):
