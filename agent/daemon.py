@@ -610,6 +610,8 @@ class Agent:
             if fut is not None and not fut.done():
                 fut.set_result(msg.nested_reply)
         elif kind == "ping":
+            if msg.ping.heartbeat_s > 0:  # the fleet's pace changed (coordinator/pace.py)
+                self.heartbeat_s = min(max(msg.ping.heartbeat_s, 0.1), 3600.0)
             link.send(pb.ToCoordinator(pong=pb.Pong(seq=msg.ping.seq)))
             link.send(self._heartbeat())
         elif kind == "cancel":

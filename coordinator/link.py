@@ -68,7 +68,7 @@ class AgentLinkService:
     def __init__(self, coordinator: "Coordinator") -> None:
         self.c = coordinator
         self._job_ids = itertools.count(1)
-        self.gate = PreAuthGate()
+        self.gate = PreAuthGate(rate=coordinator.config.handshake_rate)
         self.budget = LINK_BUDGET
         self.partial_bytes = 0      # partial-frame bytes held by every session together
         self.counts = {"rate_limited": 0, "too_large": 0, "over_budget": 0, "stalled": 0, "bogus_results": 0,
@@ -103,8 +103,8 @@ class AgentLinkService:
         c = self.c
         log.info("agent %s joined from %s with %d slots", s.agent_id, s.address, s.slots,
                  extra={"agent": s.agent_id})
-        s.send(pb.ToAgent(welcome=pb.Welcome(agent_id=s.agent_id, heartbeat_s=c.heartbeat_s,
-                                             liveness_s=c.liveness_s, max_frame=MAX_FRAME,
+        s.send(pb.ToAgent(welcome=pb.Welcome(agent_id=s.agent_id, heartbeat_s=c.pace.heartbeat_s,
+                                             liveness_s=c.pace.liveness_s, max_frame=MAX_FRAME,
                                              coordinator_id=c.state.fingerprint.hex(), slots=s.slots,
                                              publisher_fingerprints=[fingerprint(k) for k in
                                                                      c.registry.publisher_keys])))

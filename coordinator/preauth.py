@@ -44,8 +44,10 @@ class PreAuthGate:
     first read, per host and in all, waited for at most `wait_s`."""
 
     def __init__(self, total: int = PREAUTH_TOTAL, per_host: int = PREAUTH_PER_HOST,
-                 queue_per_host: int = PREAUTH_QUEUE_PER_HOST, wait_s: float = HANDSHAKE_S) -> None:
+                 queue_per_host: int = PREAUTH_QUEUE_PER_HOST, wait_s: float = HANDSHAKE_S,
+                 rate: float = PREAUTH_RATE[0]) -> None:
         self.total, self.per_host, self.queue_per_host, self.wait_s = total, per_host, queue_per_host, wait_s
+        self.rate = (rate, rate * PREAUTH_RATE[1] / PREAUTH_RATE[0])  # per second, burst
         self._all: asyncio.Semaphore | None = None
         self._hosts: dict[str, tuple[asyncio.Semaphore, int]] = {}  # host -> (its slots, handshakes there)
         self._rates: dict[str, Bucket] = {}  # host -> handshakes it may start
@@ -62,10 +64,10 @@ class PreAuthGate:
                 self._rates = {h: b for h, b in self._rates.items() if b.take(now, 0.0) and b.tokens < b.burst}
                 if len(self._rates) >= 4096:  # that many hosts at once: the global bound is what is left
                     self._rates.clear()
-            rate = self._rates[host] = Bucket(*PREAUTH_RATE, stamp=now)
+            rate = self._rates[host] = Bucket(*self.rate, stamp=now)
         if not rate.take(now):
             self.refused += 1
-            raise Busy(f"more than {PREAUTH_RATE[0]:g} handshakes a second from {host}; retry later")
+            raise Busy(f"more than {self.rate[0]:g} handshakes a second from {host}; retry later")
         sem, n = self._hosts.get(host, (None, 0))
         if n >= self.per_host + self.queue_per_host:
             self.refused += 1

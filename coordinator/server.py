@@ -28,6 +28,7 @@ from .client_api import ClientService
 from .dispatch import STRATEGIES, Dispatcher
 from .governor import GovernorSettings, HeapGovernor, combined_stats
 from .local import LocalRunner
+from .pace import Pace
 from .placement import STRATEGIES as PLACEMENTS
 from .placement import AgentView, Placement
 from .quarantine import Quarantine
@@ -73,7 +74,8 @@ class CoordinatorConfig:
     dispatch: str = "random"
     placement: str = "all"
     heartbeat_s: float = 1.0
-    liveness_s: float = 6.0          # silent this long: removed; half of it: suspect
+    liveness_s: float = 6.0          # silent this long: removed; half of it: suspect (at the floor pace)
+    handshake_rate: float = 10.0     # agent handshakes one host may start a second (burst: 4x)
     fallback_slots: int = 0          # the old name of local_slots (0: not set)
     local_slots: int | None = None   # jobs the coordinator runs itself at once; None: one per CPU; 0: never
     queue_wait_s: float = 2.0        # a call waits this long for an agent slot before the coordinator runs it
@@ -101,6 +103,8 @@ class CoordinatorConfig:
 
 class Coordinator:
     def __init__(self, config: CoordinatorConfig) -> None:
+        if config.handshake_rate <= 0:
+            raise ValueError(f"--handshake-rate {config.handshake_rate:g} must be more than 0 handshakes a second")
         self.config = config
         self.state = StateDir(config.state_dir)
         # credentials live in memory (re-read on SIGHUP and when their files change: watch_credentials),
@@ -152,8 +156,7 @@ class Coordinator:
         self.scheduler.ran = lambda service, seconds: self.placement.observe(service, seconds * 1000)
         self.verifier = Verifier(config.verify, config.trust_after, config.spot_check)
         self.dispatcher = Dispatcher(self, self.scheduler, strategy, self.verifier)
-        self.heartbeat_s = config.heartbeat_s
-        self.liveness_s = config.liveness_s
+        self.pace = Pace(config.heartbeat_s, config.liveness_s)
         self.cache: Any = None
         self.governor: Any = None
         self.started = time.time()
@@ -284,14 +287,23 @@ class Coordinator:
         """Silent past half the window: suspect (no new jobs) and pinged; past the window: removed.
         Also the scheduler's clock: quarantines end, placement re-decides."""
         while True:
-            await asyncio.sleep(min(0.5, self.heartbeat_s / 2))
+            await asyncio.sleep(min(0.5, self.pace.floor_s / 2))
             now = time.monotonic()
+            window = self.pace.liveness_s
             for a in list(self.agents.values()):
                 silent = now - a.last_seen
-                if silent > self.liveness_s:
+                if silent > window:
                     self.drop_agent(a, f"silent for {silent:.1f} s")
-                elif silent > self.liveness_s / 2:
+                elif silent > window / 2:
                     self.suspect(a, f"no heartbeat for {silent:.1f} s")
+            pace = self.pace.update(len(self.agents))
+            if pace is not None:
+                log.info("%d agents: they now heartbeat every %.1f s (silent for %.0f s: removed)",
+                         len(self.agents), pace, self.pace.liveness_s)
+                for a in self.agents.values():  # the old window still holds until they have heard it
+                    a.last_seen = max(a.last_seen, now)
+                    a.ping_seq += 1
+                    a.send(pb.ToAgent(ping=pb.Ping(seq=a.ping_seq, heartbeat_s=pace)))
             self.link.sweep(list(self.agents.values()))
             self.watch_tokens()
             self.watch_credentials()

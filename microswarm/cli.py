@@ -82,7 +82,7 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
                             quarantine_s=a.quarantine, hedge=a.hedge, worker_idle_s=a.worker_idle,
                             verify=a.verify, trust_after=a.trust_after, spot_check=a.spot_check,
                             insecure=a.insecure, tls_cert=a.tls_cert, tls_key=a.tls_key,
-                            result_ttl_s=a.result_ttl)
+                            result_ttl_s=a.result_ttl, handshake_rate=a.handshake_rate)
     cfg.advertise = a.advertise
     try:
         from microcores import _publisher
@@ -694,7 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="chance that a trusted agent's result is still confirmed (adaptive)")
     st.add_argument("--heartbeat", type=float, default=1.0, metavar="S", help="agent heartbeat interval")
     st.add_argument("--liveness", type=float, default=6.0, metavar="S",
-                    help="an agent silent this long is removed (suspect after half)")
+                    help="an agent silent this long is removed (suspect after half); past 1,000 agents the "
+                         "heartbeat interval and this window grow with the fleet")
+    st.add_argument("--handshake-rate", type=float, default=10.0, metavar="N",
+                    help="agent handshakes one address may start a second (burst 4x); raise it when many "
+                         "volunteers share one public address")
     st.add_argument("--fallback-slots", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
     st.add_argument("--drain", type=float, default=30.0, metavar="S", help="on SIGTERM, wait this long for calls")
     st.add_argument("--no-cache", action="store_true", help="turn the result cache off")

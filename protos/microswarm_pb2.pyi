@@ -633,10 +633,12 @@ class Cancel(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class Ping(_message.Message):
-    __slots__ = ("seq",)
+    __slots__ = ("seq", "heartbeat_s")
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     seq: int
-    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+    heartbeat_s: float
+    def __init__(self, seq: _Optional[int] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
 
 class ToAgent(_message.Message):
     __slots__ = ("welcome", "holdings", "package", "job", "cancel", "ping", "nested_reply", "refusal", "start", "nested_id")
