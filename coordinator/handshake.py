@@ -132,8 +132,8 @@ async def _accept(c: "Coordinator", context: Any, address: str, attempt: _Attemp
     if existing is not None and existing.agent_key != key:
         raise Refused("agent_id_taken", f"an agent with id {h.agent_id!r} is already connected with another "
                       "key; give each agent its own --id")
-    others = [a for a in c.agents.values()
-              if a is not existing and not a.closed and a.token_name == token.name and token.name]
+    others = [a for a in c.volunteer_agents(token.name)  # a named volunteer's other agents
+              if a is not existing and not a.closed]
     granted = c.volunteers.admit(token, h.agent_id, key, h.slots, others, c.agents)  # Denied: refused
     if existing is not None:
         log.info("agent %s reconnected; replacing its old session", h.agent_id)
@@ -146,5 +146,5 @@ async def _accept(c: "Coordinator", context: Any, address: str, attempt: _Attemp
     session.slots_asked = h.slots
     session.max_packages = h.max_packages
     c.quarantine.joined(session)
-    c.agents[h.agent_id] = session
+    c.add_agent(session)
     return session

@@ -44,6 +44,7 @@ log = logging.getLogger("microswarm.coordinator")
 
 MAX_CLIENT_MESSAGE = _codec.MAX_PAYLOAD + (1 << 20)
 LINK_MAX_MESSAGE = 2 * 1024 * 1024
+JOIN_REPLAN_S = 0.05  # agents that join within this long are planned for together (agent_joined)
 STATUS_TTL_S = 0.5  # the agents of a Status reply are shared by the calls within this long (Coordinator.status)...
 STATUS_SHARED_FROM = 256  # ...once there are this many agents (fewer cost < 3 ms a build: always exact)
 
@@ -157,6 +158,8 @@ class Coordinator:
         self.verifier = Verifier(config.verify, config.trust_after, config.spot_check)
         self.dispatcher = Dispatcher(self, self.scheduler, strategy, self.verifier)
         self.pace = Pace(config.heartbeat_s, config.liveness_s)
+        self._joined: list[AgentSession] = []  # agents welcomed since the last join replan
+        self._by_volunteer: dict[str, dict[str, AgentSession]] = {}  # named token -> its connected agents
         self.cache: Any = None
         self.governor: Any = None
         self.started = time.time()
@@ -205,10 +208,22 @@ class Coordinator:
             self.holdings_changed()
 
     def agent_joined(self, agent: AgentSession) -> None:
+        """Joins are planned for together, JOIN_REPLAN_S after the first: a replan looks at every
+        agent, so one per join would make a fleet's reconnection O(n^2)."""
+        self._joined.append(agent)
+        if len(self._joined) == 1:
+            asyncio.get_running_loop().call_later(JOIN_REPLAN_S, self._plan_joined)
+
+    def _plan_joined(self) -> None:
+        joined, self._joined = self._joined, []
         self.replan()
-        if not agent.planned:  # nothing for it yet (placement places services in use): ready at once
-            agent.send(pb.ToAgent(holdings=self.holdings_for(agent)))
-            agent.state = "ready"
+        ready = False
+        for agent in joined:
+            if not agent.closed and not agent.planned:  # nothing for it yet (placement places services in
+                agent.send(pb.ToAgent(holdings=self.holdings_for(agent)))  # use): ready at once
+                agent.state = "ready"
+                ready = True
+        if ready:
             self.holdings_changed()
 
     def place(self, entry: ServiceEntry) -> bool:
@@ -249,7 +264,17 @@ class Coordinator:
         name = a.token_name if a is not None else ""
         if not name:
             return frozenset({agent_id})
-        return frozenset({agent_id} | {b.agent_id for b in self.agents.values() if b.token_name == name})
+        return frozenset({agent_id} | {b.agent_id for b in self.volunteer_agents(name)})
+
+    def add_agent(self, agent: AgentSession) -> None:
+        self.agents[agent.agent_id] = agent
+        if agent.token_name:
+            self._by_volunteer.setdefault(agent.token_name, {})[agent.agent_id] = agent
+
+    def volunteer_agents(self, token_name: str) -> list[AgentSession]:
+        """The connected agents of a named volunteer token (none for the shared one): an index, so that
+        joins and verification do not scan the whole fleet."""
+        return list(self._by_volunteer.get(token_name, {}).values()) if token_name else []
 
     def late_result(self, agent: AgentSession, rec: Any) -> None:
         self.scheduler.late_result(agent, rec)
@@ -268,6 +293,11 @@ class Coordinator:
         if self.agents.get(agent.agent_id) is agent:
             del self.agents[agent.agent_id]
             self.placement.forget(agent.agent_id)
+        mine = self._by_volunteer.get(agent.token_name)
+        if mine is not None and mine.get(agent.agent_id) is agent:
+            del mine[agent.agent_id]
+            if not mine:
+                del self._by_volunteer[agent.token_name]
         agent.fail_all(reason)
         agent.outbox.put_nowait(None)
         self.holdings_changed()
@@ -305,6 +335,7 @@ class Coordinator:
                     a.ping_seq += 1
                     a.send(pb.ToAgent(ping=pb.Ping(seq=a.ping_seq, heartbeat_s=pace)))
             self.link.sweep(list(self.agents.values()))
+            self._flush_bindings()
             self.watch_tokens()
             self.watch_credentials()
             self.quarantine.tick()
@@ -629,6 +660,13 @@ class Coordinator:
             self.governor.stop()
         self.calllog.close()
         self.auth.close()
+        self._flush_bindings()
+
+    def _flush_bindings(self) -> None:
+        try:
+            self.volunteers.bindings.flush()
+        except OSError as exc:
+            log.error("could not write the agent key bindings: %s", exc)
 
     async def run_forever(self) -> None:
         raise_open_files_limit()

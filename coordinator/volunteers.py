@@ -30,6 +30,7 @@ import json
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ IDS_PER_AGENT = 4              # ...with --max-agents N: max(16, 4 N)
 BINDING_TTL_S = 180 * 86400.0  # a binding unseen this long is forgotten
 STALE_S = 7 * 86400.0          # at its token's cap, a binding unseen this long gives way to a new id
 SEEN_EVERY_S = 3600.0          # how often a binding's last-seen time is written back
+SAVE_EVERY_S = 0.5             # agent_keys.json is rewritten at most this often
 
 
 class Denied(Exception):
@@ -216,12 +218,20 @@ class TokenBook:
 # ---------------------------------------------------------------- agent_keys.json
 
 class KeyBindings:
-    """agent id -> the key that first joined under it (and the token it came with)."""
+    """agent id -> the key that first joined under it (and the token it came with).
+
+    Writes are coalesced: at most one every SAVE_EVERY_S (a fleet joining after a restart would
+    otherwise rewrite the whole file per join, O(n^2)); flush() writes what is pending, and the
+    coordinator calls it on its liveness tick and when it stops. A crash loses at most the
+    bindings of the last SAVE_EVERY_S, whose agents are bound again by their next join."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.agents: dict[str, dict[str, Any]] = {}
+        self._per_token: Counter[str] = Counter()  # bindings per token name, kept as agents bind
         self._touched = time.time()
+        self._saved = 0.0
+        self.dirty = False
         self.load()
 
     def load(self) -> None:
@@ -239,9 +249,20 @@ class KeyBindings:
                              "(then the first key to join under each id owns it again)") from None
         cutoff = time.time() - BINDING_TTL_S
         self.agents = {k: v for k, v in agents.items() if v["seen"] >= cutoff}
+        self._per_token = Counter(v["token"] for v in self.agents.values())
 
     def save(self) -> None:
-        write_private(self.path, json.dumps({"agents": self.agents}, indent=1, sort_keys=True).encode())
+        """Mark the bindings changed; written now unless written less than SAVE_EVERY_S ago."""
+        self.dirty = True
+        if time.monotonic() - self._saved >= SAVE_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.dirty:
+            self.dirty = False
+            self._saved = time.monotonic()
+            write_private(self.path, json.dumps({"agents": self.agents}, separators=(",", ":"),
+                                                sort_keys=True).encode())
 
     def owner(self, agent_id: str) -> bytes | None:
         b = self.agents.get(agent_id)
@@ -260,7 +281,7 @@ class KeyBindings:
             self.save()
 
     def count(self, token_name: str) -> int:
-        return sum(1 for b in self.agents.values() if b["token"] == token_name)
+        return self._per_token[token_name]
 
     def bind(self, agent_id: str, key: bytes, token: VolunteerToken, connected: Any = ()) -> None:
         """Record that `key` owns `agent_id` (first join), or that its owner was seen again. At the
@@ -276,9 +297,12 @@ class KeyBindings:
                     who = f"token {token.name!r}" if token.name else "the shared join token"
                     raise Denied("token_max_ids", f"{who} has bound {token.max_ids()} agent ids already; reuse "
                                                   "an agent's id (its state directory keeps it), or ask the operator")
-                del self.agents[min(stale)[1]]
+                self._per_token[self.agents.pop(min(stale)[1])["token"]] -= 1
             self.agents[agent_id] = {"key": key.hex(), "token": token.name, "since": now, "seen": now}
+            self._per_token[token.name] += 1
         elif b["token"] != token.name or now - b["seen"] > SEEN_EVERY_S:
+            self._per_token[b["token"]] -= 1
+            self._per_token[token.name] += 1
             b["token"], b["seen"] = token.name, now
         else:
             return

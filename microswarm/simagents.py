@@ -188,20 +188,42 @@ async def run_agents(coordinator: str, token_text: str, count: int, prefix: str,
         reporter.cancel()
 
 
-class Fleet:
-    """N simulated agents in ceil(N / AGENTS_PER_PROCESS) processes; `wait_ready` counts them in."""
+def volunteer_tokens(state_dir: str, processes: int, per_process: int, env: dict[str, str] | None = None) -> list[str]:
+    """One named join token per simulated-agent process (`sim0`, `sim1`, ...), each allowing its
+    share of agents: the shared token binds at most 4,096 agent ids, and a real fleet of thousands
+    would come as many volunteers anyway."""
+    tokens = []
+    for i in range(processes):
+        r = subprocess.run([sys.executable, "-m", "microswarm.cli", "coordinator", "token", "--state-dir", state_dir,
+                            "--name", f"sim{i}", "--max-agents", str(per_process)],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+        if r.returncode != 0:
+            raise RuntimeError(f"could not mint a join token for the simulated agents: {r.stderr.strip()}")
+        tokens.append(r.stdout.strip().splitlines()[-1].strip())
+    return tokens
 
-    def __init__(self, coordinator: str, token: str, count: int, env: dict[str, str] | None = None,
+
+def processes_for(count: int) -> int:
+    return max(1, -(-count // AGENTS_PER_PROCESS))
+
+
+class Fleet:
+    """N simulated agents in processes_for(N) processes (`tokens`: one join token for all, or one per
+    process); `wait_ready` counts them in."""
+
+    def __init__(self, coordinator: str, tokens: str | list[str], count: int, env: dict[str, str] | None = None,
                  slots: int = 4, log: str = os.devnull) -> None:
         self.count = count
         self._log = open(log, "ab")
-        n = max(1, -(-count // AGENTS_PER_PROCESS))
+        n = processes_for(count)
+        if isinstance(tokens, str):
+            tokens = [tokens] * n
         shares = [count // n + (1 if i < count % n else 0) for i in range(n)]
         self.procs = [subprocess.Popen(
             [sys.executable, "-m", "microswarm.simagents", "--coordinator", coordinator, "--count", str(k),
              "--prefix", f"sim{i}-", "--slots", str(slots)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log, text=True,
-            env={**os.environ, **(env or {}), "MICROSWARM_SIM_TOKEN": token}, start_new_session=True)
+            env={**os.environ, **(env or {}), "MICROSWARM_SIM_TOKEN": tokens[i]}, start_new_session=True)
             for i, k in enumerate(shares)]
         self.ready = [0] * n
 
