@@ -7,6 +7,7 @@ fails with AgentLost so that the scheduler can take over.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from microswarm.protos import microswarm_pb2 as pb
 
 from .caller import CALLER, Caller
 from .calls import PROGRESS, Progress
+from .placement import AgentView
 from .ratelimit import Limits
 
 if TYPE_CHECKING:
@@ -188,6 +190,11 @@ class AgentSession:
                 rec.future.set_exception(exc)
             if rec.claimed is not None and not rec.claimed.done():
                 rec.claimed.set_exception(exc)
+
+    @functools.cached_property
+    def view(self) -> AgentView:
+        """What placement sees of it (fixed once it has joined: slots and limits are granted then)."""
+        return AgentView(self.agent_id, self.max_packages, self.slots)
 
     @property
     def quarantined(self) -> bool:

@@ -293,6 +293,29 @@ class Placement:
             self._since.setdefault(best.agent_id, {})[service] = now
             return best.agent_id
 
+    def admit(self, agents: list[AgentView], services: list[str], now: float | None = None) -> bool:
+        """Plan for agents that just joined, alone, when the strategy allows it: with "all" each
+        holds the last plan's ranking up to its limit, whatever the others hold (the other strategies
+        rebalance the fleet: False, make a whole plan). A whole plan looks at every agent, so this
+        keeps a fleet's reconnection linear."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self.name != "all" or self._planned_at is None or set(services) != set(self._order):
+                return False
+            for a in agents:
+                held = set(self._order[:a.max_packages] if a.max_packages else self._order)
+                self._plan[a.agent_id] = held
+                self._since[a.agent_id] = dict.fromkeys(held, now)
+            return True
+
+    def needs_replans(self, agents: list[AgentView]) -> bool:
+        """Whether a plan can change with the calls observed: under "all" only for agents that hold a
+        limited number of packages (the ranking decides which)."""
+        return self.name != "all" or any(a.max_packages for a in agents)
+
+    def mark_planned(self, now: float | None = None) -> None:
+        self._planned_at = time.monotonic() if now is None else now
+
     def forget(self, agent_id: str) -> None:
         with self._lock:
             self._plan.pop(agent_id, None)

@@ -193,7 +193,7 @@ class Coordinator:
         return pb.Holdings(packages=refs)
 
     def _views(self) -> list[AgentView]:
-        return [AgentView(a.agent_id, a.max_packages, a.slots) for a in self.agents.values() if not a.closed]
+        return [a.view for a in self.agents.values() if not a.closed]
 
     def replan(self, force: bool = False) -> None:
         """Re-decide who holds what from the calls and run times observed; tell the agents whose
@@ -215,12 +215,19 @@ class Coordinator:
             asyncio.get_running_loop().call_later(JOIN_REPLAN_S, self._plan_joined)
 
     def _plan_joined(self) -> None:
-        joined, self._joined = self._joined, []
-        self.replan()
+        joined, self._joined = [a for a in self._joined if not a.closed], []
+        names = [e.name for e in self.registry.current()]
+        admitted = self.placement.admit([a.view for a in joined], names)
+        if admitted:
+            for agent in joined:
+                agent.send(pb.ToAgent(holdings=self.holdings_for(agent)))
+        else:
+            self.replan()  # tells the agents whose set changed
         ready = False
         for agent in joined:
-            if not agent.closed and not agent.planned:  # nothing for it yet (placement places services in
-                agent.send(pb.ToAgent(holdings=self.holdings_for(agent)))  # use): ready at once
+            if not agent.planned:  # nothing for it yet (placement places services in use): ready at once
+                if not admitted:
+                    agent.send(pb.ToAgent(holdings=self.holdings_for(agent)))
                 agent.state = "ready"
                 ready = True
         if ready:
@@ -340,7 +347,11 @@ class Coordinator:
             self.watch_credentials()
             self.quarantine.tick()
             if self.placement.due():
-                self.replan()
+                views = self._views()
+                if self.placement.needs_replans(views):
+                    self.replan()
+                else:
+                    self.placement.mark_planned()
             await self.local.reap()
 
     def _on_publish(self, entry: ServiceEntry) -> None:
