@@ -229,7 +229,8 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
         """Everything for the operator; a client with the scope `status` gets volunteers' ids and
         addresses hidden (Coordinator.status); anyone else is refused (_viewer)."""
         operator = await self._viewer(context, "status")
-        return self.c.status(request.recent_calls, operator=operator)
+        return self.c.status(request.recent_calls, operator=operator, offset=request.agents_offset,
+                             limit=request.agents_limit)
 
     async def CacheStats(self, request: pb.CacheStatsRequest, context: aio.ServicerContext) -> pb.CacheStatsReply:
         await self._viewer(context, "cache stats")

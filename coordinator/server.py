@@ -9,7 +9,8 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from grpc import aio
 
@@ -68,6 +69,14 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, target
 
 
+class FleetTotals(NamedTuple):
+    """The fleet as Status sums it up: agent ids in order (pages), holders per package digest."""
+    ids: list[str]
+    holders: dict[str, int]
+    slots: int
+    running: int
+
+
 @dataclass
 class CoordinatorConfig:
     listen: str = "127.0.0.1:7070"
@@ -115,7 +124,7 @@ class Coordinator:
         self.auth = Auth(self.state.path, access_ttl=config.token_ttl_s)
         self._clients_stamp = file_stamp(self.auth.clients_file)
         self._credentials_error = ""
-        self._status_cache: dict[tuple[bool, int], tuple[float, pb.StatusReply, dict[str, int]]] = {}
+        self._status_cache: dict[tuple[Any, int], tuple[float, Any]] = {}  # _shared: (what, agents) -> (when, value)
         if not self.state.join_secrets():
             self.state.add_join_secret()
         self.volunteers = Volunteers(self.state.path)  # tokens in memory; agent ids bound to keys
@@ -375,39 +384,64 @@ class Coordinator:
 
     # ------------------------------------------------------------ status
 
-    def status(self, recent: int, operator: bool = True) -> pb.StatusReply:
+    def status(self, recent: int, operator: bool = True, offset: int = 0, limit: int = 0) -> pb.StatusReply:
         """What `microswarm status` shows. Only the operator sees volunteers' ids, addresses and token
-        names; anyone else gets `redacted` and stable pseudonyms instead (see _redact). The agents'
-        part is built at most once per STATUS_TTL_S for each view (_agents_view): with thousands of
-        agents building it takes the event loop for a while, so repeated and concurrent callers share
-        it; the rest (scheduler, services, the call log, the cache) is fresh on every call."""
-        view, holders = self._agents_view(operator)
-        reply = self._status(recent, agents=False, holders=holders)
+        names; anyone else gets `redacted` and stable pseudonyms instead (see _redact). With `limit`
+        only that page of agents (by id) is built; the whole list and the fleet's totals are built at
+        most once per STATUS_TTL_S (_fleet, _agents_view): with thousands of agents they take the event
+        loop for a while, so repeated and concurrent callers share them; the rest (scheduler, services,
+        the call log, the cache) is fresh on every call."""
+        fleet = self._fleet()
+        reply = self._status(recent, agents=False, holders=fleet.holders)
         if not operator:
             self._redact(reply)  # the call log; the view's agents are redacted already
-        reply.MergeFrom(view)
+        if limit:
+            page = pb.StatusReply()
+            self._agent_infos(page, [self.agents[i] for i in fleet.ids[offset:offset + limit] if i in self.agents])
+            if not operator:
+                self._redact(page)
+            reply.MergeFrom(page)
+        else:
+            reply.MergeFrom(self._agents_view(operator))
+        reply.agents_total, reply.slots_total, reply.running_total = len(fleet.ids), fleet.slots, fleet.running
         return reply
 
-    def _agents_view(self, operator: bool) -> tuple[pb.StatusReply, dict[str, int]]:
-        """A reply holding only the agents, for the operator or redacted, and how many agents hold
-        each package digest; with many agents kept STATUS_TTL_S (rebuilt at once when agents come
-        or go), so that polling Status cannot take the event loop from calls."""
-        key = (operator, len(self.agents))
+    def _shared(self, key: Any, build: Callable[[], Any]) -> Any:
+        """`build()`'s value, shared by the callers within STATUS_TTL_S once the fleet is large (rebuilt
+        at once when agents come or go)."""
+        if len(self.agents) < STATUS_SHARED_FROM:
+            return build()
         now = time.monotonic()
-        hit = self._status_cache.get(key) if len(self.agents) >= STATUS_SHARED_FROM else None
+        full = (key, len(self.agents))
+        hit = self._status_cache.get(full)
         if hit is not None and now - hit[0] < STATUS_TTL_S:
-            return hit[1], hit[2]
-        view = pb.StatusReply()
-        self._agent_infos(view)
-        if not operator:
-            self._redact(view)
-        holders: dict[str, int] = {}
-        for a in self.agents.values():
-            for d in a.holdings:
-                holders[d] = holders.get(d, 0) + 1
-        self._status_cache = {k: v for k, v in self._status_cache.items() if k[0] != operator}
-        self._status_cache[key] = (now, view, holders)
-        return view, holders
+            return hit[1]
+        value = build()
+        self._status_cache = {k: v for k, v in self._status_cache.items() if k[0] != key}
+        self._status_cache[full] = (now, value)
+        return value
+
+    def _fleet(self) -> FleetTotals:
+        def build() -> FleetTotals:
+            holders: dict[str, int] = {}
+            slots = running = 0
+            for a in self.agents.values():
+                slots += a.slots
+                running += a.running
+                for d in a.holdings:
+                    holders[d] = holders.get(d, 0) + 1
+            return FleetTotals(sorted(self.agents), holders, slots, running)
+        return self._shared("fleet", build)  # type: ignore[no-any-return]
+
+    def _agents_view(self, operator: bool) -> pb.StatusReply:
+        """A reply holding only the agents (all of them), for the operator or redacted."""
+        def build() -> pb.StatusReply:
+            view = pb.StatusReply()
+            self._agent_infos(view, sorted(self.agents.values(), key=lambda a: a.agent_id))
+            if not operator:
+                self._redact(view)
+            return view
+        return self._shared(("agents", operator), build)  # type: ignore[no-any-return]
 
     def _redact(self, reply: pb.StatusReply) -> None:
         alias = self.state.pseudonym
@@ -422,9 +456,9 @@ class Coordinator:
             if call.client.startswith("agent:"):  # a nested call: the agent whose job asked
                 call.client = "agent:" + alias(call.client[6:])
 
-    def _agent_infos(self, reply: pb.StatusReply) -> None:
+    def _agent_infos(self, reply: pb.StatusReply, agents: list[AgentSession]) -> None:
         v = self.verifier
-        for a in sorted(self.agents.values(), key=lambda a: a.agent_id):
+        for a in agents:
             info = a.info()
             t = v.of(a.agent_id)
             info.trust = v.trust(a.agent_id, a.quarantined)
@@ -451,7 +485,7 @@ class Coordinator:
                                             agreed_total=v.counts.agreed, disagreed_total=v.counts.disagreed,
                                             unverified_total=v.counts.unverified, purged_total=v.counts.purged))
         if agents:
-            self._agent_infos(reply)
+            self._agent_infos(reply, sorted(self.agents.values(), key=lambda a: a.agent_id))
         for e in self.registry.current():
             held = holders.get(e.digest, 0) if holders is not None else \
                 sum(1 for a in self.agents.values() if e.digest in a.holdings)

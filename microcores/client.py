@@ -334,10 +334,13 @@ class Client:
                     raise Unauthorized(exc.details() or str(exc.code())) from None
                 raise _unavailable(exc, self.target) from None
 
-    def status(self, recent_calls: int = 20, timeout: float = 10) -> pb.StatusReply:
+    def status(self, recent_calls: int = 20, timeout: float = 10, agents_limit: int = 0,
+               agents_offset: int = 0) -> pb.StatusReply:
         """The coordinator's status: needs the operator's credential (full view) or a client token
-        whose scope covers `status` (volunteers' ids and addresses hidden: `redacted`)."""
-        reply: pb.StatusReply = self._viewer_rpc("Status", pb.StatusRequest(recent_calls=recent_calls), timeout)
+        whose scope covers `status` (volunteers' ids and addresses hidden: `redacted`). With
+        `agents_limit`, one page of the agents by id (`agents_total` counts them all)."""
+        req = pb.StatusRequest(recent_calls=recent_calls, agents_limit=agents_limit, agents_offset=agents_offset)
+        reply: pb.StatusReply = self._viewer_rpc("Status", req, timeout)
         return reply
 
     def cache_stats(self, timeout: float = 10) -> dict[str, Any]:

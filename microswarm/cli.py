@@ -488,6 +488,9 @@ def cmd_clients_revoke(a: argparse.Namespace) -> int:
     return 0
 
 
+AGENT_ROWS = 50  # agents in `status`'s table (the first by id); --json has them all
+
+
 def status_dict(reply: Any) -> dict[str, Any]:
     from google.protobuf.json_format import MessageToDict
 
@@ -500,7 +503,9 @@ def status_dict(reply: Any) -> dict[str, Any]:
 def status_tables(reply: Any, max_calls: int | None = None) -> list[Table]:
     """`status`'s tables: agents, scheduler, services, recent calls (the max_calls most recent, when
     given), and the result cache in a few figures (`cache stats` has them all)."""
-    t = Table(title=f"agents ({len(reply.agents)})", title_justify="left")
+    total = max(reply.agents_total, len(reply.agents))
+    shown = f"{len(reply.agents)} of {total:,}; `status --json` lists all" if total > len(reply.agents) else str(total)
+    t = Table(title=f"agents ({shown})", title_justify="left")
     for col in ("id", "address", "state", "trust", "sandbox", "packages", "slots", "load", "last heartbeat", "done",
                 "failed"):
         t.add_column(col)
@@ -574,14 +579,14 @@ def cmd_status(a: argparse.Namespace) -> int:
                 from microswarm.render import fit_height
 
                 def frame() -> Any:
-                    reply = c.status(a.calls)
+                    reply = c.status(a.calls, agents_limit=AGENT_ROWS)
                     return fit_height(lambda n: status_tables(reply, n), out, a.calls)
 
                 with Live(frame(), console=out, refresh_per_second=4, vertical_overflow="crop") as live:
                     while True:
                         time.sleep(a.interval)
                         live.update(frame())
-            reply = c.status(a.calls)
+            reply = c.status(a.calls, agents_limit=0 if a.json else AGENT_ROWS)
     except MicroError as exc:
         err.print(f"[red]error:[/] {exc.message}")
         return 1

@@ -137,10 +137,14 @@ class ReplyBatch(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., replies: _Optional[_Iterable[_Union[CallReply, _Mapping]]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("recent_calls",)
+    __slots__ = ("recent_calls", "agents_limit", "agents_offset")
     RECENT_CALLS_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_OFFSET_FIELD_NUMBER: _ClassVar[int]
     recent_calls: int
-    def __init__(self, recent_calls: _Optional[int] = ...) -> None: ...
+    agents_limit: int
+    agents_offset: int
+    def __init__(self, recent_calls: _Optional[int] = ..., agents_limit: _Optional[int] = ..., agents_offset: _Optional[int] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
     __slots__ = ("agent_id", "address", "packages", "slots", "running", "last_heartbeat_s", "state", "connected_s", "jobs_done", "jobs_failed", "cpu_percent", "rss_bytes", "mode", "load1", "jobs_cpu_percent", "jobs_rss_bytes", "others_cpu_percent", "limit_stops", "versions", "max_packages", "quarantine_left_s", "jobs_timed_out", "mean_run_ms", "trust", "agreements", "disagreements", "slots_asked", "token_name", "agreements_in_row", "sandbox")
@@ -309,7 +313,7 @@ class VerifyInfo(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., trust_after: _Optional[int] = ..., spot_check: _Optional[float] = ..., agreed_total: _Optional[int] = ..., disagreed_total: _Optional[int] = ..., unverified_total: _Optional[int] = ..., purged_total: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("coordinator_id", "listen", "uptime_s", "agents", "services", "calls", "dispatch", "placement", "calls_total", "fallbacks_total", "cache_json", "scheduler", "verify", "redacted")
+    __slots__ = ("coordinator_id", "listen", "uptime_s", "agents", "services", "calls", "dispatch", "placement", "calls_total", "fallbacks_total", "cache_json", "scheduler", "verify", "redacted", "agents_total", "slots_total", "running_total")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     LISTEN_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -324,6 +328,9 @@ class StatusReply(_message.Message):
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
     REDACTED_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_TOTAL_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
     listen: str
     uptime_s: float
@@ -338,7 +345,10 @@ class StatusReply(_message.Message):
     scheduler: SchedulerInfo
     verify: VerifyInfo
     redacted: bool
-    def __init__(self, coordinator_id: _Optional[str] = ..., listen: _Optional[str] = ..., uptime_s: _Optional[float] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallRecord, _Mapping]]] = ..., dispatch: _Optional[str] = ..., placement: _Optional[str] = ..., calls_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., cache_json: _Optional[bytes] = ..., scheduler: _Optional[_Union[SchedulerInfo, _Mapping]] = ..., verify: _Optional[_Union[VerifyInfo, _Mapping]] = ..., redacted: _Optional[bool] = ...) -> None: ...
+    agents_total: int
+    slots_total: int
+    running_total: int
+    def __init__(self, coordinator_id: _Optional[str] = ..., listen: _Optional[str] = ..., uptime_s: _Optional[float] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallRecord, _Mapping]]] = ..., dispatch: _Optional[str] = ..., placement: _Optional[str] = ..., calls_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., cache_json: _Optional[bytes] = ..., scheduler: _Optional[_Union[SchedulerInfo, _Mapping]] = ..., verify: _Optional[_Union[VerifyInfo, _Mapping]] = ..., redacted: _Optional[bool] = ..., agents_total: _Optional[int] = ..., slots_total: _Optional[int] = ..., running_total: _Optional[int] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
     __slots__ = ("manifest", "archive", "publisher_signature")

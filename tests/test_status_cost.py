@@ -40,7 +40,7 @@ def test_status_at_3000_agents_builds_the_agents_once_per_interval_and_shares_th
             n += 1
         shared_ms = (time.perf_counter() - t0) * 1000 / n
         assert again.agents == full.agents and shared_ms < build_ms / 4, (shared_ms, build_ms)
-        assert c._agents_view(True)[0] is c._agents_view(True)[0]
+        assert c._agents_view(True) is c._agents_view(True)
         hidden = c.status(20, operator=False)  # each view is built (and kept) on its own
         assert hidden.redacted and not {a.agent_id for a in hidden.agents} & set(c.agents)
         assert all(a.address == "" and a.agent_id.startswith("agent-") for a in hidden.agents)
