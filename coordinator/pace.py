@@ -5,13 +5,17 @@ One agent heartbeats every `floor` seconds (--heartbeat, 1 s); past `budget` age
 grows with the fleet (10,000 agents at 1,000 a second: every 10 s), and the silence window grows
 with it (--liveness is for the floor pace). Busy agents are watched by their jobs' own traffic and
 timeouts, not by heartbeats; what a slower pace delays is noticing that an idle agent froze. Agents
-hear a new pace in a Ping (heartbeat_s); it changes only when the fleet's size moves it by half or
-more, so that a fleet around a boundary does not make the coordinator ping every agent each second.
+hear a new pace in a Ping (heartbeat_s). It slows as soon as the fleet would exceed the budget by
+RISE (so the budget holds within 10%), and quickens only when the fleet shrank by a third or more,
+so that a fleet around a boundary does not make the coordinator ping every agent each second.
 """
 from __future__ import annotations
 
+import math
+
 HEARTBEAT_BUDGET = 1000.0   # heartbeats a second from the whole fleet, at most (past the floor pace)
-HYSTERESIS = 1.5            # the pace changes when the wanted one is this far off
+RISE = 1.1                  # the interval grows once the wanted one is this much longer...
+FALL = 1.5                  # ...and shrinks once it is this much shorter
 
 
 class Pace:
@@ -25,12 +29,12 @@ class Pace:
         return self.base_liveness_s * self.heartbeat_s / self.floor_s
 
     def wanted(self, agents: int) -> float:
-        return max(self.floor_s, round(agents / self.budget, 1))
+        return max(self.floor_s, math.ceil(agents / self.budget * 10) / 10)  # in tenths of a second
 
     def update(self, agents: int) -> float | None:
         """The new pace when the fleet's size calls for one (tell every agent), else None."""
         want = self.wanted(agents)
-        if want == self.heartbeat_s or self.heartbeat_s / HYSTERESIS < want < self.heartbeat_s * HYSTERESIS:
+        if self.heartbeat_s / FALL < want < self.heartbeat_s * RISE or want == self.heartbeat_s:
             return None
         self.heartbeat_s = want
         return want

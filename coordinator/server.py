@@ -29,7 +29,7 @@ from .client_api import ClientService
 from .dispatch import STRATEGIES, Dispatcher
 from .governor import GovernorSettings, HeapGovernor, combined_stats
 from .local import LocalRunner
-from .pace import Pace
+from .pace import HEARTBEAT_BUDGET, Pace
 from .placement import STRATEGIES as PLACEMENTS
 from .placement import AgentView, Placement
 from .quarantine import Quarantine
@@ -86,6 +86,7 @@ class CoordinatorConfig:
     heartbeat_s: float = 1.0
     liveness_s: float = 6.0          # silent this long: removed; half of it: suspect (at the floor pace)
     handshake_rate: float = 10.0     # agent handshakes one host may start a second (burst: 4x)
+    heartbeat_budget: float = HEARTBEAT_BUDGET  # heartbeats a second from the whole fleet (pace.py)
     fallback_slots: int = 0          # the old name of local_slots (0: not set)
     local_slots: int | None = None   # jobs the coordinator runs itself at once; None: one per CPU; 0: never
     queue_wait_s: float = 2.0        # a call waits this long for an agent slot before the coordinator runs it
@@ -113,8 +114,9 @@ class CoordinatorConfig:
 
 class Coordinator:
     def __init__(self, config: CoordinatorConfig) -> None:
-        if config.handshake_rate <= 0:
-            raise ValueError(f"--handshake-rate {config.handshake_rate:g} must be more than 0 handshakes a second")
+        for flag, value in (("--handshake-rate", config.handshake_rate), ("--heartbeat-budget", config.heartbeat_budget)):
+            if value <= 0:
+                raise ValueError(f"{flag} {value:g} must be more than 0 a second")
         self.config = config
         self.state = StateDir(config.state_dir)
         # credentials live in memory (re-read on SIGHUP and when their files change: watch_credentials),
@@ -166,7 +168,7 @@ class Coordinator:
         self.scheduler.ran = lambda service, seconds: self.placement.observe(service, seconds * 1000)
         self.verifier = Verifier(config.verify, config.trust_after, config.spot_check)
         self.dispatcher = Dispatcher(self, self.scheduler, strategy, self.verifier)
-        self.pace = Pace(config.heartbeat_s, config.liveness_s)
+        self.pace = Pace(config.heartbeat_s, config.liveness_s, config.heartbeat_budget)
         self._joined: list[AgentSession] = []  # agents welcomed since the last join replan
         self._by_volunteer: dict[str, dict[str, AgentSession]] = {}  # named token -> its connected agents
         self.cache: Any = None

@@ -82,7 +82,8 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
                             quarantine_s=a.quarantine, hedge=a.hedge, worker_idle_s=a.worker_idle,
                             verify=a.verify, trust_after=a.trust_after, spot_check=a.spot_check,
                             insecure=a.insecure, tls_cert=a.tls_cert, tls_key=a.tls_key,
-                            result_ttl_s=a.result_ttl, handshake_rate=a.handshake_rate)
+                            result_ttl_s=a.result_ttl, handshake_rate=a.handshake_rate,
+                            heartbeat_budget=a.heartbeat_budget)
     cfg.advertise = a.advertise
     try:
         from microcores import _publisher
@@ -630,6 +631,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.simulated_agents is not None:
+        if a.simulated_agents < 1 or a.coordinator:
+            err.print("[red]error:[/] --simulated-agents takes a number of agents (1 or more) and starts its own "
+                      "coordinator (no --coordinator)")
+            return 2
+        from microswarm.bench_fleet import run_fleet_bench
+        return run_fleet_bench(a.simulated_agents, out_path=a.output)
     from microswarm.bench import run_bench
     return run_bench(coordinator=a.coordinator, quick=a.quick, out_path=a.output)
 
@@ -699,8 +707,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="chance that a trusted agent's result is still confirmed (adaptive)")
     st.add_argument("--heartbeat", type=float, default=1.0, metavar="S", help="agent heartbeat interval")
     st.add_argument("--liveness", type=float, default=6.0, metavar="S",
-                    help="an agent silent this long is removed (suspect after half); past 1,000 agents the "
-                         "heartbeat interval and this window grow with the fleet")
+                    help="an agent silent this long is removed (suspect after half); past --heartbeat-budget "
+                         "agents the heartbeat interval and this window grow with the fleet")
+    st.add_argument("--heartbeat-budget", type=float, default=1000.0, metavar="N",
+                    help="heartbeats a second from the whole fleet at most: past N agents each heartbeats every "
+                         "agents/N seconds")
     st.add_argument("--handshake-rate", type=float, default=10.0, metavar="N",
                     help="agent handshakes one address may start a second (burst 4x); raise it when many "
                          "volunteers share one public address")
@@ -888,6 +899,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="benchmark a running coordinator instead of starting one")
     be.add_argument("--quick", action="store_true", help="fewer samples")
     be.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
+    be.add_argument("--simulated-agents", type=int, default=None, metavar="N",
+                    help="instead: one coordinator under N simulated agents (real handshake, sealing, heartbeats "
+                         "and jobs, from a few processes): its memory, idle CPU, Status and calls/s")
     be.set_defaults(func=cmd_bench)
     fill_help(p, _FILL_HELP)
     return p
