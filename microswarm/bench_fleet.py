@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .cluster import LocalCluster
+from .coordinator.server import STATUS_TTL_S
 from .simagents import AGENTS_PER_PROCESS, Fleet, processes_for, volunteer_tokens
 
 console = Console(stderr=True)
@@ -51,7 +52,6 @@ def _rss_mib(pid: int) -> float:
 
 
 def _status_ms(cluster: LocalCluster, limit: int) -> float:
-    from microswarm.coordinator.server import STATUS_TTL_S
     times = []
     with cluster.client() as c:
         c.status(1, agents_limit=limit)  # the channel and the operator's credential, not measured
