@@ -33,7 +33,7 @@ import grpc
 import psutil
 
 from microcores import __version__, _codec, _tls
-from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, check_len, collect, derive_keys,
+from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, check_len, collect_parts, derive_keys,
                                 fingerprint, handshake_seen, hello_transcript, join_mac, new_ephemeral, public_bytes,
                                 refusal_verifies, sign, split, verify)
 from microcores._sandbox import detect as detect_sandbox
@@ -543,9 +543,9 @@ class Agent:
             if msg is None:
                 await link.call.done_writing()
                 return
-            plaintext, stop = collect(msg, link.outbox)
-            for counter, ct, more in link.channel.seal_iter(plaintext):
-                await link.call.write(pb.LinkFrame(sealed=pb.Sealed(counter=counter, ciphertext=ct, more=more)))
+            parts, stop = collect_parts(msg, link.outbox)  # sealed from its parts: a job's output is not joined
+            for counter, ct, more in link.channel.seal_iter(parts):
+                await link.call.write(_sealed_frame(counter, ct, more))
             if stop:
                 await link.call.done_writing()
                 return
@@ -790,6 +790,17 @@ class _ProgressForward:
 
 def _ctx(job: pb.Job) -> dict[str, str]:
     return {"job": job.job_id, "service": job.service}
+
+
+def _sealed_frame(counter: int, ciphertext: bytes, more: bool) -> pb.LinkFrame:
+    """A LinkFrame carrying one sealed frame, its ciphertext copied once into it (not into a Sealed
+    first and then again into the LinkFrame)."""
+    frame = pb.LinkFrame()
+    sealed = frame.sealed
+    sealed.counter = counter
+    sealed.ciphertext = ciphertext
+    sealed.more = more
+    return frame
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -23,7 +23,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from microcores._secure import MAX_FRAME, MAX_MESSAGE, collect, fingerprint, split
+from microcores._secure import MAX_FRAME, MAX_MESSAGE, collect_parts, fingerprint, split
 from microcores.errors import MicroError, ProtocolError
 from microswarm.protos import microswarm_pb2 as pb
 
@@ -259,9 +259,9 @@ class AgentLinkService:
                 await asyncio.sleep(0)  # let tasks that are ready queue theirs: one write carries them all
                 if msg is None:
                     return
-                plaintext, stop = collect(msg, s.outbox)
-                for counter, ct, more in s.channel.seal_iter(plaintext):
-                    await context.write(pb.LinkFrame(sealed=pb.Sealed(counter=counter, ciphertext=ct, more=more)))
+                parts, stop = collect_parts(msg, s.outbox)  # sealed from its parts: a job's input is not joined
+                for counter, ct, more in s.channel.seal_iter(parts):
+                    await context.write(sealed_frame(counter, ct, more))
                 if stop:
                     return
         except asyncio.CancelledError:
@@ -447,6 +447,17 @@ class AgentLinkService:
 
     def next_job_id(self) -> str:
         return f"j{next(self._job_ids)}"
+
+
+def sealed_frame(counter: int, ciphertext: bytes, more: bool) -> pb.LinkFrame:
+    """A LinkFrame carrying one sealed frame, its ciphertext copied once into it (a Sealed built
+    apart and passed to LinkFrame(sealed=...) would be copied again, a whole frame each time)."""
+    frame = pb.LinkFrame()
+    sealed = frame.sealed
+    sealed.counter = counter
+    sealed.ciphertext = ciphertext
+    sealed.more = more
+    return frame
 
 
 def _retrieved(t: asyncio.Task[Any]) -> None:

@@ -294,16 +294,19 @@ class Channel:
         """Encrypt one message as (counter, ciphertext, more) frames, none over max_frame."""
         return list(self.seal_iter(message))
 
-    def seal_iter(self, message: bytes) -> Iterator[tuple[int, bytes, bool]]:
+    def seal_iter(self, message: bytes | list[bytes]) -> Iterator[tuple[int, bytes, bool]]:
         """Frames one at a time, so a large message is on the wire while the rest is sealed.
 
+        `message` may be given as its parts (what collect_parts returns): the frames are cut across
+        them, so a large payload is sealed straight from its own buffer instead of first being
+        joined into one plaintext (only a frame that straddles two parts is copied, at most max_frame).
         Consume it whole before sealing anything else: counters are taken as frames are made."""
-        if len(message) > self.max_message:
-            raise TooLarge(f"message of {len(message)} bytes exceeds the limit of {self.max_message}")
-        view = memoryview(message)
-        n = max(1, -(-len(message) // self.max_frame))
-        for i in range(n):
-            piece = view[i * self.max_frame:(i + 1) * self.max_frame]
+        parts = [message] if not isinstance(message, list) else message
+        total = sum(len(p) for p in parts)
+        if total > self.max_message:
+            raise TooLarge(f"message of {total} bytes exceeds the limit of {self.max_message}")
+        n = max(1, -(-total // self.max_frame))
+        for i, piece in enumerate(_cut(parts, self.max_frame, total)):
             more = i < n - 1
             c = self.send_counter
             self.send_counter += 1
@@ -363,6 +366,14 @@ def collect(first: Any, queue: "asyncio.Queue[Any]") -> tuple[bytes, bool]:
     message costs one gRPC write and one AEAD call instead of one each. The plaintext is a
     sequence of 4-byte-length-prefixed serialized messages. Returns (plaintext, saw_sentinel).
     """
+    parts, stop = collect_parts(first, queue)
+    return b"".join(parts), stop
+
+
+def collect_parts(first: Any, queue: "asyncio.Queue[Any]") -> tuple[list[bytes], bool]:
+    """collect(), its plaintext as the list of its parts (length prefixes and serialized messages),
+    for Channel.seal_iter: a large message (a job's input or result) is not copied into a joined
+    plaintext before it is sealed."""
     parts: list[bytes] = []
     size = 0
     msg = first
@@ -378,7 +389,34 @@ def collect(first: Any, queue: "asyncio.Queue[Any]") -> tuple[bytes, bool]:
         if msg is None:
             stop = True
             break
-    return b"".join(parts), stop
+    return parts, stop
+
+
+def _cut(parts: list[bytes], size: int, total: int) -> Iterator[bytes | memoryview]:
+    """The plaintext made of `parts`, in pieces of `size` bytes (the last one shorter; one empty
+    piece for an empty plaintext). A piece inside one part is a view of it; one that straddles
+    parts is joined (small messages batched together, or a length prefix and its message)."""
+    if total == 0:
+        yield b""
+        return
+    held: list[bytes | memoryview] = []
+    have = 0
+    for p in parts:
+        view = memoryview(p)
+        off, n = 0, len(view)
+        while off < n:
+            take = min(size - have, n - off)
+            if not held and take == size:
+                yield view[off:off + take]
+            else:
+                held.append(view[off:off + take])
+                have += take
+                if have == size:
+                    yield b"".join(held)
+                    held, have = [], 0
+            off += take
+    if held:
+        yield held[0] if len(held) == 1 else b"".join(held)
 
 
 def split(plaintext: bytes) -> list[memoryview]:

@@ -33,6 +33,7 @@ HEADER = struct.Struct(">I")
 GROUP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
 MAX_PIPE_MESSAGE = _codec.MAX_PAYLOAD + 1024 * 1024
 START_TIMEOUT = 60.0
+PIPE_PIECE = 1 << 20  # a job's input goes to its worker in writes of this size (the pipe's, see _widen_pipe)
 
 
 # ---------------------------------------------------------------- the worker process
@@ -44,22 +45,35 @@ def _read_exact(f: Any, n: int) -> bytes:
     return buf
 
 
+# A job's input (parent -> worker) and its result's output (worker -> parent) do not go inside the
+# msgpack frame: the frame says {"blob": n} and the n raw bytes follow it on the pipe. Neither side
+# copies the payload into a frame (a msgpack re-pack) nor out of one (a msgpack unpack of the bin).
+BLOB = "blob"
+
+
 def _recv(f: Any) -> dict[str, Any]:
     (n,) = HEADER.unpack(_read_exact(f, HEADER.size))
     if n > MAX_PIPE_MESSAGE:
         raise EOFError
     msg: dict[str, Any] = _codec.unpack(_read_exact(f, n), limit=MAX_PIPE_MESSAGE)
+    size = msg.pop(BLOB, None)
+    if size is not None:  # a job's input follows its frame (the two within MAX_PIPE_MESSAGE, as one frame was)
+        if not isinstance(size, int) or not 0 <= size <= MAX_PIPE_MESSAGE - n:
+            raise EOFError
+        msg["input"] = _read_exact(f, size)
     return msg
 
 
 _WRITE_LOCK = threading.Lock()  # the job's thread and a progress timer both write to the parent
 
 
-def _send(f: Any, msg: dict[str, Any]) -> None:
-    data = _codec.pack(msg)
+def _send(f: Any, msg: dict[str, Any], blob: bytes | None = None) -> None:
+    """One frame; `blob` (a result's output) follows it raw, written from its own buffer."""
+    data = _codec.pack(msg if blob is None else {**msg, BLOB: len(blob)})
     with _WRITE_LOCK:
-        f.write(HEADER.pack(len(data)))
-        f.write(data)
+        f.write(HEADER.pack(len(data)) + data)
+        if blob:
+            f.write(blob)
         f.flush()
 
 
@@ -199,9 +213,10 @@ def worker_main(directory: str) -> int:
         progress = ProgressLimiter(_progress_to(fout, job_id))
         ptoken = current_progress.set(progress)
         t0 = time.perf_counter()
+        output: bytes | None = None
         try:
-            out = service.run(_codec.unpack(msg["input"]))
-            reply = {"t": "result", "id": job_id, "ok": True, "output": _codec.pack(out)}
+            output = _codec.pack(service.run(_codec.unpack(msg["input"])))
+            reply = {"t": "result", "id": job_id, "ok": True}
         except MicroError as exc:
             reply = {"t": "result", "id": job_id, "ok": False, "error": exc.to_dict()}
         except MemoryError:
@@ -221,7 +236,7 @@ def worker_main(directory: str) -> int:
             current_progress.reset(ptoken)
             progress.close()
         reply["run_ms"] = (time.perf_counter() - t0) * 1000
-        _send(fout, reply)
+        _send(fout, reply, output)
 
 
 def _progress_to(fout: Any, job_id: str) -> Callable[[float, str], None]:
@@ -474,6 +489,11 @@ class Worker:
             if n > MAX_PIPE_MESSAGE:
                 raise WorkerCrashed(f"worker sent a {n}-byte message")
             msg: dict[str, Any] = _codec.unpack(await self.proc.stdout.readexactly(n), limit=MAX_PIPE_MESSAGE)
+            size = msg.pop(BLOB, None) if isinstance(msg, dict) else None
+            if size is not None:  # a result's output follows its frame, raw (both within MAX_PIPE_MESSAGE)
+                if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_PIPE_MESSAGE - n:
+                    raise WorkerCrashed(f"worker announced a {size!r}-byte output")
+                msg["output"] = await self.proc.stdout.readexactly(size)
             return msg
         except (asyncio.IncompleteReadError, ConnectionError):
             rc = await self._exit_code()
@@ -505,14 +525,27 @@ class Worker:
             self.proc.stdin.write(HEADER.pack(len(data)))
             self.proc.stdin.write(data)
 
+    async def _send_job(self, job_id: str, input_bytes: bytes) -> None:
+        """The job's frame, then its input raw (see BLOB), in pieces the pipe takes as they come: what
+        the pipe cannot take at once is all the transport buffers (a copy of at most one piece), not
+        the rest of the input."""
+        assert self.proc and self.proc.stdin
+        stdin = self.proc.stdin
+        data = _codec.pack({"t": "job", "id": job_id, BLOB: len(input_bytes)})
+        stdin.write(HEADER.pack(len(data)) + data)
+        view = memoryview(input_bytes)
+        for off in range(0, len(view), PIPE_PIECE):
+            stdin.write(view[off:off + PIPE_PIECE])
+            await stdin.drain()
+        await stdin.drain()
+
     async def run(self, job_id: str, input_bytes: bytes, timeout_s: float, nested: NestedHandler,
                   on_progress: ProgressHandler | None = None) -> JobOutcome:
         """Run one job; raises DeadlineExceeded (worker killed) or WorkerCrashed."""
         try:
             async with asyncio.timeout(timeout_s):
-                self._send({"t": "job", "id": job_id, "input": input_bytes})
+                await self._send_job(job_id, input_bytes)
                 assert self.proc and self.proc.stdin
-                await self.proc.stdin.drain()
                 while True:
                     msg = await self._recv()
                     kind = msg.get("t")
