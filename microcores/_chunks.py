@@ -9,17 +9,49 @@ from typing import Iterator
 
 from microswarm.protos import microswarm_pb2 as pb
 
+from ._secure import _cut
 from .errors import TooLarge
 
 PIECE = 1 << 20
 MAX_BATCH = 96 << 20
 
 
-def pieces(data: bytes) -> Iterator[pb.StreamChunk]:
-    view = memoryview(data)
-    n = max(1, -(-len(data) // PIECE))
-    for i in range(n):
-        yield pb.StreamChunk(data=bytes(view[i * PIECE:(i + 1) * PIECE]) if n > 1 else data, more=i < n - 1)
+def pieces(data: bytes | list[bytes]) -> Iterator[pb.StreamChunk]:
+    """`data` may be given as its parts (see batch_parts): the pieces are cut across them, so a large
+    call's input is not first joined into one serialized batch."""
+    if not isinstance(data, list):
+        view = memoryview(data)
+        n = max(1, -(-len(data) // PIECE))
+        for i in range(n):
+            yield pb.StreamChunk(data=bytes(view[i * PIECE:(i + 1) * PIECE]) if n > 1 else data, more=i < n - 1)
+        return
+    total = sum(len(p) for p in data)
+    n = max(1, -(-total // PIECE))
+    for i, piece in enumerate(_cut(data, PIECE, total)):
+        yield pb.StreamChunk(data=piece if isinstance(piece, bytes) else bytes(piece), more=i < n - 1)
+
+
+def batch_parts(head: bytes, field: int, messages: list[bytes]) -> list[bytes]:
+    """A serialized batch as parts: `head` (the batch's other fields, serialized) followed by each
+    serialized message as an entry of the repeated message field `field`. It parses as the batch
+    with those messages appended (protobuf takes fields in any order), without copying each message
+    into the batch and the batch into one buffer."""
+    parts = [head]
+    for m in messages:
+        parts.append(_varint((field << 3) | 2) + _varint(len(m)))
+        parts.append(m)
+    return parts
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if not value:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
 
 
 class Assembler:

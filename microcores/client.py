@@ -32,7 +32,7 @@ from microswarm.protos import microswarm_pb2 as pb
 from microswarm.protos import microswarm_pb2_grpc as pbg
 
 from . import _codec, _tls
-from ._chunks import Assembler, pieces
+from ._chunks import Assembler, batch_parts, pieces
 from .handles import AsyncCallHandle, CallHandle, envelope_of, rpc_error, wait_envelope, wait_envelope_async
 from .errors import DeadlineExceeded, MicroError, Unauthorized, Unavailable, from_code
 
@@ -40,6 +40,8 @@ DEFAULT_COORDINATOR = "127.0.0.1:7070"
 # How long past a call's own deadline a client still waits for the coordinator's answer (which
 # normally comes at the deadline, as `deadline_exceeded`) before it gives up on its own.
 DEADLINE_GRACE_S = 5.0
+CALLS_FIELD = pb.CallBatch.DESCRIPTOR.fields_by_name["calls"].number
+
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", _codec.MAX_PAYLOAD + (1 << 20)),
                    ("grpc.max_send_message_length", _codec.MAX_PAYLOAD + (1 << 20))]
 
@@ -544,6 +546,7 @@ class AsyncClient:
                 cid, req = await queue.get()
                 await asyncio.sleep(0)  # calls issued together share one write
                 batch = pb.CallBatch()
+                calls: list[bytes] = []  # serialized once, not copied into the batch (see batch_parts)
                 size = 0
                 while True:
                     if req is None:  # a call the client gave up on: its job stops
@@ -554,7 +557,7 @@ class AsyncClient:
                             size += 16
                     elif cid in self._pending:
                         batch.ids.append(cid)
-                        batch.calls.append(req)
+                        calls.append(req.SerializeToString())
                         size += len(req.input) + 64
                     else:
                         unsent.add(cid)
@@ -566,7 +569,7 @@ class AsyncClient:
                     batch.authorization = f"Bearer {self._sent_token}"
                 if not (batch.ids or batch.cancel or batch.authorization):
                     continue
-                for chunk in pieces(batch.SerializeToString()):
+                for chunk in pieces(batch_parts(batch.SerializeToString(), CALLS_FIELD, calls)):
                     await call.write(chunk)
 
         async def reader() -> None:
