@@ -31,7 +31,7 @@ from .agents import AgentSession, JobRecord
 from .caller import Caller
 from .handshake import Refused, accept
 from .logsafe import safe
-from .preauth import HANDSHAKE_S, Busy, Handshaking, PreAuthGate, peer_host
+from .preauth import HANDSHAKE_S, PREAUTH_RATE, Busy, Handshaking, PreAuthGate, peer_host
 from .ratelimit import KIND_TEXT
 
 if TYPE_CHECKING:
@@ -65,10 +65,10 @@ class LinkLimit(Exception):
 class AgentLinkService:
     """The AgentLink gRPC servicer."""
 
-    def __init__(self, coordinator: "Coordinator") -> None:
+    def __init__(self, coordinator: "Coordinator", handshake_rate: float = PREAUTH_RATE[0]) -> None:
         self.c = coordinator
         self._job_ids = itertools.count(1)
-        self.gate = PreAuthGate(rate=coordinator.config.handshake_rate)
+        self.gate = PreAuthGate(rate=handshake_rate)
         self.budget = LINK_BUDGET
         self.partial_bytes = 0      # partial-frame bytes held by every session together
         self.counts = {"rate_limited": 0, "too_large": 0, "over_budget": 0, "stalled": 0, "bogus_results": 0,

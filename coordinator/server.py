@@ -157,7 +157,7 @@ class Coordinator:
         if slots < 0:
             raise ValueError(f"--local-slots {slots} must be 0 (never run jobs here) or more")
         self.local = LocalRunner(self.state, max(1, slots), idle_s=config.worker_idle_s)
-        self.link = AgentLinkService(self)
+        self.link = AgentLinkService(self, config.handshake_rate)
         self.placement = Placement(config.placement, interval_s=2.0)
         self.quarantine = Quarantine(config.quarantine_s, on_lift=self.slot_freed, on_enter=self.holdings_changed)
         strategy = STRATEGIES[config.dispatch]()
