@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -35,6 +36,7 @@ from .slots import LocalSlots, SlotQueue
 
 log = logging.getLogger("microswarm.scheduler")
 
+SAMPLE = 64  # past this many agents, candidates() looks at a random sample of this many
 PREFETCH_BELOW_S = 0.05  # jobs whose recent p99 is shorter may queue in an agent (see AgentSession.free_for)
 
 
@@ -63,6 +65,7 @@ class Scheduler:
         self.local_slots = LocalSlots(settings.local_slots)
         self.observed = Observed()
         self.short: set[str] = set()  # packages whose jobs are short enough for agents to prefetch
+        self._fleet_list: list[AgentSession] | None = None  # self.agents' sessions, for sampling
         self.counts = {"retries": 0, "hedges": 0, "late_results": 0, "outcome_unknown": 0, "offloaded": 0,
                        "local": 0}
         self.attempts = Attempts(self.queue, quarantine, job_id, self.counts, settings.hedge, settings.local_slots)
@@ -79,11 +82,30 @@ class Scheduler:
     # ------------------------------------------------------------ who can take a job
 
     def candidates(self, digest: str, excluded: frozenset[str]) -> list[AgentSession]:
+        """Agents that hold `digest` and have a free slot. Past SAMPLE agents, those among SAMPLE drawn
+        at random (the whole fleet only when none of them qualifies): one call must not cost a scan
+        of thousands of agents, and the strategies pick among the sample as p2c does among two."""
         prefetch = digest in self.short
-        return [a for a in self.agents.values() if a.dispatchable(digest, prefetch) and a.agent_id not in excluded]
+        fleet = self._fleet()
+        if len(fleet) > SAMPLE:
+            some = [a for a in random.sample(fleet, SAMPLE)
+                    if a.dispatchable(digest, prefetch) and a.agent_id not in excluded]
+            if some:
+                return some
+        return [a for a in fleet if a.dispatchable(digest, prefetch) and a.agent_id not in excluded]
 
-    def holders(self, digest: str, excluded: frozenset[str] = frozenset()) -> list[AgentSession]:
-        return [a for a in self.agents.values() if a.holds(digest) and a.agent_id not in excluded]
+    def holders(self, digest: str, excluded: frozenset[str] = frozenset()) -> bool:
+        """Whether any agent (not excluded) holds `digest` and takes jobs; stops at the first."""
+        return any(a.holds(digest) and a.agent_id not in excluded for a in self.agents.values())
+
+    def _fleet(self) -> list[AgentSession]:
+        if self._fleet_list is None:
+            self._fleet_list = list(self.agents.values())
+        return self._fleet_list
+
+    def fleet_changed(self) -> None:
+        """An agent joined or left: the list candidates() samples from is made again when next needed."""
+        self._fleet_list = None
 
     def installing(self, digest: str) -> bool:
         return any(a.installing(digest) for a in self.agents.values())
@@ -92,7 +114,7 @@ class Scheduler:
         self.queue.pump()
 
     def holdings_changed(self) -> None:
-        self.queue.wake_unservable(lambda d: bool(self.holders(d)))
+        self.queue.wake_unservable(self.holders)
         self.queue.pump()
 
     # ------------------------------------------------------------ one call

@@ -286,6 +286,7 @@ class Coordinator:
 
     def add_agent(self, agent: AgentSession) -> None:
         self.agents[agent.agent_id] = agent
+        self.scheduler.fleet_changed()
         if agent.token_name:
             self._by_volunteer.setdefault(agent.token_name, {})[agent.agent_id] = agent
 
@@ -311,6 +312,7 @@ class Coordinator:
         if self.agents.get(agent.agent_id) is agent:
             del self.agents[agent.agent_id]
             self.placement.forget(agent.agent_id)
+            self.scheduler.fleet_changed()
         mine = self._by_volunteer.get(agent.token_name)
         if mine is not None and mine.get(agent.agent_id) is agent:
             del mine[agent.agent_id]
