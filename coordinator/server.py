@@ -336,16 +336,21 @@ class Coordinator:
     async def _liveness(self) -> None:
         """Silent past half the window: suspect (no new jobs) and pinged; past the window: removed.
         Also the scheduler's clock: quarantines end, placement re-decides."""
+        next_scan = 0.0
         while True:
             await asyncio.sleep(min(0.5, self.pace.floor_s / 2))
             now = time.monotonic()
-            window = self.pace.liveness_s
-            for a in list(self.agents.values()):
-                silent = now - a.last_seen
-                if silent > window:
-                    self.drop_agent(a, f"silent for {silent:.1f} s")
-                elif silent > window / 2:
-                    self.suspect(a, f"no heartbeat for {silent:.1f} s")
+            if now >= next_scan:  # each agent's silence and stalled frames: a pass over the fleet, so at
+                next_scan = now + min(self.pace.heartbeat_s / 4, 2.5)  # most 4 per heartbeat interval
+                window = self.pace.liveness_s
+                fleet = list(self.agents.values())
+                for a in fleet:
+                    silent = now - a.last_seen
+                    if silent > window:
+                        self.drop_agent(a, f"silent for {silent:.1f} s")
+                    elif silent > window / 2:
+                        self.suspect(a, f"no heartbeat for {silent:.1f} s")
+                self.link.sweep(fleet)
             pace = self.pace.update(len(self.agents))
             if pace is not None:
                 log.info("%d agents: they now heartbeat every %.1f s (silent for %.0f s: removed)",
@@ -354,7 +359,6 @@ class Coordinator:
                     a.last_seen = max(a.last_seen, now)
                     a.ping_seq += 1
                     a.send(pb.ToAgent(ping=pb.Ping(seq=a.ping_seq, heartbeat_s=pace)))
-            self.link.sweep(list(self.agents.values()))
             self._flush_bindings()
             self.watch_tokens()
             self.watch_credentials()

@@ -709,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--liveness", type=float, default=6.0, metavar="S",
                     help="an agent silent this long is removed (suspect after half); past --heartbeat-budget "
                          "agents the heartbeat interval and this window grow with the fleet")
-    st.add_argument("--heartbeat-budget", type=float, default=1000.0, metavar="N",
+    st.add_argument("--heartbeat-budget", type=float, default=800.0, metavar="N",
                     help="heartbeats a second from the whole fleet at most: past N agents each heartbeats every "
                          "agents/N seconds")
     st.add_argument("--handshake-rate", type=float, default=10.0, metavar="N",
