@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import grpc
 from grpc import aio
 
-from microcores._chunks import Assembler, pieces
+from microcores._chunks import Assembler, batch_parts, pieces
 from microcores.errors import MicroError
 from microswarm.protos import microswarm_pb2 as pb
 from microswarm.protos import microswarm_pb2_grpc as pbg
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 MAX_RESULT_WAIT_S = 60.0  # one Result RPC waits at most this long; clients wait longer by asking again
 STATUS_SCOPE = "status"  # a client token whose scope covers this name may read Status and CacheStats
 MAX_STREAM_IN_FLIGHT = 4096
+REPLIES_FIELD = pb.ReplyBatch.DESCRIPTOR.fields_by_name["replies"].number
 STREAM_BATCH_BYTES = 1 << 20
 # Under load a reply waits STREAM_LINGER_S for the other calls in flight on its stream, so that more
 # replies share one write: each gRPC write costs the coordinator and the client far more CPU than a
@@ -138,17 +139,18 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
                 if item is not None and len(tasks) > outbox.qsize() + 1:  # other calls are still running
                     await asyncio.sleep(STREAM_LINGER_S)
                 batch = pb.ReplyBatch()
+                replies: list[bytes] = []  # serialized once, not copied into the batch (batch_parts)
                 size = 0
                 while item is not None:
                     cid, reply = item
                     batch.ids.append(cid)
-                    batch.replies.append(reply)
-                    size += len(reply.result) + 64
+                    replies.append(reply.SerializeToString())
+                    size += len(replies[-1]) + 8
                     if size > STREAM_BATCH_BYTES or outbox.empty():
                         break
                     item = outbox.get_nowait()
                 if batch.ids:
-                    for chunk in pieces(batch.SerializeToString()):
+                    for chunk in pieces(batch_parts(batch.SerializeToString(), REPLIES_FIELD, replies)):
                         await context.write(chunk)
                 if item is None:
                     return
