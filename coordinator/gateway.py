@@ -313,7 +313,11 @@ class Gateway:
         req = pb.CallRequest(service=service, input=b"{}" if not raw or raw.isspace() else raw, encoding=pb.JSON)
         if wants_async(request):
             return self.calls.submit(request, req, Caller(client, token, address), token.client_id)
-        reply = await self.c.dispatcher.call(req, caller=Caller(client, token, address))
+        try:
+            reply = await self.c.dispatcher.call(req, caller=Caller(client, token, address))
+        except asyncio.CancelledError:  # handler_cancellation: the caller's connection went away
+            log.info("HTTP caller %s went away during %s: its call was cancelled", address, service)
+            raise
         return self._respond(reply, t0)
 
     async def wrong_method(self, request: web.Request) -> web.Response:

@@ -292,6 +292,10 @@ def test_http_client_that_disconnects_frees_the_agent_slot(tmp_path):
             s.sendall(request)
             wait_job_on_agent(client)
         # the connection is closed: the job stops on its agent and the slot is free again
-        wait_for(lambda: agents_idle(c, client), 20, "the job of the departed HTTP caller to stop")
+        try:
+            wait_for(lambda: agents_idle(c, client), 20, "the job of the departed HTTP caller to stop")
+        except TimeoutError as exc:  # what each side saw, for a failure under load
+            raise AssertionError(f"{exc}\nrunning {running(client)}\ncoordinator:\n{c.log('coordinator.log')[-3000:]}"
+                                 f"\nagent:\n{c.log('agent-agent1.log')[-2000:]}") from None
         calls = [x for x in client.status(recent_calls=5).calls if x.service == "demo.sleep"]
         assert calls and calls[-1].error_code == "cancelled", calls
