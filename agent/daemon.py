@@ -653,8 +653,9 @@ class Agent:
         self.claims[job.job_id] = fut
         link.send(pb.ToCoordinator(claim=pb.JobClaim(job_id=job.job_id)))
         try:
-            return await asyncio.wait_for(fut, max(0.5, job.deadline_s))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(max(0.5, job.deadline_s)):  # not wait_for: it can swallow a Cancel
+                return await fut
+        except TimeoutError:
             return False
         finally:
             self.claims.pop(job.job_id, None)

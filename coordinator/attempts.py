@@ -141,7 +141,8 @@ class Attempts:
                 raise Retry(f"{entry.name} did not start on {agent.agent_id} "
                              f"({exc or f'no claim within {CLAIM_TIMEOUT_S:g} s'}); it never ran there", job=job.job_id)
             try:
-                res = await asyncio.wait_for(asyncio.shield(rec.future), job.deadline_s + RESULT_GRACE_S)
+                async with asyncio.timeout(job.deadline_s + RESULT_GRACE_S):  # (wait_for can swallow a cancel)
+                    res = await asyncio.shield(rec.future)
             except AgentLost as exc:
                 self.counts["outcome_unknown"] += 1
                 raise OutcomeUnknown(

@@ -465,8 +465,11 @@ class Worker:
         for stream in (self.proc.stdin, self.proc.stdout):
             _widen_pipe(stream)
         try:
-            msg = await asyncio.wait_for(self._recv(), START_TIMEOUT)
-        except (asyncio.TimeoutError, WorkerCrashed) as exc:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that comes as the worker
+            # says ready (gh-86296), and a job cancelled while its worker started ran to its end anyway
+            async with asyncio.timeout(START_TIMEOUT):
+                msg = await self._recv()
+        except (TimeoutError, WorkerCrashed) as exc:
             self.kill()
             raise WorkerCrashed(f"worker for {self.label} did not start: {exc}") from None
         except BaseException:  # its job was cancelled while it loaded: no half-started process left behind
