@@ -314,4 +314,7 @@ def test_an_error_raised_by_the_service_says_where_it_ran(cluster):
     with cluster.client() as c:
         env = c.envelope("math.compute", {"a": 1e308, "b": 1e308, "op": "mul"})
     assert env.error["code"] == "invalid_input" and "overflows" in env.error["message"]
-    assert env.executed_by.startswith("agent") and env.attempts == 1
+    # a service's own error is not retried elsewhere; while the agents are new (--verify adaptive,
+    # their first --trust-after results) a second executor confirms it, and that run is counted
+    assert env.executed_by.startswith("agent")
+    assert env.attempts == 1 or (env.attempts == 2 and env.verified), env
