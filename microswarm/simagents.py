@@ -74,7 +74,7 @@ class SimAgent:
                     continue
                 for piece in split(data):
                     msg = pb.ToAgent()
-                    msg.ParseFromString(piece)
+                    msg.ParseFromString(piece)  # type: ignore[arg-type]  # any buffer parses; the stubs say bytes
                     self._on(msg, outbox, claims)
         finally:
             for t in tasks:
