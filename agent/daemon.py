@@ -35,7 +35,7 @@ import psutil
 from microcores import __version__, _codec, _tls
 from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, check_len, collect_parts, derive_keys,
                                 fingerprint, handshake_seen, hello_transcript, join_mac, new_ephemeral, public_bytes,
-                                refusal_verifies, sign, split, verify)
+                                refusal_verifies, sealed_frame, sign, split, verify)
 from microcores._sandbox import detect as detect_sandbox
 from microcores._worker import PROGRESS_INTERVAL_S, LimitExceeded, WorkerCrashed
 from microcores.errors import MicroError, ProtocolError, from_code
@@ -545,7 +545,7 @@ class Agent:
                 return
             parts, stop = collect_parts(msg, link.outbox)  # sealed from its parts: a job's output is not joined
             for counter, ct, more in link.channel.seal_iter(parts):
-                await link.call.write(_sealed_frame(counter, ct, more))
+                await link.call.write(sealed_frame(counter, ct, more))
             if stop:
                 await link.call.done_writing()
                 return
@@ -791,17 +791,6 @@ class _ProgressForward:
 
 def _ctx(job: pb.Job) -> dict[str, str]:
     return {"job": job.job_id, "service": job.service}
-
-
-def _sealed_frame(counter: int, ciphertext: bytes, more: bool) -> pb.LinkFrame:
-    """A LinkFrame carrying one sealed frame, its ciphertext copied once into it (not into a Sealed
-    first and then again into the LinkFrame)."""
-    frame = pb.LinkFrame()
-    sealed = frame.sealed
-    sealed.counter = counter
-    sealed.ciphertext = ciphertext
-    sealed.more = more
-    return frame
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

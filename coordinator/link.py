@@ -23,7 +23,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from microcores._secure import MAX_FRAME, MAX_MESSAGE, collect_parts, fingerprint, split
+from microcores._secure import MAX_FRAME, MAX_MESSAGE, collect_parts, fingerprint, sealed_frame, split
 from microcores.errors import MicroError, ProtocolError
 from microswarm.protos import microswarm_pb2 as pb
 
@@ -447,17 +447,6 @@ class AgentLinkService:
 
     def next_job_id(self) -> str:
         return f"j{next(self._job_ids)}"
-
-
-def sealed_frame(counter: int, ciphertext: bytes, more: bool) -> pb.LinkFrame:
-    """A LinkFrame carrying one sealed frame, its ciphertext copied once into it (a Sealed built
-    apart and passed to LinkFrame(sealed=...) would be copied again, a whole frame each time)."""
-    frame = pb.LinkFrame()
-    sealed = frame.sealed
-    sealed.counter = counter
-    sealed.ciphertext = ciphertext
-    sealed.more = more
-    return frame
 
 
 def _retrieved(t: asyncio.Task[Any]) -> None:

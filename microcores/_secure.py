@@ -36,6 +36,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from microswarm.protos import microswarm_pb2 as pb
+
 from .errors import ProtocolError, TooLarge
 
 PROTOCOL = 1
@@ -368,6 +370,17 @@ def collect(first: Any, queue: "asyncio.Queue[Any]") -> tuple[bytes, bool]:
     """
     parts, stop = collect_parts(first, queue)
     return b"".join(parts), stop
+
+
+def sealed_frame(counter: int, ciphertext: bytes, more: bool) -> pb.LinkFrame:
+    """A LinkFrame carrying one sealed frame, its ciphertext copied once into it (a Sealed built
+    apart and passed to LinkFrame(sealed=...) would be copied again, a whole frame each time)."""
+    frame = pb.LinkFrame()
+    sealed = frame.sealed
+    sealed.counter = counter
+    sealed.ciphertext = ciphertext
+    sealed.more = more
+    return frame
 
 
 def collect_parts(first: Any, queue: "asyncio.Queue[Any]") -> tuple[list[bytes], bool]:

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from microcores import _tls
 from microcores._secure import (PROTOCOL, JoinToken, agent_channel, collect, derive_keys, hello_transcript, join_mac,
-                                new_ephemeral, public_bytes, sign, split)
+                                new_ephemeral, public_bytes, sealed_frame, sign, split)
 from microswarm.protos import microswarm_pb2 as pb
 from microswarm.protos import microswarm_pb2_grpc as pbg
 
@@ -138,7 +138,7 @@ class SimAgent:
                 return
             plaintext, stop = collect(msg, outbox)  # what is queued goes in one sealed write
             for counter, ct, more in chan.seal_iter(plaintext):
-                await call.write(pb.LinkFrame(sealed=pb.Sealed(counter=counter, ciphertext=ct, more=more)))
+                await call.write(sealed_frame(counter, ct, more))
             if stop:
                 return
 
