@@ -39,7 +39,7 @@ import random
 import signal
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,20 +109,26 @@ async def _latency(addr: str, n: int) -> tuple[list[float], dict[str, int]]:
     return lat, by
 
 
-async def _throughput(addr: str, seconds: float, in_flight: int,
-                      state_dir: str | None = None) -> tuple[float, dict[str, int]]:
+async def _throughput(addr: str, seconds: float, in_flight: int, state_dir: str | None = None,
+                      service: str = "math.compute",
+                      make: Callable[[int], dict[str, Any]] | None = None) -> tuple[float, dict[str, int]]:
+    """Calls/s with `in_flight` at once for `seconds`, and who ran them. Inputs come from `make(i)`;
+    by default fresh math.compute inputs, so that none is answered from the cache."""
     from microcores.client import AsyncClient
     by: dict[str, int] = {}
     done = 0
     stop = time.perf_counter() + seconds
     base = random.random() * 1e9
     counter = iter(range(10**15))
+    if make is None:
+        def make(i: int) -> dict[str, Any]:
+            return {"a": base + i, "b": 2.0, "op": "mul"}
 
     async with AsyncClient(addr, client_name="bench", state_dir=state_dir or _STATE_DIR) as c:
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < stop:
-                env = await c.envelope("math.compute", {"a": base + next(counter), "b": 2.0, "op": "mul"})
+                env = await c.envelope(service, make(next(counter)))
                 if not env.ok:
                     raise RuntimeError(f"throughput call failed: {env.error}")
                 by[env.executed_by] = by.get(env.executed_by, 0) + 1

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .bench import _offload_pct, _throughput
 from .cluster import LocalCluster
 from .coordinator.server import STATUS_TTL_S
 from .simagents import AGENTS_PER_PROCESS, Fleet, processes_for, volunteer_tokens
@@ -64,30 +65,16 @@ def _status_ms(cluster: LocalCluster, limit: int) -> float:
 
 
 async def _ticks(cluster: LocalCluster, seconds: float) -> tuple[float, dict[str, int]]:
-    from microcores.client import AsyncClient
-    by: dict[str, int] = {}
-    done = 0
-    async with AsyncClient(cluster.addr, client_name="bench", state_dir=str(cluster.state)) as c:
-        await c.envelope("bench.tick", {"ms": 0.0})
-        stop = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < stop:
-                env = await c.envelope("bench.tick", {"ms": 0.0})
-                if not env.ok:
-                    raise RuntimeError(f"bench.tick failed on the simulated fleet: {env.error}")
-                by[env.executed_by] = by.get(env.executed_by, 0) + 1
-                done += 1
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-        return done / (time.perf_counter() - t0), by
+    """0 ms bench.tick calls, 64 in flight, after a second of the same as warm-up (the channel, the
+    scheduler's view of the service)."""
+    for s in (1.0, seconds):
+        result = await _throughput(cluster.addr, s, IN_FLIGHT, str(cluster.state), "bench.tick", lambda i: {"ms": 0.0})
+    return result
 
 
 def measure_fleet(n: int, join_timeout: float = 900.0, workdir: str | None = None) -> dict[str, Any]:
     from microcores.client import publish
 
-    from .bench import _offload_pct
     args = ["--handshake-rate", "100000", "--local-slots", "0", "--verify", "off"]
     with LocalCluster(agents=0, workdir=workdir, coordinator_args=args) as cluster:
         assert cluster.coordinator is not None
