@@ -43,7 +43,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., details: _Optional[str] = ...) -> None: ...
 
 class CallReply(_message.Message):
-    __slots__ = ("status", "result", "encoding", "error", "executed_by", "attempts", "process_time_ms", "cache_hit", "service", "version", "verified", "call_id")
+    __slots__ = ("status", "result", "encoding", "error", "executed_by", "attempts", "process_time_ms", "cache_hit", "service", "version", "verified", "call_id", "upstream_status")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class CallReply(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_STATUS_FIELD_NUMBER: _ClassVar[int]
     status: str
     result: bytes
     encoding: Encoding
@@ -68,7 +69,8 @@ class CallReply(_message.Message):
     version: str
     verified: bool
     call_id: str
-    def __init__(self, status: _Optional[str] = ..., result: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., executed_by: _Optional[str] = ..., attempts: _Optional[int] = ..., process_time_ms: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., service: _Optional[str] = ..., version: _Optional[str] = ..., verified: _Optional[bool] = ..., call_id: _Optional[str] = ...) -> None: ...
+    upstream_status: int
+    def __init__(self, status: _Optional[str] = ..., result: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., executed_by: _Optional[str] = ..., attempts: _Optional[int] = ..., process_time_ms: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., service: _Optional[str] = ..., version: _Optional[str] = ..., verified: _Optional[bool] = ..., call_id: _Optional[str] = ..., upstream_status: _Optional[int] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("call_id",)
@@ -313,7 +315,7 @@ class VerifyInfo(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., trust_after: _Optional[int] = ..., spot_check: _Optional[float] = ..., agreed_total: _Optional[int] = ..., disagreed_total: _Optional[int] = ..., unverified_total: _Optional[int] = ..., purged_total: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("coordinator_id", "listen", "uptime_s", "agents", "services", "calls", "dispatch", "placement", "calls_total", "fallbacks_total", "cache_json", "scheduler", "verify", "redacted", "agents_total", "slots_total", "running_total")
+    __slots__ = ("coordinator_id", "listen", "uptime_s", "agents", "services", "calls", "dispatch", "placement", "calls_total", "fallbacks_total", "cache_json", "scheduler", "verify", "redacted", "agents_total", "slots_total", "running_total", "routes")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     LISTEN_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +333,7 @@ class StatusReply(_message.Message):
     AGENTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     RUNNING_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
     listen: str
     uptime_s: float
@@ -348,7 +351,8 @@ class StatusReply(_message.Message):
     agents_total: int
     slots_total: int
     running_total: int
-    def __init__(self, coordinator_id: _Optional[str] = ..., listen: _Optional[str] = ..., uptime_s: _Optional[float] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallRecord, _Mapping]]] = ..., dispatch: _Optional[str] = ..., placement: _Optional[str] = ..., calls_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., cache_json: _Optional[bytes] = ..., scheduler: _Optional[_Union[SchedulerInfo, _Mapping]] = ..., verify: _Optional[_Union[VerifyInfo, _Mapping]] = ..., redacted: _Optional[bool] = ..., agents_total: _Optional[int] = ..., slots_total: _Optional[int] = ..., running_total: _Optional[int] = ...) -> None: ...
+    routes: _containers.RepeatedCompositeFieldContainer[ServiceInfo]
+    def __init__(self, coordinator_id: _Optional[str] = ..., listen: _Optional[str] = ..., uptime_s: _Optional[float] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallRecord, _Mapping]]] = ..., dispatch: _Optional[str] = ..., placement: _Optional[str] = ..., calls_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., cache_json: _Optional[bytes] = ..., scheduler: _Optional[_Union[SchedulerInfo, _Mapping]] = ..., verify: _Optional[_Union[VerifyInfo, _Mapping]] = ..., redacted: _Optional[bool] = ..., agents_total: _Optional[int] = ..., slots_total: _Optional[int] = ..., running_total: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
     __slots__ = ("manifest", "archive", "publisher_signature")
@@ -479,6 +483,113 @@ class RevokeClientReply(_message.Message):
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     client: ClientInfo
     def __init__(self, client: _Optional[_Union[ClientInfo, _Mapping]] = ...) -> None: ...
+
+class RouteSpec(_message.Message):
+    __slots__ = ("name", "url", "method", "input", "timeout_s", "pure", "headers", "schema_json", "description", "cache_ttl_s", "max_response_bytes")
+    class HeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    PURE_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    url: str
+    method: str
+    input: str
+    timeout_s: float
+    pure: bool
+    headers: _containers.ScalarMap[str, str]
+    schema_json: str
+    description: str
+    cache_ttl_s: float
+    max_response_bytes: int
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., method: _Optional[str] = ..., input: _Optional[str] = ..., timeout_s: _Optional[float] = ..., pure: _Optional[bool] = ..., headers: _Optional[_Mapping[str, str]] = ..., schema_json: _Optional[str] = ..., description: _Optional[str] = ..., cache_ttl_s: _Optional[float] = ..., max_response_bytes: _Optional[int] = ...) -> None: ...
+
+class RouteInfo(_message.Message):
+    __slots__ = ("name", "url", "method", "input", "timeout_s", "pure", "header_names", "schema_json", "description", "cache_ttl_s", "max_response_bytes", "revision", "digest", "applied_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    PURE_FIELD_NUMBER: _ClassVar[int]
+    HEADER_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    url: str
+    method: str
+    input: str
+    timeout_s: float
+    pure: bool
+    header_names: _containers.RepeatedScalarFieldContainer[str]
+    schema_json: str
+    description: str
+    cache_ttl_s: float
+    max_response_bytes: int
+    revision: int
+    digest: str
+    applied_at: float
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., method: _Optional[str] = ..., input: _Optional[str] = ..., timeout_s: _Optional[float] = ..., pure: _Optional[bool] = ..., header_names: _Optional[_Iterable[str]] = ..., schema_json: _Optional[str] = ..., description: _Optional[str] = ..., cache_ttl_s: _Optional[float] = ..., max_response_bytes: _Optional[int] = ..., revision: _Optional[int] = ..., digest: _Optional[str] = ..., applied_at: _Optional[float] = ...) -> None: ...
+
+class ApplyRoutesRequest(_message.Message):
+    __slots__ = ("routes", "prune")
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_FIELD_NUMBER: _ClassVar[int]
+    routes: _containers.RepeatedCompositeFieldContainer[RouteSpec]
+    prune: bool
+    def __init__(self, routes: _Optional[_Iterable[_Union[RouteSpec, _Mapping]]] = ..., prune: _Optional[bool] = ...) -> None: ...
+
+class ApplyRoutesReply(_message.Message):
+    __slots__ = ("added", "changed", "unchanged", "removed")
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    added: _containers.RepeatedScalarFieldContainer[str]
+    changed: _containers.RepeatedScalarFieldContainer[str]
+    unchanged: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, added: _Optional[_Iterable[str]] = ..., changed: _Optional[_Iterable[str]] = ..., unchanged: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListRoutesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRoutesReply(_message.Message):
+    __slots__ = ("routes",)
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    routes: _containers.RepeatedCompositeFieldContainer[RouteInfo]
+    def __init__(self, routes: _Optional[_Iterable[_Union[RouteInfo, _Mapping]]] = ...) -> None: ...
+
+class RemoveRouteRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveRouteReply(_message.Message):
+    __slots__ = ("route",)
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    route: RouteInfo
+    def __init__(self, route: _Optional[_Union[RouteInfo, _Mapping]] = ...) -> None: ...
 
 class LinkFrame(_message.Message):
     __slots__ = ("agent_hello", "coordinator_hello", "agent_proof", "refusal", "sealed")

@@ -632,6 +632,183 @@ class Coordinator:
             _registered_method=True)
 
 
+class RoutesStub:
+    """---------------------------------------------------------------- routes
+
+    Routes put existing web services behind the gateway (coordinator/routes.py): each is a service
+    `group.function` the coordinator forwards to a source URL. Operator only: every RPC carries the
+    admin credential in metadata `authorization: Admin ...`. Header values go in with Apply and never
+    come out: listings carry their names only.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Apply = channel.unary_unary(
+                '/microswarm.v1.Routes/Apply',
+                request_serializer=microswarm__pb2.ApplyRoutesRequest.SerializeToString,
+                response_deserializer=microswarm__pb2.ApplyRoutesReply.FromString,
+                _registered_method=True)
+        self.List = channel.unary_unary(
+                '/microswarm.v1.Routes/List',
+                request_serializer=microswarm__pb2.ListRoutesRequest.SerializeToString,
+                response_deserializer=microswarm__pb2.ListRoutesReply.FromString,
+                _registered_method=True)
+        self.Remove = channel.unary_unary(
+                '/microswarm.v1.Routes/Remove',
+                request_serializer=microswarm__pb2.RemoveRouteRequest.SerializeToString,
+                response_deserializer=microswarm__pb2.RemoveRouteReply.FromString,
+                _registered_method=True)
+
+
+class RoutesServicer:
+    """---------------------------------------------------------------- routes
+
+    Routes put existing web services behind the gateway (coordinator/routes.py): each is a service
+    `group.function` the coordinator forwards to a source URL. Operator only: every RPC carries the
+    admin credential in metadata `authorization: Admin ...`. Header values go in with Apply and never
+    come out: listings carry their names only.
+    """
+
+    def Apply(self, request, context):
+        """Validate every route, then add or replace them all at once (none when one is refused).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def List(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Remove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RoutesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Apply': grpc.unary_unary_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=microswarm__pb2.ApplyRoutesRequest.FromString,
+                    response_serializer=microswarm__pb2.ApplyRoutesReply.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=microswarm__pb2.ListRoutesRequest.FromString,
+                    response_serializer=microswarm__pb2.ListRoutesReply.SerializeToString,
+            ),
+            'Remove': grpc.unary_unary_rpc_method_handler(
+                    servicer.Remove,
+                    request_deserializer=microswarm__pb2.RemoveRouteRequest.FromString,
+                    response_serializer=microswarm__pb2.RemoveRouteReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'microswarm.v1.Routes', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('microswarm.v1.Routes', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Routes:
+    """---------------------------------------------------------------- routes
+
+    Routes put existing web services behind the gateway (coordinator/routes.py): each is a service
+    `group.function` the coordinator forwards to a source URL. Operator only: every RPC carries the
+    admin credential in metadata `authorization: Admin ...`. Header values go in with Apply and never
+    come out: listings carry their names only.
+    """
+
+    @staticmethod
+    def Apply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/microswarm.v1.Routes/Apply',
+            microswarm__pb2.ApplyRoutesRequest.SerializeToString,
+            microswarm__pb2.ApplyRoutesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/microswarm.v1.Routes/List',
+            microswarm__pb2.ListRoutesRequest.SerializeToString,
+            microswarm__pb2.ListRoutesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Remove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/microswarm.v1.Routes/Remove',
+            microswarm__pb2.RemoveRouteRequest.SerializeToString,
+            microswarm__pb2.RemoveRouteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class AgentLinkStub:
     """---------------------------------------------------------------- agent link
 
