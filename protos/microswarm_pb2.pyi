@@ -15,20 +15,22 @@ JSON: Encoding
 MSGPACK: Encoding
 
 class CallRequest(_message.Message):
-    __slots__ = ("service", "input", "encoding", "chain", "deadline_s", "client")
+    __slots__ = ("service", "input", "encoding", "chain", "deadline_s", "client", "input_size")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     service: str
     input: bytes
     encoding: Encoding
     chain: _containers.RepeatedScalarFieldContainer[str]
     deadline_s: float
     client: str
-    def __init__(self, service: _Optional[str] = ..., input: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., chain: _Optional[_Iterable[str]] = ..., deadline_s: _Optional[float] = ..., client: _Optional[str] = ...) -> None: ...
+    input_size: int
+    def __init__(self, service: _Optional[str] = ..., input: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., chain: _Optional[_Iterable[str]] = ..., deadline_s: _Optional[float] = ..., client: _Optional[str] = ..., input_size: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "field", "details")
@@ -111,12 +113,16 @@ class CancelRequest(_message.Message):
     def __init__(self, call_id: _Optional[str] = ...) -> None: ...
 
 class StreamChunk(_message.Message):
-    __slots__ = ("data", "more")
+    __slots__ = ("data", "more", "call", "restart")
     DATA_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     more: bool
-    def __init__(self, data: _Optional[bytes] = ..., more: _Optional[bool] = ...) -> None: ...
+    call: int
+    restart: bool
+    def __init__(self, data: _Optional[bytes] = ..., more: _Optional[bool] = ..., call: _Optional[int] = ..., restart: _Optional[bool] = ...) -> None: ...
 
 class CallBatch(_message.Message):
     __slots__ = ("ids", "calls", "authorization", "cancel")
@@ -722,7 +728,7 @@ class PackageData(_message.Message):
     def __init__(self, ref: _Optional[_Union[PackageRef, _Mapping]] = ..., manifest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., archive: _Optional[bytes] = ..., publisher_signature: _Optional[bytes] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "service", "digest", "input", "deadline_s", "chain", "confirm_start")
+    __slots__ = ("job_id", "service", "digest", "input", "deadline_s", "chain", "confirm_start", "staged")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -730,6 +736,7 @@ class Job(_message.Message):
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     CONFIRM_START_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     service: str
     digest: str
@@ -737,7 +744,20 @@ class Job(_message.Message):
     deadline_s: float
     chain: _containers.RepeatedScalarFieldContainer[str]
     confirm_start: bool
-    def __init__(self, job_id: _Optional[str] = ..., service: _Optional[str] = ..., digest: _Optional[str] = ..., input: _Optional[bytes] = ..., deadline_s: _Optional[float] = ..., chain: _Optional[_Iterable[str]] = ..., confirm_start: _Optional[bool] = ...) -> None: ...
+    staged: str
+    def __init__(self, job_id: _Optional[str] = ..., service: _Optional[str] = ..., digest: _Optional[str] = ..., input: _Optional[bytes] = ..., deadline_s: _Optional[float] = ..., chain: _Optional[_Iterable[str]] = ..., confirm_start: _Optional[bool] = ..., staged: _Optional[str] = ...) -> None: ...
+
+class StagedInput(_message.Message):
+    __slots__ = ("stage_id", "data", "last", "drop")
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    stage_id: str
+    data: bytes
+    last: bool
+    drop: bool
+    def __init__(self, stage_id: _Optional[str] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., drop: _Optional[bool] = ...) -> None: ...
 
 class StartJob(_message.Message):
     __slots__ = ("job_id", "go")
@@ -762,7 +782,7 @@ class Ping(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
 
 class ToAgent(_message.Message):
-    __slots__ = ("welcome", "holdings", "package", "job", "cancel", "ping", "nested_reply", "refusal", "start", "nested_id")
+    __slots__ = ("welcome", "holdings", "package", "job", "cancel", "ping", "nested_reply", "refusal", "start", "staged_input", "nested_id")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     HOLDINGS_FIELD_NUMBER: _ClassVar[int]
     PACKAGE_FIELD_NUMBER: _ClassVar[int]
@@ -772,6 +792,7 @@ class ToAgent(_message.Message):
     NESTED_REPLY_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
+    STAGED_INPUT_FIELD_NUMBER: _ClassVar[int]
     NESTED_ID_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     holdings: Holdings
@@ -782,8 +803,9 @@ class ToAgent(_message.Message):
     nested_reply: CallReply
     refusal: Refusal
     start: StartJob
+    staged_input: StagedInput
     nested_id: int
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., holdings: _Optional[_Union[Holdings, _Mapping]] = ..., package: _Optional[_Union[PackageData, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., nested_reply: _Optional[_Union[CallReply, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., start: _Optional[_Union[StartJob, _Mapping]] = ..., nested_id: _Optional[int] = ...) -> None: ...
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., holdings: _Optional[_Union[Holdings, _Mapping]] = ..., package: _Optional[_Union[PackageData, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., nested_reply: _Optional[_Union[CallReply, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., start: _Optional[_Union[StartJob, _Mapping]] = ..., staged_input: _Optional[_Union[StagedInput, _Mapping]] = ..., nested_id: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("running", "slots", "cpu_percent", "rss_bytes", "load1", "paused", "mode", "jobs_cpu_percent", "jobs_rss_bytes", "others_cpu_percent", "limit_stops", "sandbox")
@@ -830,7 +852,7 @@ class Installed(_message.Message):
     def __init__(self, ref: _Optional[_Union[PackageRef, _Mapping]] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("job_id", "ok", "output", "error", "run_ms", "agent_fault", "cancelled", "not_started")
+    __slots__ = ("job_id", "ok", "output", "error", "run_ms", "agent_fault", "cancelled", "not_started", "output_size")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -839,6 +861,7 @@ class JobResult(_message.Message):
     AGENT_FAULT_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     NOT_STARTED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     ok: bool
     output: bytes
@@ -847,7 +870,8 @@ class JobResult(_message.Message):
     agent_fault: bool
     cancelled: bool
     not_started: bool
-    def __init__(self, job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., run_ms: _Optional[float] = ..., agent_fault: _Optional[bool] = ..., cancelled: _Optional[bool] = ..., not_started: _Optional[bool] = ...) -> None: ...
+    output_size: int
+    def __init__(self, job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., run_ms: _Optional[float] = ..., agent_fault: _Optional[bool] = ..., cancelled: _Optional[bool] = ..., not_started: _Optional[bool] = ..., output_size: _Optional[int] = ...) -> None: ...
 
 class JobProgress(_message.Message):
     __slots__ = ("job_id", "fraction", "message")
@@ -858,6 +882,14 @@ class JobProgress(_message.Message):
     fraction: float
     message: str
     def __init__(self, job_id: _Optional[str] = ..., fraction: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class JobOutput(_message.Message):
+    __slots__ = ("job_id", "data")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    data: bytes
+    def __init__(self, job_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class JobClaim(_message.Message):
     __slots__ = ("job_id",)
@@ -888,7 +920,7 @@ class Leaving(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class ToCoordinator(_message.Message):
-    __slots__ = ("heartbeat", "fetch", "installed", "result", "nested_call", "pong", "leaving", "claim", "progress")
+    __slots__ = ("heartbeat", "fetch", "installed", "result", "nested_call", "pong", "leaving", "claim", "progress", "output")
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     FETCH_FIELD_NUMBER: _ClassVar[int]
     INSTALLED_FIELD_NUMBER: _ClassVar[int]
@@ -898,6 +930,7 @@ class ToCoordinator(_message.Message):
     LEAVING_FIELD_NUMBER: _ClassVar[int]
     CLAIM_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     heartbeat: Heartbeat
     fetch: Fetch
     installed: Installed
@@ -907,4 +940,5 @@ class ToCoordinator(_message.Message):
     leaving: Leaving
     claim: JobClaim
     progress: JobProgress
-    def __init__(self, heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., fetch: _Optional[_Union[Fetch, _Mapping]] = ..., installed: _Optional[_Union[Installed, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., nested_call: _Optional[_Union[NestedCall, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., leaving: _Optional[_Union[Leaving, _Mapping]] = ..., claim: _Optional[_Union[JobClaim, _Mapping]] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ...) -> None: ...
+    output: JobOutput
+    def __init__(self, heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., fetch: _Optional[_Union[Fetch, _Mapping]] = ..., installed: _Optional[_Union[Installed, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., nested_call: _Optional[_Union[NestedCall, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., leaving: _Optional[_Union[Leaving, _Mapping]] = ..., claim: _Optional[_Union[JobClaim, _Mapping]] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., output: _Optional[_Union[JobOutput, _Mapping]] = ...) -> None: ...
