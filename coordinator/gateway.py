@@ -86,6 +86,7 @@ def envelope_json(reply: pb.CallReply, process_time_ms: float) -> bytes:
     tail = json.dumps({"executed_by": reply.executed_by, "attempts": reply.attempts,
                        "process_time_ms": round(process_time_ms, 3), "cache_hit": reply.cache_hit,
                        "verified": reply.verified, "service": reply.service, "version": reply.version,
+                       **({"upstream_status": reply.upstream_status} if reply.upstream_status else {}),
                        **({"call_id": reply.call_id} if reply.call_id else {})}, separators=(",", ":")).encode()
     return head + b"," + tail[1:]
 
@@ -166,6 +167,7 @@ class Gateway:
         self._openapi: bytes | None = None
         self._scalars: dict[str, dict[str, Any] | None] = {}
         coordinator.registry.listeners.append(self._on_publish)
+        coordinator.routes.listeners.append(self._on_routes)
         r = self.app.router
         r.add_route("POST", "/oauth/token", self.token)
         r.add_route("POST", "/oauth/revoke", self.revoke)
@@ -236,6 +238,10 @@ class Gateway:
         self._openapi = None
         self._scalars.pop(entry.name, None)
 
+    def _on_routes(self) -> None:  # routes applied or removed (on the loop)
+        self._openapi = None
+        self._scalars.clear()
+
     # ------------------------------------------------------------ calls
 
     @staticmethod
@@ -248,6 +254,8 @@ class Gateway:
     def _respond(self, reply: pb.CallReply, t0: float, headers: dict[str, str] | None = None) -> web.Response:
         ms = (time.perf_counter() - t0) * 1000
         status = 200 if reply.status == "ok" else openapi.http_status(reply.error.code)
+        if reply.error.code == "upstream_error" and 400 <= reply.upstream_status < 500:
+            status = reply.upstream_status  # a route's source refused the call: its 4xx, passed through
         h = {"X-Process-Time-Ms": f"{ms:.3f}", **NO_STORE, **SECURITY_HEADERS}
         if headers:
             h.update(headers)
@@ -256,13 +264,19 @@ class Gateway:
 
     def _query_input(self, service: str, request: web.Request) -> bytes:
         """GET: the query parameters as the input object (strings, which the model converts)."""
-        if service not in self._scalars:
-            entry = self.c.registry.services.get(service)
-            if entry is None:
-                return b"{}"  # the dispatcher answers unknown_service
-            self._scalars[service] = openapi.scalar_fields(entry.cls.input_model)
-        if self._scalars[service] is None:
-            raise NotScalar(service)
+        route = self.c.routes.get(service)
+        schema = self.c.route_calls.schema(route) if route is not None else None
+        if schema is not None:
+            if not schema.scalar:
+                raise NotScalar(service)
+        else:
+            if service not in self._scalars:
+                entry = self.c.registry.services.get(service)
+                if entry is None:
+                    return b"{}"  # the dispatcher answers unknown_service
+                self._scalars[service] = openapi.scalar_fields(entry.cls.input_model)
+            if self._scalars[service] is None:
+                raise NotScalar(service)
         q = request.query
         data: dict[str, str] = {}
         for key in q.keys():
@@ -272,6 +286,8 @@ class Gateway:
             if len(values) > 1:
                 raise ValueError(f"{key} is given more than once")
             data[key] = values[0]
+        if schema is not None:  # a route's JSON Schema types: ?id=7 is 7 where it says integer
+            return json.dumps(schema.coerce_query(data)).encode()
         return json.dumps(data).encode()
 
     async def call(self, request: web.Request) -> web.Response:
@@ -325,6 +341,8 @@ class Gateway:
         service = f"{request.match_info['group']}.{request.match_info['function']}"
         entry = self.c.registry.services.get(service)
         get = entry is not None and openapi.scalar_fields(entry.cls.input_model) is not None
+        if (route := self.c.routes.get(service)) is not None:
+            get = self.c.route_calls.schema(route).scalar
         reply = pb.CallReply(status="error", executed_by="coordinator", service=service, error=pb.Error(
             code="method_not_allowed", message=f"{request.method} is not how services are called: POST a JSON "
                                                "body" + (", or GET with query parameters" if get else "")))
@@ -434,7 +452,9 @@ class Gateway:
         doc = self._openapi
         if doc is None:
             from microcores import __version__
-            doc = json.dumps(openapi.build(self.c.registry.current(), version=__version__)).encode()
+            from .route_admin import document
+            doc = json.dumps(document(openapi.build(self.c.registry.current(), version=__version__),
+                                      self.c.routes.current())).encode()
             self._openapi = doc
         return doc
 

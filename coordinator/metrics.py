@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .server import Coordinator
 
 MAX_OUTCOMES = 32
-FIXED_RUNNERS = frozenset({"coordinator", "cache", "-"})
+FIXED_RUNNERS = frozenset({"coordinator", "cache", "upstream", "-"})
 BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
 
 
@@ -122,7 +122,8 @@ class Metrics:
         coordinator.dispatcher.observers.append(self.observe)
 
     def observe(self, entry: CallEntry, reply: pb.CallReply) -> None:
-        service = entry.service if entry.service in self.c.registry.services else "unknown"
+        known = entry.service in self.c.registry.services or entry.service in self.c.routes
+        service = entry.service if known else "unknown"
         outcome = "success" if entry.success else (entry.error_code or "error")
         if outcome not in self._outcomes:
             if len(self._outcomes) < MAX_OUTCOMES:

@@ -28,6 +28,7 @@ STATUS_OF_CODE: dict[str, int] = {
     "cancelled": 499,
     "deadline_exceeded": 504,
     "unknown_call": 404,
+    "upstream_error": 502, "upstream_unavailable": 503,  # routes (route_calls.py); a source's 4xx: its own status
 }
 
 
@@ -71,7 +72,8 @@ def _hoist(schema: dict[str, Any], prefix: str, components: dict[str, Any]) -> d
 
 
 ENVELOPE_FIELDS: dict[str, Any] = {
-    "executed_by": {"type": "string", "description": "an agent id, `coordinator` or `cache`"},
+    "executed_by": {"type": "string", "description": "an agent id, `coordinator`, `cache`, or `upstream` (a route's "
+                    "source)"},
     "attempts": {"type": "integer", "minimum": 0},
     "process_time_ms": {"type": "number", "description": "time the gateway spent on the call"},
     "cache_hit": {"type": "boolean"},

@@ -64,6 +64,7 @@ class Registry:
         self.by_digest: dict[str, ServiceEntry] = {}
         self._published: list[dict[str, Any]] = []
         self.listeners: list[Callable[[ServiceEntry], None]] = []
+        self.taken: Callable[[str], bool] = lambda name: False  # names held by something else (a route)
 
     def load(self) -> None:
         """Built-ins first, then what the operator published (which may replace a built-in)."""
@@ -133,6 +134,10 @@ class Registry:
         name = info["name"]
         if not NAME_RE.match(name):
             raise PackageError(f"service name {name!r} must look like 'group.function'")
+        if self.taken(name):
+            raise PackageError(f"{name} is a route to an existing web service (`microswarm routes list`): "
+                               "remove the route first (`microswarm routes remove NAME`), or give the service "
+                               "another name")
         if self.publisher_keys:
             _publisher.verify(manifest, publisher_signature, self.publisher_keys, f"package {name}")
         else:

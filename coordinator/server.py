@@ -26,7 +26,7 @@ from .cache import ResultCache, cache_key
 from .calllog import CallLog
 from .calls import CallStore
 from .client_api import ClientService
-from .dispatch import STRATEGIES, Dispatcher
+from .dispatch import STRATEGIES
 from .governor import GovernorSettings, HeapGovernor, combined_stats
 from .local import LocalRunner
 from .pace import HEARTBEAT_BUDGET, Pace
@@ -34,10 +34,14 @@ from .placement import STRATEGIES as PLACEMENTS
 from .placement import AgentView, Placement
 from .quarantine import Quarantine
 from .registry import Registry, ServiceEntry
+from .route_admin import RoutesService
+from .route_calls import RouteCalls, RoutingDispatcher
+from .routes import RouteTable
 from .scheduler import Scheduler, SchedulerSettings
 from .state import StateDir
 from .tls import ServerTLS
 from .tls import prepare as prepare_tls
+from .upstream import Upstream
 from .volunteers import Volunteers, file_stamp
 from .verify import Verifier, made_by
 
@@ -134,6 +138,9 @@ class Coordinator:
         self._tokens_error = ""
         self._set_publisher_keys(config.publisher_keys)
         self.registry = Registry(self.state, config.publisher_keys)
+        self.routes = RouteTable(self.state.path)  # routes to existing web services (routes.py)
+        self.registry.taken = self.routes.__contains__  # a published service may not take a route's name
+        self.upstream = Upstream()
         self.tls: ServerTLS | None = None
         if config.insecure:
             (self.state.path / CERT_FILE).unlink(missing_ok=True)  # clients must not pin a certificate not served
@@ -167,7 +174,9 @@ class Coordinator:
             strategy.pick, self.link.next_job_id, self.quarantine, self.place, self.wait_holdings)
         self.scheduler.ran = lambda service, seconds: self.placement.observe(service, seconds * 1000)
         self.verifier = Verifier(config.verify, config.trust_after, config.spot_check)
-        self.dispatcher = Dispatcher(self, self.scheduler, strategy, self.verifier)
+        self.dispatcher = RoutingDispatcher(self, self.scheduler, strategy, self.verifier)
+        self.route_calls = RouteCalls(self.routes, self.upstream, lambda: self.cache)
+        self.dispatcher.routes = self.route_calls
         self.pace = Pace(config.heartbeat_s, config.liveness_s, config.heartbeat_budget)
         self._joined: list[AgentSession] = []  # agents welcomed since the last join replan
         self._by_volunteer: dict[str, dict[str, AgentSession]] = {}  # named token -> its connected agents
@@ -457,7 +466,7 @@ class Coordinator:
         for a in reply.agents:
             a.agent_id, a.address, a.token_name = alias(a.agent_id), "", ""
         for call in reply.calls:
-            if call.executed_by not in ("coordinator", "cache", "", "-"):
+            if call.executed_by not in ("coordinator", "cache", "upstream", "", "-"):
                 call.executed_by = alias(call.executed_by)
             if call.via_agent:
                 call.via_agent = alias(call.via_agent)
@@ -501,6 +510,7 @@ class Coordinator:
                 name=e.name, version=e.version, digest=e.digest, pure=e.cls.pure, idempotent=e.cls.idempotent,
                 timeout_s=float(e.cls.timeout), builtin=e.builtin, agents=held, revision=e.revision,
                 description=(e.cls.__doc__ or "").strip().split("\n")[0]))
+        reply.routes.extend(r.service_info() for r in self.routes.current())
         for c in self.calllog.recent(recent or 20):
             reply.calls.append(pb.CallRecord(time=c.time, client=c.client, service=c.service,
                                              executed_by=c.executed_by, success=c.success, ms=c.ms,
@@ -531,6 +541,7 @@ class Coordinator:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.registry.load()
+        self.routes.load()
         self.registry.listeners.append(self._on_publish)
         if self.config.cache:
             self._start_cache()
@@ -549,6 +560,7 @@ class Coordinator:
         self.server = aio.server(options=opts)
         pbg.add_CoordinatorServicer_to_server(ClientService(self), self.server)
         pbg.add_AgentLinkServicer_to_server(self.link, self.server)
+        pbg.add_RoutesServicer_to_server(RoutesService(self), self.server)
         if self.tls is not None:
             self.port = self.server.add_secure_port(self.config.listen, self.tls.grpc_credentials())
         else:
@@ -709,6 +721,7 @@ class Coordinator:
         for t in self._tasks:
             t.cancel()
         await self.local.close()
+        await self.upstream.close()
         if self.governor is not None:
             self.governor.stop()
         self.calllog.close()

@@ -12,6 +12,7 @@ default needs no server. Layout:
     publisher_keys.json     the --publisher-key set of the last start; join tokens carry it (msw2.)
     clients.json            the gateway's clients, secrets as salted hashes (coordinator/auth.py)
     tokens.jsonl            a journal of token hashes, scopes and expiries (never the tokens)
+    routes.json             routes to existing web services, header values included (0600; coordinator/routes.py)
 """
 from __future__ import annotations
 

@@ -522,12 +522,14 @@ def status_tables(reply: Any, max_calls: int | None = None) -> list[Table]:
         t.add_row(ag.agent_id, ag.address, state, trust, sandbox or "-", pkgs or "-", str(ag.slots),
                   f"{ag.running}/{ag.slots}", f"{ag.last_heartbeat_s:.1f} s ago", str(ag.jobs_done),
                   str(ag.jobs_failed))
-    s = Table(title=f"services ({len(reply.services)})", title_justify="left")
+    routes = " and routes" if reply.routes else ""
+    s = Table(title=f"services{routes} ({len(reply.services) + len(reply.routes)})", title_justify="left")
     for col in ("service", "version", "rev", "pure", "idempotent", "timeout", "agents", "digest"):
         s.add_column(col)
-    for sv in reply.services:
+    rows = [(sv, str(sv.agents)) for sv in reply.services] + [(r, "upstream") for r in reply.routes]
+    for sv, agents in rows:  # a route's "agents": its source, which the coordinator asks
         s.add_row(sv.name, sv.version, str(sv.revision), "yes" if sv.pure else "", "yes" if sv.idempotent else "",
-                  f"{sv.timeout_s:g} s", str(sv.agents), sv.digest[:12])
+                  f"{sv.timeout_s:g} s", agents, sv.digest[:12])
     c = Table(title=f"recent calls (of {reply.calls_total}, {reply.fallbacks_total} run by the coordinator)",
               title_justify="left")
     for col in ("time", "client", "service", "executed by", "success", "ms"):
@@ -845,6 +847,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from microswarm import cli_calls
     cli_calls.add_parsers(sub, _client_args)
+    from microswarm import cli_routes
+    cli_routes.add_parsers(sub, _client_args)
 
     ca = sub.add_parser("call", help="call a service with a JSON input")
     ca.add_argument("service", help=_FILL_HELP["service"])
