@@ -34,13 +34,13 @@ class RouteCalls:
         self.table = table
         self.upstream = upstream
         self.cache = cache  # the coordinator's result cache, or None (read per call: it starts later)
-        self._schemas: dict[str, tuple[str, InputSchema]] = {}
+        self._schemas: dict[str, tuple[Route, InputSchema]] = {}
 
     def schema(self, route: Route) -> InputSchema:
-        """The route's compiled schema (compiled once per definition)."""
+        """The route's compiled schema (compiled once per definition: a route applied anew is a new object)."""
         held = self._schemas.get(route.name)
-        if held is None or held[0] != route.digest:
-            held = (route.digest, InputSchema(route.schema))
+        if held is None or held[0] is not route:
+            held = (route, InputSchema(route.schema))
             self._schemas[route.name] = held
         return held[1]
 

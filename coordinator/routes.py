@@ -32,7 +32,8 @@ import os
 import re
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -99,7 +100,7 @@ class Route:
     def version(self) -> str:
         return str(self.revision)
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """Of the definition, header names but not their values: the cache key's part (a new definition
         caches anew) and what listings show. A digest of a secret would let a short one be guessed."""
@@ -354,8 +355,8 @@ class RouteTable:
         for i, rec in enumerate(data.get("routes", [])):
             try:
                 r = check(rec["definition"], i)
-                self.routes[r.name] = Route(**{**r.__dict__, "revision": int(rec.get("revision", 1)),
-                                               "applied_at": float(rec.get("applied_at", 0.0))})
+                self.routes[r.name] = replace(r, revision=int(rec.get("revision", 1)),
+                                              applied_at=float(rec.get("applied_at", 0.0)))
             except (RouteError, KeyError, TypeError, ValueError) as exc:
                 log.error("route #%d in %s not loaded: %s", i + 1, self.path, exc)
         if self.routes:
@@ -400,7 +401,7 @@ class RouteTable:
                 out["unchanged"].append(r.name)
                 continue
             rev = cur.revision + 1 if cur is not None else 1
-            new[r.name] = Route(**{**r.__dict__, "revision": rev, "applied_at": now})
+            new[r.name] = replace(r, revision=rev, applied_at=now)
             out["changed" if cur is not None else "added"].append(r.name)
         out["removed"] = sorted(set(self.routes) - set(new))
         if out["added"] or out["changed"] or out["removed"]:

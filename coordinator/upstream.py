@@ -110,9 +110,11 @@ class Upstream:
         try:
             async with self.session.request(route.method, url, headers=headers, data=body, allow_redirects=False,
                                             timeout=aiohttp.ClientTimeout(total=budget_s)) as resp:
-                if resp.content_length is not None and resp.content_length > route.max_response:
-                    raise _too_large(route, resp.status)
-                data = bytearray()
+                if resp.content_length is not None:  # the size is known: one read, or a refusal unread
+                    if resp.content_length > route.max_response:
+                        raise _too_large(route, resp.status)
+                    return resp.status, await resp.read(), resp.headers.get("Content-Type", "")
+                data = bytearray()  # chunked: read while it stays within the bound
                 while True:
                     chunk = await resp.content.read(1 << 16)
                     if not chunk:

@@ -16,6 +16,9 @@ echoes, one at a time and 64 in flight), floor_mb_s_10m (10 MB unary echoes, one
 p50_vs_floor, calls_per_s_vs_floor, mb_s_10m_vs_floor: microswarm's figures as ratios to them.
 With its own cluster, coordinator_rss_peak_mib_50m and coordinator_rss_before_mib_50m: the
 coordinator's RSS during one 50 MB echo and just before it (bench_memory.py).
+With its own cluster, route_overhead_p50_ms and route_overhead_p99_ms: a call through a route minus
+the same request sent straight to its source, interleaved, 200 each (bench_routes.py); null with
+`--coordinator`.
 `--simulated-agents N` measures something else: one coordinator under N simulated agents
 (bench_fleet.py).
 Latency uses math.compute with a fresh input each call, so no answer comes from the cache.
@@ -398,6 +401,9 @@ def _table(result: dict[str, Any], n_frozen: int) -> Table:
         t.add_row("HTTP gateway overhead p99", f"{result['gateway_overhead_p99_ms']:.2f} ms", "")
         t.add_row("HTTP calls/s, 64 connections", f"{result['http_calls_per_s']:.0f}", "")
         t.add_row("calls/s cost of /metrics + dashboard, each 1/s", f"{result['observability_overhead_pct']:.1f}%", "< 5%")
+    if result.get("route_overhead_p50_ms") is not None:
+        t.add_row("route overhead p50 / p99 (vs calling its source directly)",
+                  f"{result['route_overhead_p50_ms']:.2f} / {result['route_overhead_p99_ms']:.2f} ms", "p50 < 1 ms")
     if result.get("verify_cost_pct") is not None:
         t.add_row("calls/s cost of --verify adaptive (trusted agents, 5% spot checks) vs off",
                   f"{result['verify_cost_pct']:.1f}% ({result['calls_per_s_verify_adaptive']:.0f} vs "
@@ -435,6 +441,8 @@ def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str
     http_url = os.environ.get("MICROSWARM_GATEWAY_URL") or None
     cost: dict[str, Any] = {"verify_cost_pct": None}
     memory: dict[str, Any] = {"coordinator_rss_peak_mib_50m": None}
+    from .bench_routes import KEYS as ROUTE_KEYS, route_overhead
+    routes: dict[str, Any] = dict.fromkeys(ROUTE_KEYS)
     try:
         if coordinator is None:
             cluster = LocalCluster(agents=2, slots=2, http=True)
@@ -451,6 +459,8 @@ def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str
             from .bench_memory import rss_peak_50m
             with _phase("memory of a 50 MB call"), console.status("the coordinator's memory during a 50 MB call…"):
                 memory = rss_peak_50m(addr, str(cluster.state), cluster.coordinator.pid)
+            with _phase("route overhead"), console.status("a route against its source, interleaved…"):
+                routes = route_overhead(addr, str(cluster.state), http_url)
     finally:
         if cluster is not None:
             cluster.stop()
@@ -477,6 +487,7 @@ def run_bench(coordinator: str | None = None, quick: bool = False, out_path: str
         **gw,
         **cost,
         **memory,
+        **routes,
         **frozen,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
     }

@@ -94,6 +94,14 @@ class Source:
             await self._record(request)
             return web.Response(text="plain words")
 
+        async def big(request: web.Request) -> web.StreamResponse:
+            await self._record(request)
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})  # chunked: no length ahead
+            await resp.prepare(request)
+            await resp.write(b"[" + b"1," * 5000)
+            await resp.write(b"1]")
+            return resp
+
         app = web.Application()
         app.router.add_get("/pegawai/data", data)
         app.router.add_get("/pegawai/{id}", by_path)
@@ -102,6 +110,7 @@ class Source:
         app.router.add_get("/slow", slow)
         app.router.add_get("/fail", fail)
         app.router.add_get("/text", text)
+        app.router.add_get("/big", big)
         return app
 
     def _run(self) -> None:
@@ -194,6 +203,13 @@ type = "object"
 [[route]]
 name = "broken.text"
 url = "{src.url('/text')}"
+[route.schema]
+type = "object"
+
+[[route]]
+name = "broken.big"
+url = "{src.url('/big')}"
+max_response = 1000
 [route.schema]
 type = "object"
 '''
@@ -517,6 +533,8 @@ def test_a_source_down_slow_or_failing_gives_a_clear_error(env: Env) -> None:
     assert st == 502 and body["error"]["code"] == "upstream_error" and body["upstream_status"] == 500
     assert "HTTP 500" in body["error"]["message"] and "database is down" in body["error"]["details"]
     assert env.call("broken.text", {})["result"] == "plain words"
+    big = env.call("broken.big", {})
+    assert big["error"]["code"] == "upstream_error" and "more than 1000 bytes" in big["error"]["message"]
 
 
 def test_a_pure_route_is_cached(env: Env) -> None:
