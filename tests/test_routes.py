@@ -73,6 +73,11 @@ class Source:
                 return web.json_response({"message": "No data available"}, status=404)
             return web.json_response(found)
 
+        async def cari(request: web.Request) -> web.Response:  # seed 001's Table 1, row 1
+            await self._record(request)
+            found = PEGAWAI.get(int(request.match_info["id_user"]))
+            return web.json_response(found) if found else web.json_response({"message": "No data"}, status=404)
+
         async def by_path(request: web.Request) -> web.Response:
             await self._record(request)
             return web.json_response({"id": request.match_info["id"], "unit": request.match_info.get("unit")})
@@ -104,6 +109,7 @@ class Source:
 
         app = web.Application()
         app.router.add_get("/pegawai/data", data)
+        app.router.add_get("/curl/datapegawai/cari/{id_user}", cari)
         app.router.add_get("/pegawai/{id}", by_path)
         app.router.add_get("/pegawai/{id}/unit/{unit}", by_path)
         app.router.add_post("/pegawai/{id}", create)
@@ -633,3 +639,21 @@ def test_routes_survive_a_coordinator_restart(env: Env) -> None:
     envl = wait_for(lambda: (e := env.call("pegawai.data", {"id": 7}))["status"] == "ok" and e, 20,
                     "the route to answer after the restart")
     assert envl["executed_by"] == "upstream" and envl["result"] == PEGAWAI[7]
+
+
+def test_the_readmes_example(env: Env) -> None:
+    """The README's route (seed 001's own endpoint, converted to /pegawai/data) as written, but for
+    the source's port and the name, which this module's routes already use."""
+    import re
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    [toml] = [b for b in re.findall(r"^```toml\n(.*?)^```", readme, re.S | re.M) if "datapegawai" in b]
+    f = env.c.dir / "readme.toml"
+    f.write_text(toml.replace("127.0.0.1:9000", f"127.0.0.1:{env.src.port}").replace('"pegawai.data"', '"sianita.data"'))
+    assert "added: sianita.data" in env.ms("routes", "apply", str(f)).stdout
+    token = env.token("sianita.*")
+    st, _, body = env.http("GET", "/v1/sianita/data?id_user=7", token=token)
+    assert st == 200 and body["result"] == PEGAWAI[7] and body["executed_by"] == "upstream", body
+    assert env.src.last()["path"] == "/curl/datapegawai/cari/7" and env.src.last()["headers"]["X-Api-Key"] == "..."
+    st, _, body = env.http("GET", "/v1/sianita/data?id_user=abc", token=token)
+    assert st == 400 and body["error"] == {"code": "invalid_input", "message": "id_user must be an integer",
+                                          "field": "id_user"}
