@@ -342,8 +342,9 @@ class RouteTable:
     def current(self) -> list[Route]:
         return sorted(self.routes.values(), key=lambda r: r.name)
 
-    def load(self) -> None:
-        """Routes as the last apply left them; one that no longer checks is skipped, loudly."""
+    def load(self, taken: Callable[[str], bool] = lambda name: False) -> None:
+        """Routes as the last apply left them; one that no longer checks, or whose name a published
+        service has taken meanwhile (`taken`), is skipped, loudly."""
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -355,6 +356,8 @@ class RouteTable:
         for i, rec in enumerate(data.get("routes", [])):
             try:
                 r = check(rec["definition"], i)
+                if taken(r.name):
+                    raise RouteError(f"route {r.name!r}: a published service has that name now")
                 self.routes[r.name] = replace(r, revision=int(rec.get("revision", 1)),
                                               applied_at=float(rec.get("applied_at", 0.0)))
             except (RouteError, KeyError, TypeError, ValueError) as exc:

@@ -541,7 +541,7 @@ class Coordinator:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.registry.load()
-        self.routes.load()
+        self.routes.load(taken=self.registry.services.__contains__)
         self.registry.listeners.append(self._on_publish)
         if self.config.cache:
             self._start_cache()

@@ -63,7 +63,6 @@ class Upstream:
     def __init__(self, limit: int = POOL_LIMIT, per_host: int = POOL_PER_HOST) -> None:
         self.limit, self.per_host = limit, per_host
         self._session: aiohttp.ClientSession | None = None
-        self.requests = 0
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -106,7 +105,6 @@ class Upstream:
 
     async def _once(self, route: Route, url: URL, headers: dict[str, str], body: bytes | None,
                     budget_s: float) -> tuple[int, bytes, str]:
-        self.requests += 1
         try:
             async with self.session.request(route.method, url, headers=headers, data=body, allow_redirects=False,
                                             timeout=aiohttp.ClientTimeout(total=budget_s)) as resp:

@@ -298,6 +298,31 @@ def test_a_file_applies_whole_or_not_at_all() -> None:
         parse_text("[[route]\n")
 
 
+def test_the_table_changes_whole_and_is_kept(tmp_path: Path) -> None:
+    from microswarm.coordinator.routes import RouteTable
+
+    table = RouteTable(tmp_path)
+    a, b = check(_one(name="a.one", headers={"X-Api-Key": SECRET})), check(_one(name="b.two"))
+    assert table.apply([a, b], lambda n: False) == {"added": ["a.one", "b.two"], "changed": [], "unchanged": [],
+                                                   "removed": []}
+    assert stat.S_IMODE((tmp_path / "routes.json").stat().st_mode) == 0o600
+    with pytest.raises(RouteError, match="a published service is called b.two"):
+        table.apply([check(_one(name="a.one", timeout=3)), b], lambda n: n == "b.two")
+    assert table.get("a.one").timeout == 10  # nothing changed: not even the route that was fine
+    done = table.apply([check(_one(name="a.one", timeout=3, headers={"X-Api-Key": SECRET}))], lambda n: False,
+                       prune=True)
+    assert done["changed"] == ["a.one"] and done["removed"] == ["b.two"]
+    again = RouteTable(tmp_path)  # a restart
+    again.load()
+    r = again.get("a.one")
+    assert r is not None and r.timeout == 3 and r.revision == 2 and r.headers == {"X-Api-Key": SECRET}
+    assert list(again.routes) == ["a.one"]
+    with pytest.raises(RouteError, match="no route named 'b.two'"):
+        again.remove("b.two")
+    again.remove("a.one")
+    assert len(again) == 0 and json.loads((tmp_path / "routes.json").read_text()) == {"routes": []}
+
+
 @pytest.mark.parametrize("value, message, field", [
     ({}, "id is required", "id"),
     ({"id": None}, "id cannot be empty", "id"),
