@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime
 from typing import Any, Callable
 
 from rich.console import Console
@@ -102,12 +101,11 @@ def cmd_list(a: argparse.Namespace) -> int:
     for col in ("input", "timeout", "pure"):
         t.add_column(col, no_wrap=True)
     t.add_column("headers", overflow="fold")
-    t.add_column("rev")
-    t.add_column("applied")
+    t.add_column("rev")  # applied_at, digest, schema: --json
     for x in rows:
         t.add_row(x["name"], x["method"], escape(x["url"]), x["input"], f"{x['timeout_s']:g} s",
                   "yes" if x["pure"] else "", escape(", ".join(f"{h}: ***" for h in x["headers"])) or "-",
-                  str(x["revision"]), datetime.fromtimestamp(x["applied_at"]).strftime("%Y-%m-%d %H:%M"))
+                  str(x["revision"]))
     out.print(t)
     return 0
 
