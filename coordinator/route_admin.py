@@ -83,7 +83,7 @@ def document(doc: dict[str, Any], routes: list[Route]) -> dict[str, Any]:
     for r in routes:
         group, function = r.name.split(".", 1)
         if group not in tags:
-            doc["tags"].insert(-1, {"name": group, "description": f"the {group} services"})
+            doc["tags"].append({"name": group, "description": f"the {group} services"})
             tags.add(group)
         scopes.setdefault(f"{group}.*", f"every {group} service")
         scopes[r.name] = f"{r.name} only"
@@ -122,6 +122,8 @@ def document(doc: dict[str, Any], routes: list[Route]) -> dict[str, Any]:
                            "description": description + " The same call with query parameters.",
                            "security": security, "parameters": params, "responses": {**ok, **errors}}
         doc["paths"][f"/v1/{group}/{function}"] = item
+    groups = sorted((t for t in doc["tags"] if t["name"] != "oauth"), key=lambda t: t["name"])
+    doc["tags"] = groups + [t for t in doc["tags"] if t["name"] == "oauth"]  # groups in order, as for services
     return doc
 
 
