@@ -44,6 +44,7 @@ from microswarm.protos import microswarm_pb2_grpc as pbg
 
 from .identity import claim
 from .packages import PackageStore
+from .staged import StagedInputs
 from .volunteer import ControlServer, Monitor, VolunteerSettings, socket_path
 
 log = logging.getLogger("microswarm.agent")
@@ -143,6 +144,7 @@ class Agent:
         self.packages.publisher_keys = self.token.publisher_keys  # msw2 token: packages must be publisher-signed
         self.jobs: dict[str, asyncio.Task[Any]] = {}
         self.claims: dict[str, asyncio.Future[bool]] = {}  # confirm_start jobs waiting for the go
+        self.staged = StagedInputs()  # large inputs sent ahead of their jobs (this link's)
         self.in_worker: set[str] = set()  # jobs running in a worker (not waiting for one)
         self.job_s = 0.0  # moving average of the time jobs spend in a worker
         self._linger: asyncio.Future[None] | None = None  # the sender waits for the results of...
@@ -447,6 +449,7 @@ class Agent:
                     if not claim.done():
                         claim.set_result(False)
                 self.claims.clear()
+                self.staged = StagedInputs()  # (the next link's jobs never name this one's stages)
                 call.cancel()
 
     async def _read(self, call: Any, nonce: bytes, seen: bytes) -> pb.LinkFrame:
@@ -624,6 +627,8 @@ class Agent:
                     asyncio.get_running_loop().call_later(CANCEL_GRACE_S, task.cancel)
                 else:
                     task.cancel()
+        elif kind == "staged_input":
+            self.staged.take(msg.staged_input)
         elif kind == "start":
             claim = self.claims.pop(msg.start.job_id, None)
             if claim is not None and not claim.done():
@@ -674,6 +679,10 @@ class Agent:
                 raise WorkerCrashed(f"package {job.digest[:12]} for {job.service} is not installed here")
             if len(self.jobs) > self.slots * 2:
                 raise WorkerCrashed(f"all {self.slots} slots are busy")
+            try:
+                job_input = self.staged.pop(job.staged) if job.staged else job.input
+            except KeyError as exc:
+                raise WorkerCrashed(str(exc.args[0])) from None
 
             async def start() -> bool:
                 """A worker is ready: a confirm_start job asks the coordinator first (at most once)."""
@@ -689,7 +698,7 @@ class Agent:
 
             progress = _ProgressForward(link, job.job_id)
             try:
-                outcome = await pool.run(job.job_id, job.input, max(0.001, job.deadline_s),
+                outcome = await pool.run(job.job_id, job_input, max(0.001, job.deadline_s),
                                          lambda s, d: self._nested_call(link, job, s, d), on_start=start,
                                          on_progress=progress.report)
             finally:

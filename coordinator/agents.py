@@ -112,6 +112,7 @@ class AgentSession:
     charged: int = 0          # partial-frame bytes counted against the coordinator's link budget
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # set when the coordinator drops it
     end_reason: str = ""      # why the link ended it (a stall), when it did
+    drained: asyncio.Event | None = None  # set by the link's sender when it took messages (room())
 
     @property
     def running(self) -> int:
@@ -155,6 +156,24 @@ class AgentSession:
             if self.outbox.qsize() > OUTBOX_BASE + 16 * self.slots:  # it does not read what we send
                 self.coordinator.drop_agent(self, f"it stopped reading its link ({self.outbox.qsize()} "
                                                   "messages waiting for it)")
+
+    async def room(self, window: int) -> None:
+        """Wait until fewer than `window` messages wait for its link (or it is gone): a payload
+        sent ahead in pieces (staging.py) is held by the link at that pace, not queued whole."""
+        while self.outbox.qsize() >= window and not self.closed:
+            if self.drained is None:
+                self.drained = asyncio.Event()
+            try:
+                async with asyncio.timeout(1.0):  # (re-checks `closed`: a dropped agent never drains)
+                    await self.drained.wait()
+            except TimeoutError:
+                pass
+
+    def took(self) -> None:
+        """The link's sender wrote what was queued: wake those waiting for room()."""
+        if self.drained is not None:
+            self.drained.set()
+            self.drained = None
 
     def start_job(self, job: pb.Job) -> JobRecord:
         """Send a job on a slot reserved for it (see slots.SlotQueue); its result resolves the record."""

@@ -22,6 +22,7 @@ from .observed import HedgeBudget, ServiceTimes
 from .quarantine import Quarantine
 from .registry import ServiceEntry
 from .slots import SlotQueue
+from .staging import STAGE
 
 log = logging.getLogger("microswarm.scheduler")
 
@@ -51,16 +52,24 @@ class Attempts:
         self.hedges = HedgeBudget()
         self.ran: Callable[[str, float], None] | None = None
 
-    def _job(self, entry: ServiceEntry, input_bytes: bytes, chain: list[str], deadline: float,
+    def _job(self, agent: AgentSession, entry: ServiceEntry, input_bytes: bytes, chain: list[str], deadline: float,
              confirm: bool) -> pb.Job:
-        return pb.Job(job_id=self.job_id(), service=entry.name, digest=entry.digest, input=input_bytes,
-                      deadline_s=max(0.001, min(deadline - time.monotonic(), float(entry.cls.timeout))),
-                      chain=chain, confirm_start=confirm)
+        job = pb.Job(job_id=self.job_id(), service=entry.name, digest=entry.digest,
+                     deadline_s=max(0.001, min(deadline - time.monotonic(), float(entry.cls.timeout))),
+                     chain=chain, confirm_start=confirm)
+        stage = STAGE.get()  # its input already went to this agent (staging.py): the job names it
+        staged = stage.claim_for(agent) if stage is not None else ""
+        if staged:
+            job.staged = staged
+            self.counts["staged"] += 1
+        else:
+            job.input = input_bytes
+        return job
 
     async def rerunnable(self, agent: AgentSession, entry: ServiceEntry, input_bytes: bytes, chain: list[str],
                          deadline: float, times: ServiceTimes, excluded: set[str]) -> tuple[pb.JobResult, AgentSession]:
         """A job that may run again: learnt timeout, hedged past the recent p95, first answer wins."""
-        job = self._job(entry, input_bytes, chain, deadline, False)
+        job = self._job(agent, entry, input_bytes, chain, deadline, False)
         t0 = time.monotonic()
         end = t0 + self._timeout(entry, times, deadline - t0, len(excluded))
         hedge = times.hedge_after() if self.hedge_on else None
@@ -86,7 +95,7 @@ class Attempts:
                 now = time.monotonic()
                 if pending and hedge_at is not None and now >= hedge_at:
                     hedge_at = None
-                    second = self._hedge(entry, job, excluded | {a.agent_id for a, _ in runs.values()})
+                    second = self._hedge(entry, job, input_bytes, excluded | {a.agent_id for a, _ in runs.values()})
                     if second is not None:
                         runs[second[1].future] = second
                         pending.add(second[1].future)
@@ -105,7 +114,8 @@ class Attempts:
             for a, r in runs.values():
                 a.abandon(r)  # the loser of a hedge, a job that timed out or went silent: cancel it there
 
-    def _hedge(self, entry: ServiceEntry, job: pb.Job, excluded: set[str]) -> tuple[AgentSession, JobRecord] | None:
+    def _hedge(self, entry: ServiceEntry, job: pb.Job, input_bytes: bytes,
+               excluded: set[str]) -> tuple[AgentSession, JobRecord] | None:
         if self.hedges.tokens < 1.0:
             return None
         b = self.queue.take(entry.digest, frozenset(excluded))
@@ -116,13 +126,16 @@ class Attempts:
         copy = pb.Job()
         copy.CopyFrom(job)
         copy.job_id = self.job_id()
+        if copy.staged:  # the input went ahead to the first agent only
+            copy.ClearField("staged")
+            copy.input = input_bytes
         log.debug("hedging %s: job %s also sent to %s", entry.name, job.job_id, b.agent_id)
         return b, b.start_job(copy)  # type: ignore[attr-defined, return-value]
 
     async def once(self, agent: AgentSession, entry: ServiceEntry, input_bytes: bytes, chain: list[str],
                    deadline: float, times: ServiceTimes) -> tuple[pb.JobResult, AgentSession]:
         """A job that must not run twice: it starts only with our go, and is never re-run once started."""
-        job = self._job(entry, input_bytes, chain, deadline, True)
+        job = self._job(agent, entry, input_bytes, chain, deadline, True)
         rec = agent.start_job(job)
         assert rec.claimed is not None
         try:

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import grpc
 from grpc import aio
 
-from microcores._chunks import Assembler, batch_parts, pieces
-from microcores.errors import MicroError
+from microcores import _codec
+from microcores._chunks import Assembler, batch_parts, call_pieces, pieces
+from microcores.client import STREAM_MIN
+from microcores.errors import MicroError, Unavailable
 from microswarm.protos import microswarm_pb2 as pb
 from microswarm.protos import microswarm_pb2_grpc as pbg
 
@@ -20,6 +22,7 @@ from .auth import OPERATOR, AuthError
 from .auth_grpc import TokenService, auth_refusal, caller_label, text_metadata
 from .caller import Caller
 from .calls import StoredCall
+from .spool import Spool
 
 if TYPE_CHECKING:
     from .server import Coordinator
@@ -29,6 +32,7 @@ STATUS_SCOPE = "status"  # a client token whose scope covers this name may read 
 MAX_STREAM_IN_FLIGHT = 4096
 REPLIES_FIELD = pb.ReplyBatch.DESCRIPTOR.fields_by_name["replies"].number
 STREAM_BATCH_BYTES = 1 << 20
+MAX_INFLOWS = 16  # large inputs arriving at once on one stream (each spooled to disk, up to MAX_PAYLOAD)
 # Under load a reply waits STREAM_LINGER_S for the other calls in flight on its stream, so that more
 # replies share one write: each gRPC write costs the coordinator and the client far more CPU than a
 # reply. Never when it is the only call in flight (a lone call is answered at once).
@@ -121,9 +125,17 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
         outbox: asyncio.Queue[tuple[int, pb.CallReply] | None] = asyncio.Queue()
         tasks: dict[int, asyncio.Task[None]] = {}  # the client's id -> its call in flight
 
-        async def one(cid: int, req: pb.CallRequest, caller: Caller) -> None:
+        inflows: dict[int, Spool] = {}  # calls whose input is still arriving (CallRequest.input_size)
+
+        async def one(cid: int, req: pb.CallRequest, caller: Caller, inflow: Spool | None) -> None:
             req.ClearField("chain")
-            reply = await self.c.dispatcher.call(req, caller=caller)
+            try:
+                reply = await self.c.dispatcher.call(req, caller=caller, inflow=inflow)
+            finally:
+                if inflow is not None:
+                    inflow.close()
+                    if inflows.get(cid) is inflow:
+                        del inflows[cid]
             task = asyncio.current_task()
             if task is None or not task.cancelling():  # a call the client cancelled gets no reply
                 outbox.put_nowait((cid, reply))
@@ -143,6 +155,13 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
                 size = 0
                 while item is not None:
                     cid, reply = item
+                    if reply.ByteSize() > STREAM_MIN and len(reply.result) > STREAM_MIN:  # pieces ahead of the reply
+                        result = reply.result
+                        reply.ClearField("result")
+                        reply.result_size = len(result)
+                        for chunk in call_pieces(cid, result):
+                            await context.write(chunk)
+                        del result
                     batch.ids.append(cid)
                     replies.append(reply.SerializeToString())
                     size += len(replies[-1]) + 8
@@ -162,6 +181,14 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
                 chunk = await context.read()
                 if not isinstance(chunk, pb.StreamChunk):
                     break
+                if chunk.call:  # a piece of a large input (of a call refused or ended already: dropped)
+                    inflow = inflows.get(chunk.call)
+                    if inflow is not None:
+                        inflow.feed(chunk.data)
+                        if not chunk.more:
+                            inflow.end()
+                            del inflows[chunk.call]
+                    continue
                 data = assembler.feed(chunk)
                 if data is None:
                     continue
@@ -186,7 +213,21 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
                     except AuthError as exc:
                         outbox.put_nowait((cid, auth_refusal(self.c, req.service, exc, client=client, address=peer)))
                         continue
-                    t = asyncio.create_task(one(cid, req, Caller(client, token, peer)))
+                    inflow = None
+                    if req.input_size:
+                        refused = None
+                        if req.input_size > _codec.MAX_PAYLOAD:
+                            refused = pb.Error(code="too_large", message=f"an input of {req.input_size} bytes "
+                                                                         f"exceeds the limit of {_codec.MAX_PAYLOAD}")
+                        elif len(inflows) >= MAX_INFLOWS or cid in inflows:
+                            refused = pb.Error(code="unavailable", message=f"more than {MAX_INFLOWS} large inputs "
+                                               "arriving at once on one stream; wait for some answers")
+                        if refused is not None:
+                            outbox.put_nowait((cid, pb.CallReply(status="error", service=req.service,
+                                                                 executed_by="coordinator", error=refused)))
+                            continue
+                        inflow = inflows[cid] = Spool(req.input_size, f"the input of {req.service}")
+                    t = asyncio.create_task(one(cid, req, Caller(client, token, peer), inflow))
                     tasks[cid] = t
                     t.add_done_callback(functools.partial(forget, cid))
                 for cid in batch.cancel:  # calls the client gave up on: their jobs stop (the dispatcher's part)
@@ -200,6 +241,8 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
             send_task.cancel()
             for t in list(tasks.values()):
                 t.cancel()
+            for inflow in inflows.values():  # the client left mid-input: its calls end with it
+                inflow.fail(Unavailable("the client's stream ended before the input was complete"))
 
     async def _viewer(self, context: aio.ServicerContext, what: str) -> bool:
         """Who may look at Status/CacheStats: True for the operator (`Admin <admin.token>`, or a

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from microcores import _codec
 from microcores.core import validate_model
-from microcores.errors import (CallCycle, DepthExceeded, InvalidInput, MicroError,
+from microcores.errors import (CallCycle, DeadlineExceeded, DepthExceeded, InvalidInput, MicroError,
                                Unavailable, from_code)
 from microcores._worker import NestedHandler
 from microswarm.protos import microswarm_pb2 as pb
@@ -27,6 +27,8 @@ from .caller import CALLER, Caller
 from .calllog import CallEntry
 from .calls import PROGRESS, Progress, new_call_id
 from .registry import ServiceEntry
+from .spool import Spool
+from .staging import STAGE, Stage
 from .verify import COORDINATOR, Outcome, Verifier, opened, seal
 
 if TYPE_CHECKING:
@@ -111,10 +113,11 @@ class Dispatcher:
     # ------------------------------------------------------------ the call pipeline
 
     async def call(self, req: pb.CallRequest, *, client: str = "", address: str = "",
-                   caller: Caller | None = None, call_id: str = "") -> pb.CallReply:
+                   caller: Caller | None = None, call_id: str = "", inflow: Spool | None = None) -> pb.CallReply:
         """One call, run as `caller` (caller.py: its client, token and address; `client` and `address`
         alone make a caller without a token, an in-process one). The caller is in CALLER for the call's
-        task, so the jobs it sends carry it and their nested calls run as it, in its scope."""
+        task, so the jobs it sends carry it and their nested calls run as it, in its scope.
+        `inflow`: the input, still arriving (CallRequest.input_size): passed on while it comes."""
         t0 = time.perf_counter()
         if caller is None:
             caller = Caller(client or req.client or "anonymous", None, address)
@@ -135,7 +138,7 @@ class Dispatcher:
             if caller.via_agent:  # a nested call: only within the scope of the call whose job made it
                 caller.check(req.service)
             try:
-                await self._call(req, reply)
+                await self._call(req, reply, inflow)
             except asyncio.CancelledError:
                 if not self.stopped_message or task is None:
                     raise
@@ -182,7 +185,30 @@ class Dispatcher:
         for observer in self.observers:
             observer(entry, reply)
 
-    async def _call(self, req: pb.CallRequest, reply: pb.CallReply) -> None:
+    async def _call(self, req: pb.CallRequest, reply: pb.CallReply, inflow: Spool | None = None) -> None:
+        if inflow is None:
+            return await self._run(req, reply, req.input)
+        entry = self.c.registry.get(req.service)
+        # Cut-through (staging.py): the input goes on to the agent likely to run the job while it
+        # arrives; the job itself is sent once the whole input is here and valid.
+        target = self.scheduler.stage_target(entry) if req.encoding == pb.MSGPACK else None
+        stage = Stage(target, inflow) if target is not None else None
+        as_stage = STAGE.set(stage)
+        try:
+            budget = req.deadline_s if req.deadline_s > 0 else float(entry.cls.timeout) + 5.0
+            try:
+                async with asyncio.timeout(budget):
+                    await inflow.read(wait_only=True)
+            except TimeoutError:
+                raise DeadlineExceeded(f"the input of {req.service} did not arrive within the call's deadline "
+                                       f"({inflow.received} of {inflow.size} bytes)") from None
+            await self._run(req, reply, await inflow.read(), streamed=True)
+        finally:
+            STAGE.reset(as_stage)
+            if stage is not None:
+                stage.drop()
+
+    async def _run(self, req: pb.CallRequest, reply: pb.CallReply, raw_input: bytes, streamed: bool = False) -> None:
         entry = self.c.registry.get(req.service)
         reply.version = entry.version
         chain = list(req.chain)
@@ -194,16 +220,12 @@ class Dispatcher:
         timeout = float(entry.cls.timeout)
         budget = req.deadline_s if req.deadline_s > 0 else timeout + 5.0
         deadline = time.monotonic() + budget
-        raw: Any = req.input if req.encoding == pb.JSON else _codec.unpack(req.input)
-        if req.encoding == pb.JSON and len(raw) > _codec.MAX_PAYLOAD:
-            raise InvalidInput(f"input of {len(raw)} bytes exceeds the limit of {_codec.MAX_PAYLOAD}")
-        model = validate_model(entry.cls.input_model, raw if raw != b"" else b"{}")
-        value = model.model_dump(mode="python")
-        input_bytes = _codec.pack(value)
-
         cache = self.c.cache
+        cached = cache is not None and entry.cls.pure and entry.cls.cache
+        input_bytes, value = _validated_input(entry, req.encoding, raw_input, streamed, cached)
+        del raw_input
         key = None
-        if cache is not None and entry.cls.pure and entry.cls.cache:
+        if cached:
             key = self.c.cache_key(entry, value)
             hit = cache.get(key)
             if hit is not None:
@@ -214,6 +236,10 @@ class Dispatcher:
 
         chain = chain + [entry.name]
         nested = self.nested_handler(chain, deadline)
+        stage = STAGE.get()
+        if stage is not None:  # its pieces are all on the agent's link: a job sent now finds them there
+            await stage.sent(deadline - time.monotonic())
+        packed = b""  # the answer as msgpack, when the executor's bytes can be passed on as they are
         if entry.cls.pure and self.verifier.mode != "off":
             answer, verified = await self._verified(entry, input_bytes, chain, deadline, reply, nested)
             reply.executed_by, reply.attempts, reply.verified = answer.executor, answer.attempts, verified
@@ -223,15 +249,22 @@ class Dispatcher:
             producers: tuple[str, ...] = (answer.executor, answer.verified_by)
         else:
             output, executed_by = await self.scheduler.execute(entry, input_bytes, chain, deadline, reply, nested)
+            del input_bytes  # (a large input is not held while its output is checked)
             reply.executed_by = executed_by
-            out = entry.cls.validate_output(_codec.unpack(output))
+            decoded = _codec.unpack(output)
+            out = entry.cls.validate_output(decoded)
             out_value = out.model_dump(mode="python")
+            # Exactly the output model's fields and values (pydantic keeps bytes and str as they are, so
+            # this compares them by identity): the executor's bytes are the answer, not packed again.
+            if req.encoding == pb.MSGPACK and out_value == decoded:
+                packed = output
+            del decoded, output
             reply.verified = executed_by == COORDINATOR
             producers = (executed_by,)
         if key is not None:
-            cache.put(key, seal(_codec.pack(out_value), producers, reply.verified), entry.cls.cache_ttl)
-        reply.result = self._encode_result(entry, out if req.encoding == pb.JSON and out is not None else out_value,
-                                           req.encoding)
+            cache.put(key, seal(packed or _codec.pack(out_value), producers, reply.verified), entry.cls.cache_ttl)
+        reply.result = packed or self._encode_result(
+            entry, out if req.encoding == pb.JSON and out is not None else out_value, req.encoding)
 
     # ------------------------------------------------------------ verified results (verify.py)
 
@@ -310,6 +343,20 @@ class Dispatcher:
                 raise from_code(reply.error.code, reply.error.message, reply.error.field, reply.error.details)
             return _codec.unpack(reply.result)
         return nested
+
+
+def _validated_input(entry: ServiceEntry, encoding: int, raw_input: bytes, streamed: bool,
+                     keep_value: bool) -> tuple[bytes, Any]:
+    """The job's input (msgpack) and, when asked for (a cache key), the validated value. A streamed
+    input that validates goes on as the client sent it (the worker validates it the same way);
+    anything else is packed from the validated value. Nothing of the decoded input outlives this."""
+    raw: Any = raw_input if encoding == pb.JSON else _codec.unpack(raw_input)
+    if encoding == pb.JSON and len(raw) > _codec.MAX_PAYLOAD:
+        raise InvalidInput(f"input of {len(raw)} bytes exceeds the limit of {_codec.MAX_PAYLOAD}")
+    model = validate_model(entry.cls.input_model, raw if raw != b"" else b"{}")
+    value = model.model_dump(mode="python")
+    input_bytes = raw_input if streamed and encoding == pb.MSGPACK else _codec.pack(value)
+    return input_bytes, (value if keep_value else None)
 
 
 def _validated(entry: ServiceEntry, executor: str, output: bytes, attempts: int) -> Outcome:

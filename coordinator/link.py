@@ -180,6 +180,7 @@ class AgentLinkService:
                     msg = pb.ToCoordinator()
                     msg.ParseFromString(piece)  # type: ignore[arg-type]  # any buffer parses; the stubs say bytes
                     left = self._handle(s, msg, now) or left
+                data = None  # (a large result is not held twice while the next frame is awaited)
                 if left:
                     s.state = "leaving"  # no new jobs; close once every job sent is answered
                 if s.state == "leaving" and all(r.future.done() for r in s.jobs.values()):
@@ -260,6 +261,7 @@ class AgentLinkService:
                 if msg is None:
                     return
                 parts, stop = collect_parts(msg, s.outbox)  # sealed from its parts: a job's input is not joined
+                s.took()
                 for counter, ct, more in s.channel.seal_iter(parts):
                     await context.write(sealed_frame(counter, ct, more))
                 if stop:

@@ -33,6 +33,7 @@ from .observed import Observed
 from .quarantine import Quarantine
 from .registry import ServiceEntry
 from .slots import LocalSlots, SlotQueue
+from .staging import STAGE
 
 log = logging.getLogger("microswarm.scheduler")
 
@@ -67,7 +68,7 @@ class Scheduler:
         self.short: set[str] = set()  # packages whose jobs are short enough for agents to prefetch
         self._fleet_list: list[AgentSession] | None = None  # self.agents' sessions, for sampling
         self.counts = {"retries": 0, "hedges": 0, "late_results": 0, "outcome_unknown": 0, "offloaded": 0,
-                       "local": 0}
+                       "local": 0, "staged": 0}
         self.attempts = Attempts(self.queue, quarantine, job_id, self.counts, settings.hedge, settings.local_slots)
 
     @property
@@ -116,6 +117,12 @@ class Scheduler:
     def holdings_changed(self) -> None:
         self.queue.wake_unservable(self.holders)
         self.queue.pump()
+
+    def stage_target(self, entry: ServiceEntry) -> AgentSession | None:
+        """The agent the next job of `entry` would go to now, were one free (staging.py sends a
+        large input there ahead of its job); nothing is reserved."""
+        cands = self.queue.candidates(entry.digest, frozenset())
+        return self.queue.pick(cands) if cands else None  # type: ignore[return-value]
 
     # ------------------------------------------------------------ one call
 
@@ -178,6 +185,11 @@ class Scheduler:
     async def _acquire(self, entry: ServiceEntry, deadline: float, excluded: frozenset[str],
                        local_ok: bool, at_once: bool = False) -> AgentSession | None:
         """An agent with a slot reserved for this job, or None with a coordinator slot held."""
+        stage = STAGE.get()  # the agent its input was sent ahead to, when it can take the job now
+        if stage is not None and not stage.used and stage.agent.agent_id not in excluded \
+                and stage.agent.dispatchable(entry.digest) and not self.queue.waiting_for(entry.digest):
+            stage.agent.reserved += 1
+            return stage.agent
         agent = self.queue.take(entry.digest, excluded)
         if agent is not None:
             return agent  # type: ignore[return-value]

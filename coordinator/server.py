@@ -496,7 +496,8 @@ class Coordinator:
             local_running=sch.local_slots.used, max_attempts=sch.s.max_attempts, retries_total=n["retries"],
             hedges_total=n["hedges"], late_results_total=n["late_results"], outcome_unknown_total=n["outcome_unknown"],
             quarantines_total=self.quarantine.total, overloaded_total=sch.queue.overloaded,
-            offloaded_total=n["offloaded"], local_total=n["local"]))
+            offloaded_total=n["offloaded"], local_total=n["local"],
+            staged_total=n["staged"]))
         v = self.verifier
         reply.verify.CopyFrom(pb.VerifyInfo(mode=v.mode, trust_after=v.trust_after, spot_check=v.spot_check,
                                             agreed_total=v.counts.agreed, disagreed_total=v.counts.disagreed,

@@ -56,16 +56,21 @@ class SlotQueue:
 
     def take(self, digest: str, excluded: frozenset[str]) -> Holder | None:
         """A free holder now, with its slot reserved, or None. Queued calls come first."""
-        if self.queued:
-            self.pump()
-            if any(d == digest for d, _ in self.kinds):
-                return None  # FIFO: earlier calls for this package are still waiting
+        if self.waiting_for(digest):
+            return None  # FIFO: earlier calls for this package are still waiting
         cands = self.candidates(digest, excluded)
         if not cands:
             return None
         agent = self.pick(cands)
         agent.reserved += 1
         return agent
+
+    def waiting_for(self, digest: str) -> bool:
+        """Calls for this package wait in line (after handing out what is free)."""
+        if not self.queued:
+            return False
+        self.pump()
+        return any(d == digest for d, _ in self.kinds)
 
     async def wait(self, digest: str, excluded: frozenset[str], timeout: float) -> Holder | None:
         """Wait in line for a holder's slot (reserved on return); None when `timeout` passes."""

@@ -75,3 +75,51 @@ class Assembler:
         self._parts.clear()
         self._size = 0
         return whole
+
+
+def call_pieces(call: int, payload: bytes | memoryview, restart: bool = False) -> Iterator[pb.StreamChunk]:
+    """One call's payload as pieces of that call (StreamChunk.call): a large input going up, a
+    large result coming down. Each piece is sliced from the payload, never the whole copied."""
+    view = memoryview(payload)
+    n = max(1, -(-len(view) // PIECE))
+    for i in range(n):
+        yield pb.StreamChunk(call=call, data=bytes(view[i * PIECE:(i + 1) * PIECE]), more=i < n - 1,
+                             restart=restart and i == 0)
+
+
+class ResultPieces:
+    """Large results arriving ahead of their replies, per call; a reply with result_size takes
+    its call's pieces as its result. A `restart` piece drops what came before it (the coordinator
+    moved the job after part of an output had passed)."""
+
+    def __init__(self, limit: int = MAX_BATCH) -> None:
+        self.limit = limit
+        self._parts: dict[int, list[bytes]] = {}
+        self._sizes: dict[int, int] = {}
+
+    def take(self, chunk: pb.StreamChunk) -> None:
+        if chunk.restart:
+            self.pop(chunk.call)
+        size = self._sizes.get(chunk.call, 0) + len(chunk.data)
+        if size > self.limit:
+            raise TooLarge(f"the result of call {chunk.call} exceeds the limit of {self.limit} bytes")
+        self._sizes[chunk.call] = size
+        self._parts.setdefault(chunk.call, []).append(chunk.data)
+
+    def pop(self, call: int) -> None:
+        self._parts.pop(call, None)
+        self._sizes.pop(call, None)
+
+    def complete(self, call: int, reply: pb.CallReply) -> None:
+        """Put the call's pieces into its reply as its result (or drop them: the call failed)."""
+        parts = self._parts.pop(call, [])
+        got = self._sizes.pop(call, 0)
+        if not reply.result_size or reply.status != "ok":
+            return
+        if got != reply.result_size:
+            reply.status = "error"
+            reply.error.CopyFrom(pb.Error(code="unavailable", message=(
+                f"the result of {reply.service} arrived incomplete ({got} of {reply.result_size} bytes); "
+                "retry the call")))
+            return
+        reply.result = parts[0] if len(parts) == 1 else b"".join(parts)

@@ -32,7 +32,7 @@ from microswarm.protos import microswarm_pb2 as pb
 from microswarm.protos import microswarm_pb2_grpc as pbg
 
 from . import _codec, _tls
-from ._chunks import Assembler, batch_parts, pieces
+from ._chunks import Assembler, ResultPieces, batch_parts, call_pieces, pieces
 from .handles import AsyncCallHandle, CallHandle, envelope_of, rpc_error, wait_envelope, wait_envelope_async
 from .errors import DeadlineExceeded, MicroError, Unauthorized, Unavailable, from_code
 
@@ -41,6 +41,7 @@ DEFAULT_COORDINATOR = "127.0.0.1:7070"
 # normally comes at the deadline, as `deadline_exceeded`) before it gives up on its own.
 DEADLINE_GRACE_S = 5.0
 CALLS_FIELD = pb.CallBatch.DESCRIPTOR.fields_by_name["calls"].number
+STREAM_MIN = 1 << 20  # an input past this travels as pieces of its call (measured: docs/design.md)
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", _codec.MAX_PAYLOAD + (1 << 20)),
                    ("grpc.max_send_message_length", _codec.MAX_PAYLOAD + (1 << 20))]
@@ -113,16 +114,31 @@ class Envelope:
                    reply.cache_hit, reply.service, reply.version, reply.verified, call_id=reply.call_id)
 
 
-def _request(service: str, data: Any, encoding: int, timeout: float | None) -> pb.CallRequest:
+def _encode(data: Any, encoding: int) -> bytes:
     if encoding == pb.JSON:
         raw = data if isinstance(data, (bytes, str)) else _codec.dumps_json(data)
-        raw = raw.encode() if isinstance(raw, str) else raw
-    else:
-        if hasattr(data, "model_dump"):
-            data = data.model_dump(mode="python")
-        raw = _codec.pack(data)
+        return raw.encode() if isinstance(raw, str) else raw
+    if hasattr(data, "model_dump"):
+        data = data.model_dump(mode="python")
+    return _codec.pack(data)
+
+
+def _request(service: str, data: Any, encoding: int, timeout: float | None) -> pb.CallRequest:
     # (the generated .pyi wants the enum type; protobuf takes its plain int)
-    return pb.CallRequest(service=service, input=raw, encoding=cast(pb.Encoding, encoding), deadline_s=timeout or 0.0)
+    return pb.CallRequest(service=service, input=_encode(data, encoding), encoding=cast(pb.Encoding, encoding),
+                          deadline_s=timeout or 0.0)
+
+
+def _streamed_request(service: str, data: Any, encoding: int,
+                      timeout: float | None) -> tuple[pb.CallRequest, bytes | None]:
+    """A call for CallStream: an msgpack input past STREAM_MIN goes apart from the request, as
+    pieces of the call that the coordinator passes on while they arrive (docs/design.md)."""
+    raw = _encode(data, encoding)
+    if encoding == pb.MSGPACK and len(raw) > STREAM_MIN:
+        return pb.CallRequest(service=service, input_size=len(raw), encoding=cast(pb.Encoding, encoding),
+                              deadline_s=timeout or 0.0), raw
+    return pb.CallRequest(service=service, input=raw, encoding=cast(pb.Encoding, encoding),
+                          deadline_s=timeout or 0.0), None
 
 
 def _wait_for(timeout: float | None) -> float | None:
@@ -461,7 +477,8 @@ class AsyncClient:
         self._stream: asyncio.Task[None] | None = None
         self._call: Any = None
         self._pending: dict[int, asyncio.Future[pb.CallReply]] = {}
-        self._queue: asyncio.Queue[tuple[int, pb.CallRequest | None]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[int, pb.CallRequest | None, bytes | None]] = asyncio.Queue()
+        self._results = ResultPieces()
         self._next_id = 0
 
     async def _ready(self) -> None:
@@ -497,16 +514,17 @@ class AsyncClient:
 
     async def envelope(self, service: str, data: Any = None, *, timeout: float | None = None,
                        encoding: int = pb.MSGPACK) -> Envelope:
-        req = _request(service, {} if data is None else data, encoding, timeout)
+        req, payload = (_streamed_request(service, {} if data is None else data, encoding, timeout)
+                        if self.multiplex else (_request(service, {} if data is None else data, encoding, timeout), None))
         for attempt in (1, 2):
-            reply = await self._one(req, timeout)
+            reply = await self._one(req, timeout, payload)
             if attempt == 1 and _refused_unauthenticated(reply) and self._tokens.can_mint:
                 self._tokens.invalidate()  # expired or revoked under us: a new token, once
                 continue
             break
         return Envelope.from_reply(self._tokens.explain(reply))
 
-    async def _one(self, req: pb.CallRequest, timeout: float | None) -> pb.CallReply:
+    async def _one(self, req: pb.CallRequest, timeout: float | None, payload: bytes | None = None) -> pb.CallReply:
         tok = await self.token()
         if not self.multiplex:
             md = self._metadata + [("authorization", f"Bearer {tok}")] if tok else self._metadata
@@ -522,7 +540,7 @@ class AsyncClient:
         fut: asyncio.Future[pb.CallReply] = asyncio.get_running_loop().create_future()
         self._pending[cid] = fut
         queue = self._queue  # the stream this call goes on: its cancel goes there too
-        queue.put_nowait((cid, req))
+        queue.put_nowait((cid, req, payload))
         try:
             return await asyncio.wait_for(fut, _wait_for(timeout))
         except asyncio.TimeoutError:
@@ -531,7 +549,8 @@ class AsyncClient:
             self._pending.pop(cid, None)
             if not fut.done() or fut.cancelled():
                 # Given up on (task cancelled, or no answer in time): the coordinator stops its job.
-                queue.put_nowait((cid, None))
+                queue.put_nowait((cid, None, None))
+            self._results.pop(cid)
 
     def _open_stream(self, tok: str | None) -> None:
         queue = self._queue = asyncio.Queue()
@@ -543,10 +562,11 @@ class AsyncClient:
         async def writer() -> None:
             unsent: set[int] = set()  # calls given up on before they were sent: never sent at all
             while True:
-                cid, req = await queue.get()
+                cid, req, payload = await queue.get()
                 await asyncio.sleep(0)  # calls issued together share one write
                 batch = pb.CallBatch()
                 calls: list[bytes] = []  # serialized once, not copied into the batch (see batch_parts)
+                inputs: list[tuple[int, bytes]] = []  # large inputs: their pieces follow the batch
                 size = 0
                 while True:
                     if req is None:  # a call the client gave up on: its job stops
@@ -559,11 +579,14 @@ class AsyncClient:
                         batch.ids.append(cid)
                         calls.append(req.SerializeToString())
                         size += len(req.input) + 64
+                        if payload is not None:
+                            inputs.append((cid, payload))
+                            size += len(payload)
                     else:
                         unsent.add(cid)
                     if size > (1 << 20) or queue.empty():
                         break
-                    cid, req = queue.get_nowait()
+                    cid, req, payload = queue.get_nowait()
                 if self._tokens.access != self._sent_token and self._tokens.access:
                     self._sent_token = self._tokens.access  # renewed: the stream takes the new token
                     batch.authorization = f"Bearer {self._sent_token}"
@@ -571,20 +594,29 @@ class AsyncClient:
                     continue
                 for chunk in pieces(batch_parts(batch.SerializeToString(), CALLS_FIELD, calls)):
                     await call.write(chunk)
+                for cid, payload in inputs:  # (the coordinator passes each piece on as it comes)
+                    for chunk in call_pieces(cid, payload):
+                        await call.write(chunk)
 
         async def reader() -> None:
             assembler = Assembler()
+            results = self._results = ResultPieces()
             try:
                 while True:
                     chunk = await call.read()
                     if not isinstance(chunk, pb.StreamChunk):
                         raise ConnectionError("the coordinator closed the call stream")
+                    if chunk.call:  # a piece of a large result, ahead of its reply
+                        if chunk.call in self._pending:
+                            results.take(chunk)
+                        continue
                     data = assembler.feed(chunk)
                     if data is None:
                         continue
                     batch = pb.ReplyBatch.FromString(data)
                     for cid, reply in zip(batch.ids, batch.replies):
                         fut = self._pending.get(cid)
+                        results.complete(cid, reply)
                         if fut is not None and not fut.done():
                             fut.set_result(reply)
             except (grpc.RpcError, ConnectionError) as exc:

@@ -221,7 +221,7 @@ class AgentInfo(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., address: _Optional[str] = ..., packages: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., running: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., state: _Optional[str] = ..., connected_s: _Optional[float] = ..., jobs_done: _Optional[int] = ..., jobs_failed: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., load1: _Optional[float] = ..., jobs_cpu_percent: _Optional[float] = ..., jobs_rss_bytes: _Optional[int] = ..., others_cpu_percent: _Optional[float] = ..., limit_stops: _Optional[int] = ..., versions: _Optional[_Iterable[str]] = ..., max_packages: _Optional[int] = ..., quarantine_left_s: _Optional[float] = ..., jobs_timed_out: _Optional[int] = ..., mean_run_ms: _Optional[float] = ..., trust: _Optional[str] = ..., agreements: _Optional[int] = ..., disagreements: _Optional[int] = ..., slots_asked: _Optional[int] = ..., token_name: _Optional[str] = ..., agreements_in_row: _Optional[int] = ..., sandbox: _Optional[str] = ...) -> None: ...
 
 class SchedulerInfo(_message.Message):
-    __slots__ = ("queue_depth", "queue_limit", "queue_wait_s", "queue_wait_p50_ms", "queue_wait_p99_ms", "local_slots", "local_running", "max_attempts", "retries_total", "hedges_total", "late_results_total", "outcome_unknown_total", "quarantines_total", "overloaded_total", "offloaded_total", "local_total")
+    __slots__ = ("queue_depth", "queue_limit", "queue_wait_s", "queue_wait_p50_ms", "queue_wait_p99_ms", "local_slots", "local_running", "max_attempts", "retries_total", "hedges_total", "late_results_total", "outcome_unknown_total", "quarantines_total", "overloaded_total", "offloaded_total", "local_total", "staged_total")
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,7 @@ class SchedulerInfo(_message.Message):
     OVERLOADED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     OFFLOADED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LOCAL_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STAGED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     queue_depth: int
     queue_limit: int
     queue_wait_s: float
@@ -254,7 +255,8 @@ class SchedulerInfo(_message.Message):
     overloaded_total: int
     offloaded_total: int
     local_total: int
-    def __init__(self, queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., queue_wait_s: _Optional[float] = ..., queue_wait_p50_ms: _Optional[float] = ..., queue_wait_p99_ms: _Optional[float] = ..., local_slots: _Optional[int] = ..., local_running: _Optional[int] = ..., max_attempts: _Optional[int] = ..., retries_total: _Optional[int] = ..., hedges_total: _Optional[int] = ..., late_results_total: _Optional[int] = ..., outcome_unknown_total: _Optional[int] = ..., quarantines_total: _Optional[int] = ..., overloaded_total: _Optional[int] = ..., offloaded_total: _Optional[int] = ..., local_total: _Optional[int] = ...) -> None: ...
+    staged_total: int
+    def __init__(self, queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., queue_wait_s: _Optional[float] = ..., queue_wait_p50_ms: _Optional[float] = ..., queue_wait_p99_ms: _Optional[float] = ..., local_slots: _Optional[int] = ..., local_running: _Optional[int] = ..., max_attempts: _Optional[int] = ..., retries_total: _Optional[int] = ..., hedges_total: _Optional[int] = ..., late_results_total: _Optional[int] = ..., outcome_unknown_total: _Optional[int] = ..., quarantines_total: _Optional[int] = ..., overloaded_total: _Optional[int] = ..., offloaded_total: _Optional[int] = ..., local_total: _Optional[int] = ..., staged_total: _Optional[int] = ...) -> None: ...
 
 class ServiceInfo(_message.Message):
     __slots__ = ("name", "version", "digest", "pure", "idempotent", "timeout_s", "builtin", "agents", "revision", "description")
