@@ -49,6 +49,9 @@ from .volunteer import ControlServer, Monitor, VolunteerSettings, socket_path
 
 log = logging.getLogger("microswarm.agent")
 
+STREAM_MIN = 1 << 20              # an output past this goes ahead of its result in pieces
+OUTPUT_PIECE = (1 << 20) - 512    # a piece and its framing in one sealed frame
+
 LINK_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024),
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
                 ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
@@ -122,6 +125,14 @@ class Link:
 
     def send(self, msg: pb.ToCoordinator) -> None:
         self.outbox.put_nowait(msg)
+
+
+def _send_output(link: Link, job_id: str, output: bytes) -> None:
+    """A large output as JobOutput pieces, each sliced from it (one sealed frame apiece)."""
+    view = memoryview(output)
+    for off in range(0, len(view), OUTPUT_PIECE):
+        link.send(pb.ToCoordinator(output=pb.JobOutput(job_id=job_id, data=bytes(view[off:off + OUTPUT_PIECE]),
+                                                       size=len(view))))
 
 
 class Agent:
@@ -708,7 +719,12 @@ class Agent:
                 result.error.CopyFrom(pb.Error(code="cancelled", message="the coordinator withdrew the job"))
                 link.send(reply)
                 return
-            result.ok, result.output, result.run_ms = outcome.ok, outcome.output, outcome.run_ms
+            result.ok, result.run_ms = outcome.ok, outcome.run_ms
+            if len(outcome.output) > STREAM_MIN:  # ahead of its result, in pieces the coordinator passes on
+                _send_output(link, job.job_id, outcome.output)
+                result.output_size = len(outcome.output)
+            else:
+                result.output = outcome.output
             self.job_s += 0.1 * (time.monotonic() - t_in - self.job_s)
             if not outcome.ok:
                 e = outcome.error

@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from microcores._secure import Channel
+from microcores.errors import Unavailable
 from microswarm.protos import microswarm_pb2 as pb
 
 from .caller import CALLER, Caller
 from .calls import PROGRESS, Progress
+from .outflow import OUTFLOW, Outflow
 from .placement import AgentView
 from .ratelimit import Limits
+from .spool import Spool
 
 if TYPE_CHECKING:
     from .server import Coordinator
@@ -52,6 +55,8 @@ class JobRecord:
     nested: set[asyncio.Task[Any]] | None = None  # its nested calls running now (cancelled when it ends)
     nested_total: int = 0
     progress: Progress | None = None  # where its self.progress() goes: its call's slot (calls.Progress)
+    output: Spool | None = None        # a large output arriving in pieces (JobOutput), ahead of its result
+    outflow: Outflow | None = None     # where those pieces go on to, for a call on a CallStream (outflow.py)
 
     @property
     def in_flight(self) -> bool:
@@ -180,7 +185,7 @@ class AgentSession:
         loop = asyncio.get_running_loop()
         rec = JobRecord(job.job_id, loop.create_future(), list(job.chain), time.monotonic() + job.deadline_s,
                         job.service, loop.create_future() if job.confirm_start else None, caller=CALLER.get(),
-                        progress=PROGRESS.get())
+                        progress=PROGRESS.get(), outflow=OUTFLOW.get())
         if rec.progress is not None:
             rec.progress.executor = self.agent_id  # (the dashboard's "executed by" of a call in flight)
         if self.reserved > 0:
@@ -195,6 +200,8 @@ class AgentSession:
             return
         rec.abandoned = True
         rec.end_nested()
+        if rec.output is not None:  # its pieces stop going on to the client
+            rec.output.fail(Unavailable(f"job {rec.job_id} was given up on"))
         if not rec.future.done():
             rec.future.cancel()
         if rec.claimed is not None and not rec.claimed.done():
@@ -205,6 +212,8 @@ class AgentSession:
         """Wake every call waiting on this agent (the session ended, or the agent fell silent)."""
         exc = AgentSilent(reason) if silent else AgentLost(reason)
         for rec in list(self.jobs.values()):
+            if rec.output is not None:
+                rec.output.fail(Unavailable(f"agent {self.agent_id}: {reason}"))
             if not rec.future.done():
                 rec.future.set_exception(exc)
             if rec.claimed is not None and not rec.claimed.done():

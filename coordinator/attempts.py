@@ -67,7 +67,8 @@ class Attempts:
         return job
 
     async def rerunnable(self, agent: AgentSession, entry: ServiceEntry, input_bytes: bytes, chain: list[str],
-                         deadline: float, times: ServiceTimes, excluded: set[str]) -> tuple[pb.JobResult, AgentSession]:
+                         deadline: float, times: ServiceTimes,
+                         excluded: set[str]) -> tuple[pb.JobResult, AgentSession, bytes]:
         """A job that may run again: learnt timeout, hedged past the recent p95, first answer wins."""
         job = self._job(agent, entry, input_bytes, chain, deadline, False)
         t0 = time.monotonic()
@@ -90,7 +91,7 @@ class Attempts:
                     exc = fut.exception()
                     if exc is None and (fut.result().ok or not fut.result().agent_fault):
                         self._succeeded(a, r, times)
-                        return fut.result(), a
+                        return fut.result(), a, await _output(fut.result(), r)
                     faults.append(self._fault(a, entry, exc, fut.result() if exc is None else None))
                 now = time.monotonic()
                 if pending and hedge_at is not None and now >= hedge_at:
@@ -113,6 +114,7 @@ class Attempts:
         finally:
             for a, r in runs.values():
                 a.abandon(r)  # the loser of a hedge, a job that timed out or went silent: cancel it there
+                _release(r)
 
     def _hedge(self, entry: ServiceEntry, job: pb.Job, input_bytes: bytes,
                excluded: set[str]) -> tuple[AgentSession, JobRecord] | None:
@@ -133,7 +135,7 @@ class Attempts:
         return b, b.start_job(copy)  # type: ignore[attr-defined, return-value]
 
     async def once(self, agent: AgentSession, entry: ServiceEntry, input_bytes: bytes, chain: list[str],
-                   deadline: float, times: ServiceTimes) -> tuple[pb.JobResult, AgentSession]:
+                   deadline: float, times: ServiceTimes) -> tuple[pb.JobResult, AgentSession, bytes]:
         """A job that must not run twice: it starts only with our go, and is never re-run once started."""
         job = self._job(agent, entry, input_bytes, chain, deadline, True)
         rec = agent.start_job(job)
@@ -146,7 +148,7 @@ class Attempts:
                 res = rec.future.result()
                 if res.agent_fault:  # refused before it started (paused, busy, not installed)
                     raise Retry(self._fault(agent, entry, None, res), job=job.job_id)
-                return res, agent
+                return res, agent, await _output(res, rec)
             if not rec.started:
                 exc = rec.claimed.exception() if rec.claimed.done() and not rec.claimed.cancelled() else None
                 if exc is None and claim_wait >= CLAIM_TIMEOUT_S:
@@ -178,9 +180,10 @@ class Attempts:
                 raise Retry(self._fault(agent, entry, None, res), job=job.job_id)
             if res.ok:
                 self._succeeded(agent, rec, times)
-            return res, agent
+            return res, agent, await _output(res, rec)
         finally:
             agent.abandon(rec)
+            _release(rec)
             for fut in (rec.future, rec.claimed):  # failures were read above: mark them seen
                 if fut.done() and not fut.cancelled():
                     fut.exception()
@@ -214,3 +217,19 @@ class Attempts:
         if res.error.code not in HANDED_BACK:
             self.quarantine.strike(agent, f"{entry.name} failed there: {safe(res.error.message)}")
         return f"agent {agent.agent_id}: {safe(res.error.message or res.error.code)}"  # logged: the agent's text escaped
+
+
+async def _output(res: pb.JobResult, rec: JobRecord) -> bytes:
+    """The answer's output: one that came ahead in pieces is read back from its spool (checked
+    whole there by the link); the call's Outflow learns which job answered."""
+    if rec.outflow is not None:
+        rec.outflow.winner = rec.job_id
+    if res.output_size and rec.output is not None:
+        return await rec.output.read()
+    return res.output
+
+
+def _release(rec: JobRecord) -> None:
+    """A job's output spool goes with it, unless its pieces are being passed on to the client."""
+    if rec.output is not None and (rec.outflow is None or rec.outflow.spool is not rec.output):
+        rec.output.close()

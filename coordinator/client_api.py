@@ -6,7 +6,7 @@ import asyncio
 import functools
 import hmac
 import json
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import grpc
 from grpc import aio
@@ -22,6 +22,7 @@ from .auth import OPERATOR, AuthError
 from .auth_grpc import TokenService, auth_refusal, caller_label, text_metadata
 from .caller import Caller
 from .calls import StoredCall
+from .outflow import DOWN_WINDOW, OUTFLOW, Outflow
 from .spool import Spool
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ STATUS_SCOPE = "status"  # a client token whose scope covers this name may read 
 MAX_STREAM_IN_FLIGHT = 4096
 REPLIES_FIELD = pb.ReplyBatch.DESCRIPTOR.fields_by_name["replies"].number
 STREAM_BATCH_BYTES = 1 << 20
+_EMPTY = object()
 MAX_INFLOWS = 16  # large inputs arriving at once on one stream (each spooled to disk, up to MAX_PAYLOAD)
 # Under load a reply waits STREAM_LINGER_S for the other calls in flight on its stream, so that more
 # replies share one write: each gRPC write costs the coordinator and the client far more CPU than a
@@ -122,16 +124,27 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
             client = caller_label(token, md.get("x-client", ""))
         except AuthError as exc:
             refusal = exc
-        outbox: asyncio.Queue[tuple[int, pb.CallReply] | None] = asyncio.Queue()
+        outbox: asyncio.Queue[tuple[int, pb.CallReply | pb.StreamChunk] | None] = asyncio.Queue()
         tasks: dict[int, asyncio.Task[None]] = {}  # the client's id -> its call in flight
 
         inflows: dict[int, Spool] = {}  # calls whose input is still arriving (CallRequest.input_size)
 
+        window = asyncio.Semaphore(DOWN_WINDOW)  # pieces of large results queued for the stream
+
+        async def down(chunk: pb.StreamChunk) -> None:
+            await window.acquire()
+            outbox.put_nowait((chunk.call, chunk))
+
         async def one(cid: int, req: pb.CallRequest, caller: Caller, inflow: Spool | None) -> None:
             req.ClearField("chain")
+            outflow = Outflow(cid, down)
+            as_outflow = OUTFLOW.set(outflow)  # the call's jobs pass a large output on as it comes
             try:
                 reply = await self.c.dispatcher.call(req, caller=caller, inflow=inflow)
+                await outflow.finish(reply)
             finally:
+                OUTFLOW.reset(as_outflow)
+                outflow.close()
                 if inflow is not None:
                     inflow.close()
                     if inflows.get(cid) is inflow:
@@ -145,21 +158,29 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
                 del tasks[cid]
 
         async def sender() -> None:
+            nxt: Any = _EMPTY  # an item taken from the outbox that goes after the batch being written
             while True:
-                item = await outbox.get()
+                item = await outbox.get() if nxt is _EMPTY else nxt
+                nxt = _EMPTY
+                if item is None:
+                    return
+                if isinstance(item[1], pb.StreamChunk):  # a piece of a large result (outflow.py)
+                    await context.write(item[1])
+                    window.release()
+                    continue
                 await asyncio.sleep(0)  # one loop turn: replies finishing together share a write
-                if item is not None and len(tasks) > outbox.qsize() + 1:  # other calls are still running
+                if len(tasks) > outbox.qsize() + 1:  # other calls are still running
                     await asyncio.sleep(STREAM_LINGER_S)
                 batch = pb.ReplyBatch()
                 replies: list[bytes] = []  # serialized once, not copied into the batch (batch_parts)
                 size = 0
-                while item is not None:
-                    cid, reply = item
-                    if reply.ByteSize() > STREAM_MIN and len(reply.result) > STREAM_MIN:  # pieces ahead of the reply
+                while True:
+                    cid, reply = item[0], cast(pb.CallReply, item[1])
+                    if reply.ByteSize() > STREAM_MIN and len(reply.result) > STREAM_MIN:  # pieces ahead of it
                         result = reply.result
                         reply.ClearField("result")
                         reply.result_size = len(result)
-                        for chunk in call_pieces(cid, result):
+                        for chunk in call_pieces(cid, result, restart=True):  # (any passed on before: dropped)
                             await context.write(chunk)
                         del result
                     batch.ids.append(cid)
@@ -168,11 +189,11 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
                     if size > STREAM_BATCH_BYTES or outbox.empty():
                         break
                     item = outbox.get_nowait()
-                if batch.ids:
-                    for chunk in pieces(batch_parts(batch.SerializeToString(), REPLIES_FIELD, replies)):
-                        await context.write(chunk)
-                if item is None:
-                    return
+                    if item is None or isinstance(item[1], pb.StreamChunk):
+                        nxt = item  # written after this batch, in order
+                        break
+                for chunk in pieces(batch_parts(batch.SerializeToString(), REPLIES_FIELD, replies)):
+                    await context.write(chunk)
 
         send_task = asyncio.create_task(sender())
         assembler = Assembler()

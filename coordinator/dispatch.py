@@ -26,6 +26,7 @@ from .agents import AgentSession
 from .caller import CALLER, Caller
 from .calllog import CallEntry
 from .calls import PROGRESS, Progress, new_call_id
+from .outflow import OUTFLOW
 from .registry import ServiceEntry
 from .spool import Spool
 from .staging import STAGE, Stage
@@ -127,6 +128,10 @@ class Dispatcher:
         if task is not None:
             self.tasks.add(task)
         as_caller = CALLER.set(caller)
+        # A call's task (and the tasks it makes) inherit these: a nested call, made from inside a
+        # job of the coordinator's own, must not take its parent's input stage or result stream.
+        as_stage = STAGE.set(None)
+        as_outflow = OUTFLOW.set(None) if caller.via_agent else None
         store = getattr(self.c, "calls", None)
         slot = (store.slot(reply.call_id) if store is not None and call_id else None) or Progress(req.service)
         self.progress[reply.call_id] = slot  # one per call in flight: removed when it ends
@@ -162,6 +167,9 @@ class Dispatcher:
             self.in_flight -= 1
             self.tasks.discard(task)  # type: ignore[arg-type]
             CALLER.reset(as_caller)
+            STAGE.reset(as_stage)
+            if as_outflow is not None:
+                OUTFLOW.reset(as_outflow)
             PROGRESS.reset(as_progress)
             self.progress.pop(reply.call_id, None)
         self._log(req, reply, t0, caller)
@@ -240,6 +248,10 @@ class Dispatcher:
         if stage is not None:  # its pieces are all on the agent's link: a job sent now finds them there
             await stage.sent(deadline - time.monotonic())
         packed = b""  # the answer as msgpack, when the executor's bytes can be passed on as they are
+        outflow = OUTFLOW.get()
+        if outflow is not None and (req.encoding != pb.MSGPACK or (entry.cls.pure and self.verifier.mode != "off")):
+            outflow = None  # the answer is re-encoded, or waits for a second opinion: not passed on early
+            OUTFLOW.set(None)  # (in the call's task, whose owner resets it)
         if entry.cls.pure and self.verifier.mode != "off":
             answer, verified = await self._verified(entry, input_bytes, chain, deadline, reply, nested)
             reply.executed_by, reply.attempts, reply.verified = answer.executor, answer.attempts, verified
@@ -263,6 +275,9 @@ class Dispatcher:
             producers = (executed_by,)
         if key is not None:
             cache.put(key, seal(packed or _codec.pack(out_value), producers, reply.verified), entry.cls.cache_ttl)
+        if packed and outflow is not None and outflow.carries(outflow.winner):
+            reply.result_size = len(packed)  # the client has it, or will before this reply (outflow.py)
+            return
         reply.result = packed or self._encode_result(
             entry, out if req.encoding == pb.JSON and out is not None else out_value, req.encoding)
 

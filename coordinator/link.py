@@ -23,6 +23,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
+from microcores import _codec
 from microcores._secure import MAX_FRAME, MAX_MESSAGE, collect_parts, fingerprint, sealed_frame, split
 from microcores.errors import MicroError, ProtocolError
 from microswarm.protos import microswarm_pb2 as pb
@@ -33,6 +34,7 @@ from .handshake import Refused, accept
 from .logsafe import safe
 from .preauth import HANDSHAKE_S, PREAUTH_RATE, Busy, Handshaking, PreAuthGate, peer_host
 from .ratelimit import KIND_TEXT
+from .spool import Spool
 
 if TYPE_CHECKING:
     from .server import Coordinator
@@ -293,6 +295,13 @@ class AgentLinkService:
                 self._limit(s, "all", now)
                 return False
             rec.end_nested()
+            if r.output_size and not (rec.output is not None and rec.output.complete
+                                      and rec.output.size == r.output_size):
+                r.ok, r.agent_fault = False, True  # its pieces did not add up: the job may go elsewhere
+                r.error.CopyFrom(pb.Error(code="agent_fault", message=(
+                    f"agent {s.agent_id} announced an output of {r.output_size} bytes that did not arrive whole")))
+                if rec.output is not None:  # (and whoever passes its pieces on stops)
+                    rec.output.fail(ProtocolError(r.error.message))
             if rec.claimed is not None and not rec.claimed.done():
                 rec.claimed.cancel()
             if rec.future.done():  # given up on (abandoned) or already failed: a late answer, dropped
@@ -307,6 +316,9 @@ class AgentLinkService:
             elif not r.cancelled:
                 s.jobs_failed += 1
             self.c.slot_freed(s)
+            return False
+        if kind == "output":  # a piece of a large output, ahead of its result (bounded by its size)
+            self._output(s, msg.output, now)
             return False
         if kind == "claim":
             rec = s.jobs.get(msg.claim.job_id)
@@ -368,6 +380,24 @@ class AgentLinkService:
             log.info("agent %s is leaving: %s", s.agent_id, safe(msg.leaving.reason), extra={"agent": s.agent_id})
             return True
         return False
+
+    def _output(self, s: AgentSession, out: pb.JobOutput, now: float) -> None:
+        rec = s.jobs.get(out.job_id)
+        if rec is None:  # no such job on this agent: it cannot write into another's call
+            s.claims_ignored += 1
+            self.counts["claims_ignored"] += 1
+            self._limit(s, "bogus", now)
+            return
+        if rec.output is None:
+            if not 0 < out.size <= _codec.MAX_PAYLOAD:
+                raise LinkLimit("too_large", f"an output of {out.size} bytes exceeds the limit of "
+                                f"{_codec.MAX_PAYLOAD}: disconnected")
+            rec.output = Spool(out.size, f"the output of job {rec.job_id} from agent {s.agent_id}")
+            if rec.outflow is not None and rec.in_flight:
+                rec.outflow.follow(rec.job_id, rec.output)
+        if out.size != rec.output.size:
+            rec.output.fail(ProtocolError(f"agent {s.agent_id} changed the size of job {rec.job_id}'s output"))
+        rec.output.feed(out.data)
 
     def _installed(self, s: AgentSession, inst: pb.Installed) -> None:
         """A holdings claim: counted only for a package published and given to this agent. The names

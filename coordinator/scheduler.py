@@ -165,7 +165,7 @@ class Scheduler:
                 return output, "coordinator"
             reply.executed_by = where.agent_id
             try:
-                res, winner = await (self.attempts.rerunnable(where, entry, input_bytes, chain, deadline, times, excluded)
+                res, winner, output = await (self.attempts.rerunnable(where, entry, input_bytes, chain, deadline, times, excluded)
                                      if rerun else self.attempts.once(where, entry, input_bytes, chain, deadline, times))
             except Retry as exc:
                 failures.append(str(exc))
@@ -180,7 +180,7 @@ class Scheduler:
                 raise answered_by(from_code(res.error.code, res.error.message, res.error.field, res.error.details),
                                  winner.agent_id)
             self.counts["offloaded"] += 1
-            return res.output, winner.agent_id
+            return output, winner.agent_id
 
     async def _acquire(self, entry: ServiceEntry, deadline: float, excluded: frozenset[str],
                        local_ok: bool, at_once: bool = False) -> AgentSession | None:

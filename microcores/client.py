@@ -74,6 +74,7 @@ class Envelope:
     verified: bool = False   # a second executor agreed, or the coordinator computed it (--verify)
     extra: dict[str, Any] = field(default_factory=dict)
     call_id: str = ""        # the coordinator's id of the call (Client.result fetches submitted ones by it)
+    upstream_status: int = 0  # a route's call (executed_by "upstream"): the source's HTTP status
 
     @property
     def ok(self) -> bool:
@@ -96,6 +97,8 @@ class Envelope:
                  verified=self.verified, service=self.service, version=self.version)
         if self.call_id:
             d["call_id"] = self.call_id
+        if self.upstream_status:
+            d["upstream_status"] = self.upstream_status
         return d
 
     @classmethod
@@ -111,7 +114,8 @@ class Envelope:
             if reply.error.details:  # a service_error's traceback within its package
                 error["details"] = reply.error.details
         return cls(reply.status, result, error, reply.executed_by, reply.attempts, reply.process_time_ms,
-                   reply.cache_hit, reply.service, reply.version, reply.verified, call_id=reply.call_id)
+                   reply.cache_hit, reply.service, reply.version, reply.verified, call_id=reply.call_id,
+                   upstream_status=reply.upstream_status)
 
 
 def _encode(data: Any, encoding: int) -> bytes:

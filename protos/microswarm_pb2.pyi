@@ -888,12 +888,14 @@ class JobProgress(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., fraction: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
 class JobOutput(_message.Message):
-    __slots__ = ("job_id", "data")
+    __slots__ = ("job_id", "data", "size")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     data: bytes
-    def __init__(self, job_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    size: int
+    def __init__(self, job_id: _Optional[str] = ..., data: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
 
 class JobClaim(_message.Message):
     __slots__ = ("job_id",)

@@ -482,6 +482,7 @@ def test_get_with_query_over_grpc_and_http(env: Env) -> None:
     envl = env.call("pegawai.data", {"id": 7})
     assert envl["status"] == "ok" and envl["executed_by"] == "upstream", envl
     assert envl["result"] == PEGAWAI[7] and envl["attempts"] == 1
+    assert envl["upstream_status"] == 200  # the CLI's envelope (gRPC) keeps the source's status too
     seen = env.src.last()
     assert (seen["method"], seen["path"], seen["query"]) == ("GET", "/pegawai/data", {"id": "7"})
     assert seen["headers"]["X-Api-Key"] == SECRET  # the secret reaches the source...

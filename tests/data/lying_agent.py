@@ -1,13 +1,14 @@
 """A lying volunteer for the verification tests: the real agent (agent.daemon), whose results are
 rewritten on their way out.
 
-    python lying_agent.py [--lie-after N] [--lie-every K] [--lie-log PATH] [--forge]
+    python lying_agent.py [--lie-after N] [--lie-every K] [--lie-log PATH] [--forge] [--short-output]
                           -- <the arguments of `microswarm agent start`>
 
 It joins, installs and runs jobs like any agent; of its successful results, after the first
 `--lie-after` (default 0), every `--lie-every`-th (default 1) has each number in its output
 replaced by 1337 (with `--forge`: the output is replaced by bytes that are not the service's
-model at all). Each lie is appended to `--lie-log` as `<job_id>`.
+model at all). Each lie is appended to `--lie-log` as `<job_id>`. With `--short-output`, an output
+sent ahead in pieces lacks its last piece (and its result still says it is whole).
 """
 from __future__ import annotations
 
@@ -43,14 +44,22 @@ def main() -> int:
     p.add_argument("--lie-every", type=int, default=1)
     p.add_argument("--lie-log", default="")
     p.add_argument("--forge", action="store_true")
+    p.add_argument("--short-output", action="store_true",
+                   help="drop the last piece of every output sent ahead in pieces (JobOutput)")
     a, rest = p.parse_known_args()
     rest = [r for r in rest if r != "--"]
     seen = 0
+    pieces_sent: dict[str, int] = {}
     send = daemon.Link.send
 
     def lying_send(self: daemon.Link, msg: pb.ToCoordinator) -> None:
         nonlocal seen
-        if msg.WhichOneof("kind") == "result" and msg.result.ok:
+        if a.short_output and msg.WhichOneof("kind") == "output":
+            sent = pieces_sent.get(msg.output.job_id, 0) + len(msg.output.data)
+            pieces_sent[msg.output.job_id] = sent
+            if sent >= msg.output.size:
+                return  # the last piece never goes: the output does not add up to what it announced
+        if msg.WhichOneof("kind") == "result" and msg.result.ok and not a.short_output:
             seen += 1
             if seen > a.lie_after and (seen - a.lie_after) % a.lie_every == 0:
                 r = msg.result
