@@ -325,7 +325,7 @@ class VerifyInfo(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., trust_after: _Optional[int] = ..., spot_check: _Optional[float] = ..., agreed_total: _Optional[int] = ..., disagreed_total: _Optional[int] = ..., unverified_total: _Optional[int] = ..., purged_total: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("coordinator_id", "listen", "uptime_s", "agents", "services", "calls", "dispatch", "placement", "calls_total", "fallbacks_total", "cache_json", "scheduler", "verify", "redacted", "agents_total", "slots_total", "running_total", "routes")
+    __slots__ = ("coordinator_id", "listen", "uptime_s", "agents", "services", "calls", "dispatch", "placement", "calls_total", "fallbacks_total", "cache_json", "scheduler", "verify", "redacted", "agents_total", "slots_total", "running_total", "routes", "coordinators")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     LISTEN_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -344,6 +344,7 @@ class StatusReply(_message.Message):
     SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     RUNNING_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    COORDINATORS_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
     listen: str
     uptime_s: float
@@ -362,7 +363,34 @@ class StatusReply(_message.Message):
     slots_total: int
     running_total: int
     routes: _containers.RepeatedCompositeFieldContainer[ServiceInfo]
-    def __init__(self, coordinator_id: _Optional[str] = ..., listen: _Optional[str] = ..., uptime_s: _Optional[float] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallRecord, _Mapping]]] = ..., dispatch: _Optional[str] = ..., placement: _Optional[str] = ..., calls_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., cache_json: _Optional[bytes] = ..., scheduler: _Optional[_Union[SchedulerInfo, _Mapping]] = ..., verify: _Optional[_Union[VerifyInfo, _Mapping]] = ..., redacted: _Optional[bool] = ..., agents_total: _Optional[int] = ..., slots_total: _Optional[int] = ..., running_total: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ...) -> None: ...
+    coordinators: _containers.RepeatedCompositeFieldContainer[CoordinatorInfo]
+    def __init__(self, coordinator_id: _Optional[str] = ..., listen: _Optional[str] = ..., uptime_s: _Optional[float] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallRecord, _Mapping]]] = ..., dispatch: _Optional[str] = ..., placement: _Optional[str] = ..., calls_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., cache_json: _Optional[bytes] = ..., scheduler: _Optional[_Union[SchedulerInfo, _Mapping]] = ..., verify: _Optional[_Union[VerifyInfo, _Mapping]] = ..., redacted: _Optional[bool] = ..., agents_total: _Optional[int] = ..., slots_total: _Optional[int] = ..., running_total: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., coordinators: _Optional[_Iterable[_Union[CoordinatorInfo, _Mapping]]] = ...) -> None: ...
+
+class CoordinatorInfo(_message.Message):
+    __slots__ = ("id", "listen", "http", "fingerprint", "agents", "slots", "running", "calls_per_s", "uptime_s", "seen_s", "here")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_FIELD_NUMBER: _ClassVar[int]
+    HTTP_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    CALLS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    SEEN_S_FIELD_NUMBER: _ClassVar[int]
+    HERE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    listen: str
+    http: str
+    fingerprint: str
+    agents: int
+    slots: int
+    running: int
+    calls_per_s: float
+    uptime_s: float
+    seen_s: float
+    here: bool
+    def __init__(self, id: _Optional[str] = ..., listen: _Optional[str] = ..., http: _Optional[str] = ..., fingerprint: _Optional[str] = ..., agents: _Optional[int] = ..., slots: _Optional[int] = ..., running: _Optional[int] = ..., calls_per_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., seen_s: _Optional[float] = ..., here: _Optional[bool] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
     __slots__ = ("manifest", "archive", "publisher_signature")
