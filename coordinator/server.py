@@ -23,6 +23,7 @@ from .agents import AgentSession
 from .link import AgentLinkService
 from .auth import ACCESS_TTL_S, Auth
 from .cache import ResultCache, cache_key
+from .cache_calls import SharedCacheDispatcher
 from .calllog import CallLog
 from .calls import CallStore
 from .client_api import ClientService
@@ -52,6 +53,8 @@ LINK_MAX_MESSAGE = 2 * 1024 * 1024
 JOIN_REPLAN_S = 0.05  # agents that join within this long are planned for together (agent_joined)
 STATUS_TTL_S = 0.5  # the agents of a Status reply are shared by the calls within this long (Coordinator.status)...
 STATUS_SHARED_FROM = 256  # ...once there are this many agents (fewer cost < 3 ms a build: always exact)
+PRESENCE_FIELDS = (  # pb.CoordinatorInfo from a presence record
+    "id", "listen", "http", "fingerprint", "agents", "slots", "running", "calls_per_s", "uptime_s", "seen_s", "here")
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -114,6 +117,12 @@ class CoordinatorConfig:
     tls_cert: str | None = None      # the operator's own certificate chain (PEM) instead of the bound one
     tls_key: str | None = None
     result_ttl_s: float = 3600.0     # how long a submitted call's envelope is kept after it ends
+    cache_url: str = ""              # redis://...: the shared result region behind the near cache (cache_shared.py)
+    cache_write: str = "through"     # through: in Redis before the answer; behind: queued, written in batches
+    cache_write_queue: int = 10_000  # write-behind: entries queued at most (what a crash can lose)
+    cache_write_batch: int = 256     # write-behind: entries per batch (a batch goes as soon as this many wait)
+    cache_write_interval_s: float = 0.05  # write-behind: a batch at least this often
+    cache_prefix: str = "microswarm"  # the cluster's key prefix in Redis
 
 
 class Coordinator:
@@ -174,7 +183,7 @@ class Coordinator:
             strategy.pick, self.link.next_job_id, self.quarantine, self.place, self.wait_holdings)
         self.scheduler.ran = lambda service, seconds: self.placement.observe(service, seconds * 1000)
         self.verifier = Verifier(config.verify, config.trust_after, config.spot_check)
-        self.dispatcher = RoutingDispatcher(self, self.scheduler, strategy, self.verifier)
+        self.dispatcher: RoutingDispatcher = SharedCacheDispatcher(self, self.scheduler, strategy, self.verifier)
         self.route_calls = RouteCalls(self.routes, self.upstream, lambda: self.cache)
         self.dispatcher.routes = self.route_calls
         self.pace = Pace(config.heartbeat_s, config.liveness_s, config.heartbeat_budget)
@@ -182,6 +191,8 @@ class Coordinator:
         self._by_volunteer: dict[str, dict[str, AgentSession]] = {}  # named token -> its connected agents
         self.cache: Any = None
         self.governor: Any = None
+        self.shared: Any = None     # the shared region on Redis (--cache-url), behind self.cache
+        self.presence: Any = None   # this coordinator's record in Redis, and the cluster's (presence.py)
         self.started = time.time()
         self.server: aio.Server | None = None
         self.port = 0
@@ -281,6 +292,8 @@ class Coordinator:
         if self.cache is not None:
             purged, _ = self.cache.purge(made_by(agent_id))
             self.verifier.counts.purged += purged
+        if self.shared is not None:  # Redis, and (pub/sub) the other coordinators' near caches
+            self._tasks.append(asyncio.create_task(self.shared.purge_producer(agent_id)))
         log.warning("agent %s gave a wrong result; %d cache entr%s it computed purged", agent_id, purged,
                     "y" if purged == 1 else "ies", extra={"agent": agent_id, "event": "wrong_result"})
 
@@ -520,6 +533,9 @@ class Coordinator:
         stats = self.cache_stats()
         if stats:
             reply.cache_json = json.dumps(stats).encode()
+        if self.presence is not None:
+            for rec in self.presence.view():
+                reply.coordinators.append(pb.CoordinatorInfo(**{k: rec[k] for k in PRESENCE_FIELDS if k in rec}))
         return reply
 
     def _set_publisher_keys(self, keys: list[bytes]) -> None:
@@ -546,6 +562,8 @@ class Coordinator:
         self.registry.listeners.append(self._on_publish)
         if self.config.cache:
             self._start_cache()
+            if self.config.cache_url:
+                await self.shared.start()
         opts = [("grpc.max_receive_message_length", MAX_CLIENT_MESSAGE),
                 ("grpc.max_send_message_length", MAX_CLIENT_MESSAGE),
                 ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
@@ -574,16 +592,41 @@ class Coordinator:
         await self._advertise()
         self._tasks.append(asyncio.create_task(self._liveness()))
         self._tasks.append(asyncio.create_task(self.auth.run_housekeeping()))
+        if self.shared is not None:
+            from .presence import Presence, instance_id
+            self.presence = Presence(self.shared, instance_id(self.config.listen), self._presence_record)
+            self.presence.start()
         if self.gateway is not None:  # the dashboard's charts: gauges once a second
             self._tasks.append(asyncio.create_task(self.dashboard.timeline.run(self.dashboard.gauges)))
         log.info("coordinator %s listening on %s with %d services", self.state.fingerprint.hex()[:16],
                  self.config.listen, len(self.registry.services))
 
     def _start_cache(self) -> None:
-        self.cache = ResultCache()
+        if self.config.cache_url:
+            from .cache_shared import NearCache, SharedRegion
+            c = self.config
+            self.shared = SharedRegion(c.cache_url, write=c.cache_write, prefix=c.cache_prefix,
+                                       queue_limit=c.cache_write_queue, batch=c.cache_write_batch,
+                                       interval_s=c.cache_write_interval_s, on_purge=self._purged_elsewhere)
+            self.cache = NearCache(self.shared)
+        else:
+            self.cache = ResultCache()
         settings = self.config.governor or GovernorSettings.from_options(None, None, None, None)
         self.governor = HeapGovernor(self.cache, settings)
         self.governor.start()
+
+    def _purged_elsewhere(self, agent_id: str) -> int:
+        """Another coordinator convicted `agent_id` (cache_shared.py): purge what this near cache holds of it."""
+        purged, _ = self.cache.purge(made_by(agent_id))
+        self.verifier.counts.purged += purged
+        return int(purged)
+
+    def _presence_record(self) -> dict[str, Any]:
+        fleet = self._fleet()
+        return {"listen": self.config.listen, "http": self.gateway.url if self.gateway is not None else "",
+                "fingerprint": self.state.fingerprint.hex()[:16], "agents": len(fleet.ids), "slots": fleet.slots,
+                "running": fleet.running, "uptime_s": round(time.time() - self.started, 1),
+                "calls_total": self.calllog.total}
 
     async def _advertise(self) -> None:
         """Zeroconf: `_microswarm._tcp.local.` with the port and the key fingerprint (see _discovery)."""
@@ -723,6 +766,10 @@ class Coordinator:
             t.cancel()
         await self.local.close()
         await self.upstream.close()
+        if self.presence is not None:
+            await self.presence.stop()
+        if self.shared is not None:  # write-behind's queue goes to Redis first
+            await self.shared.stop()
         if self.governor is not None:
             self.governor.stop()
         self.calllog.close()

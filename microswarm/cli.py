@@ -85,6 +85,9 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
                             result_ttl_s=a.result_ttl, handshake_rate=a.handshake_rate,
                             heartbeat_budget=a.heartbeat_budget)
     cfg.advertise = a.advertise
+    cfg.cache_url, cfg.cache_write = a.cache_url or "", a.cache_write
+    cfg.cache_write_queue, cfg.cache_write_batch = a.cache_write_queue, a.cache_write_batch
+    cfg.cache_write_interval_s = a.cache_write_interval
     try:
         from microcores import _publisher
         paths = [a.publisher_key] if isinstance(a.publisher_key, str) else (a.publisher_key or [])  # toml: one
@@ -553,9 +556,23 @@ def status_tables(reply: Any, max_calls: int | None = None) -> list[Table]:
                   f"{q.outcome_unknown_total} outcome unknown, {q.late_results_total} late\n"
                   f"{q.quarantines_total} quarantines, {q.overloaded_total} overloaded")
     tables = [t, sched, s, c]
+    if reply.coordinators:
+        tables.insert(0, coordinators_table(reply))
     if reply.cache_json:
         tables.append(cache_summary(json.loads(reply.cache_json)))
     return tables
+
+
+def coordinators_table(reply: Any) -> Table:
+    """The cluster's live coordinators (presence on Redis), the one that answered marked."""
+    t = Table(title=f"coordinators ({len(reply.coordinators)})", title_justify="left")
+    for col in ("id", "listen", "agents", "slots", "running", "calls/s", "up", "seen"):
+        t.add_column(col)
+    for co in reply.coordinators:
+        t.add_row(co.id + (" [green](this one)[/]" if co.here else ""), co.listen, str(co.agents), str(co.slots),
+                  f"{co.running}/{co.slots}", f"{co.calls_per_s:.1f}", f"{co.uptime_s:.0f} s",
+                  "now" if co.here else f"{co.seen_s:.1f} s ago")
+    return t
 
 
 def cache_table(stats: dict[str, Any]) -> Table:
@@ -720,6 +737,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--fallback-slots", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
     st.add_argument("--drain", type=float, default=30.0, metavar="S", help="on SIGTERM, wait this long for calls")
     st.add_argument("--no-cache", action="store_true", help="turn the result cache off")
+    st.add_argument("--cache-url", default=os.environ.get("MICROSWARM_CACHE_URL"), metavar="URL",
+                    help=env_help("a shared result region on Redis (redis://HOST:PORT/DB) behind this coordinator's "
+                                  "cache, which stays as its near cache; coordinators on one Redis also see each "
+                                  "other in `status`", "MICROSWARM_CACHE_URL", "off"))
+    st.add_argument("--cache-write", choices=["through", "behind"], default="through",
+                    help="through: a result is in Redis before its answer goes out; behind: queued and written in "
+                         "batches (a crash loses at most the queue) (default: through)")
+    st.add_argument("--cache-write-queue", type=int, default=10_000, metavar="N",
+                    help="write-behind: entries queued at most; past it the oldest are dropped (default 10000)")
+    st.add_argument("--cache-write-batch", type=int, default=256, metavar="N",
+                    help="write-behind: entries per batch; a batch goes as soon as this many wait (default 256)")
+    st.add_argument("--cache-write-interval", type=float, default=0.05, metavar="S",
+                    help="write-behind: a batch at least every S seconds (default 0.05)")
     st.add_argument("--max-heap", default=None, metavar="SIZE",
                     help="memory budget of the coordinator process, like -Xmx (e.g. 2GiB; default: 25%% of the "
                          "machine's or container's memory)")

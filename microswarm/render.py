@@ -104,7 +104,17 @@ def cache_summary(stats: dict[str, Any]) -> Table:
         governor = {"ok": "[green]ok[/]", "critical": "[red]critical[/]"}.get(decision, f"[yellow]{decision}[/]")
     if stats.get("admitting") is False:
         governor += "\n[red]admits nothing new[/]"
-    t.add_row(ratio, str(int(stats.get("entries") or 0)), memory, evictions, governor)
+    row = [ratio, str(int(stats.get("entries") or 0)), memory, evictions, governor]
+    if "shared_url" in stats:  # --cache-url: the shared region on Redis behind this (near) cache
+        t.add_column("shared (Redis)")
+        up = "[green]up[/]" if stats.get("shared_up") else "[red]unreachable[/]"
+        shared = f"{up}, write {stats.get('shared_write')}\n{stats.get('shared_hits', 0)} hits, " \
+                 f"{stats.get('shared_writes', 0)} written"
+        if stats.get("shared_write") == "behind":
+            shared += f"\nqueue {stats.get('write_queue', 0)} of {stats.get('write_queue_limit', 0)}" \
+                      f", {stats.get('write_dropped', 0)} dropped"
+        row.append(shared)
+    t.add_row(*row)
     return t
 
 
