@@ -100,6 +100,27 @@ class _Live:
                                     value=heap if heap is not None else 0)
             yield CounterMetricFamily("microswarm_governor_collections", "Collections run by the governor",
                                       value=stats.get("collections", 0) or 0)
+            if "shared_url" in stats:  # --cache-url: the shared region on Redis (cache_shared.py)
+                yield GaugeMetricFamily("microswarm_shared_cache_up", "1 while Redis answers, 0 while unreachable",
+                                        value=1 if stats.get("shared_up") else 0)
+                for key, text in (("hits", "Near-cache misses answered from Redis"),
+                                  ("misses", "Near-cache misses Redis did not have either"),
+                                  ("writes", "Entries written to Redis"),
+                                  ("write_skipped", "Through-writes not made: Redis unreachable or failing"),
+                                  ("errors", "Redis operations that failed"),
+                                  ("outages", "Times Redis became unreachable"),
+                                  ("purged", "Entries of convicted agents deleted from Redis by this coordinator")):
+                    yield CounterMetricFamily(f"microswarm_shared_cache_{key}", text, value=stats.get(f"shared_{key}", 0))
+                yield GaugeMetricFamily("microswarm_shared_cache_write_queue", "Write-behind entries queued, not yet "
+                                        "in Redis (what a crash would lose)", value=stats.get("write_queue", 0))
+                yield GaugeMetricFamily("microswarm_shared_cache_write_queue_limit", "Write-behind queue bound",
+                                        value=stats.get("write_queue_limit", 0))
+                yield CounterMetricFamily("microswarm_shared_cache_write_dropped", "Write-behind entries dropped "
+                                          "because the queue was full", value=stats.get("write_dropped", 0))
+        presence = getattr(c, "presence", None)
+        if presence is not None:
+            yield GaugeMetricFamily("microswarm_cluster_coordinators", "Live coordinators of the cluster (presence "
+                                    "on Redis), this one included", value=len(presence.view()))
 
 
 class Metrics:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -39,7 +40,7 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
 class LocalCluster:
     def __init__(self, agents: int = 2, slots: int = 2, workdir: str | None = None,
                  coordinator_args: list[str] | None = None, agent_args: list[str] | None = None,
-                 env: dict[str, str] | None = None, http: bool = False) -> None:
+                 env: dict[str, str] | None = None, http: bool = False, state_url: str = "") -> None:
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="microswarm-"))
         self.state = self.dir / "state"
         self.port = free_port()
@@ -48,6 +49,7 @@ class LocalCluster:
         self.n_agents = agents
         self.slots = slots
         self.coordinator_args = coordinator_args or []
+        self.state_url = state_url  # --state-url: the shared state in PostgreSQL (peer() shares it)
         self.agent_args = agent_args or []
         self.extra_env = env or {}
         self.coordinator: subprocess.Popen[bytes] | None = None
@@ -127,6 +129,7 @@ class LocalCluster:
     def start_coordinator(self, timeout: float = 30) -> None:
         self.coordinator = self._spawn(["coordinator", "start", "--listen", self.addr, "--state-dir", str(self.state),
                                         *(["--http", f"127.0.0.1:{self.http_port}"] if self.http_port else []),
+                                        *(["--state-url", self.state_url] if self.state_url else []),
                                         *self.coordinator_args], "coordinator.log")
         from microcores.errors import MicroError
         with self.client() as c:
@@ -139,8 +142,23 @@ class LocalCluster:
                 except MicroError:
                     return False
             wait_for(ready, timeout, "the coordinator to answer", 0.1)
-        from microswarm.coordinator.state import StateDir
-        self.token = StateDir(self.state).token()
+        from microswarm.coordinator.store import open_state
+        self.token = open_state(self.state, self.state_url).token()
+
+    IDENTITY_FILES = ("identity.pem", "admin.token", "tls_key.pem", "coordinator.crt")
+
+    def peer(self, agents: int = 0, **kwargs: Any) -> "LocalCluster":
+        """Another coordinator of the same cluster (not started): its own state directory holding
+        copies of this one's identity, operator credential and TLS key and certificate, the same
+        --state-url, the same coordinator arguments unless given others (start it after this one)."""
+        kwargs.setdefault("coordinator_args", list(self.coordinator_args))
+        kwargs.setdefault("slots", self.slots)
+        other = LocalCluster(agents=agents, state_url=self.state_url, **kwargs)
+        other.state.mkdir(parents=True, mode=0o700)
+        for name in self.IDENTITY_FILES:
+            if (self.state / name).exists():
+                shutil.copy2(self.state / name, other.state / name)
+        return other
 
     def start_agent(self, agent_id: str, slots: int | None = None, extra: list[str] | None = None,
                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -192,6 +210,20 @@ class LocalCluster:
         try:
             os.killpg(p.pid, sig)
         except ProcessLookupError:
+            pass
+
+    def kill_coordinator(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the coordinator's process group (SIGKILL: a crash, nothing flushed) and reap it."""
+        p = self.coordinator
+        if p is None:
+            return
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
             pass
 
     def log(self, name: str) -> str:
