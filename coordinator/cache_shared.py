@@ -30,12 +30,14 @@ import asyncio
 import contextvars
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .cache import ResultCache
+from .cache_purge import Purges
 from .verify import COORDINATOR, made_by, opened
 
 log = logging.getLogger("microswarm.cache.shared")
@@ -60,8 +62,8 @@ def redacted(url: str) -> str:
     return url
 
 
-class SharedRegion:
-    """The Redis side: one client, its health, writes (through or behind), reads, purges."""
+class SharedRegion(Purges):
+    """The Redis side: one client, its health, writes (through or behind), reads; purges (cache_purge.py)."""
 
     def __init__(self, url: str, *, write: str = "through", prefix: str = "microswarm", queue_limit: int = 10_000,
                  batch: int = 256, interval_s: float = 0.05, default_ttl_s: float = DEFAULT_TTL_S,
@@ -91,6 +93,7 @@ class SharedRegion:
         self._tasks: list[asyncio.Task[Any]] = []
         self._pending: set[asyncio.Task[None]] = set()
         self._down_since = 0.0
+        self.origin = uuid.uuid4().hex[:12]  # this coordinator's purge messages: not purged again on receipt
         self._unpublished: set[str] = set()  # agents convicted while Redis was away: purged when it is back
         self.n = dict(hits=0, misses=0, errors=0, writes=0, write_skipped=0, write_dropped=0, purged=0, outages=0,
                       batches=0)
@@ -108,8 +111,16 @@ class SharedRegion:
             self._tasks.append(asyncio.create_task(self._flusher()))
 
     def failed(self, exc: BaseException) -> None:
-        """A Redis operation failed: log it once, stop using Redis, reconnect with back-off."""
+        """A Redis operation failed: log it once, stop using Redis, reconnect with back-off. An error
+        Redis answered (full under noeviction, a wrong type) is counted and logged, not an outage."""
+        from redis.exceptions import ResponseError
+
         self.n["errors"] += 1
+        if isinstance(exc, ResponseError):
+            if self.n["errors"] == 1 or self.n["errors"] % 1000 == 0:
+                log.warning("Redis %s refused an operation (%d errors so far): %s", redacted(self.url),
+                            self.n["errors"], exc, extra={"event": "redis_error"})
+            return
         if not self.up:
             return
         self.up = False
@@ -151,39 +162,6 @@ class SharedRegion:
             self._wake.set()
             return
 
-    async def _resync(self) -> None:
-        """Purges published while this coordinator could not hear them: the convicted hash."""
-        held = await self.client.hgetall(self.k("convicted"))
-        for agent in {a.decode() for a in held} - self.convicted:
-            self.convicted.add(agent)
-            self.on_purge(agent)
-
-    async def _subscriber(self) -> None:
-        """Purges by other coordinators (pub/sub): purge this near cache too."""
-        while True:
-            await self._up_event.wait()
-            pubsub = self.client.pubsub()
-            try:
-                await pubsub.subscribe(self.k("purge"))
-                await self._resync()  # one published between the resync and the subscription
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if msg is not None and msg.get("type") == "message":
-                        agent = msg["data"].decode()
-                        self.convicted.add(agent)
-                        n = self.on_purge(agent)
-                        log.info("purge of agent %s's results from another coordinator: %d near cache entr%s",
-                                 agent, n, "y" if n == 1 else "ies", extra={"agent": agent, "event": "purge"})
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.failed(exc)
-            finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:  # noqa: BLE001 - already broken
-                    pass
-
     async def stop(self) -> None:
         """Flush what write-behind holds (a graceful stop loses nothing), then close."""
         if self.queue and self.up:
@@ -194,6 +172,9 @@ class SharedRegion:
                 log.info("write-behind: %d queued entr%s written to Redis before stopping", n, "y" if n == 1 else "ies")
             except Exception as exc:  # noqa: BLE001
                 log.warning("write-behind: %d entries not written to Redis before stopping: %s", len(self.queue), exc)
+        elif self.queue:
+            log.warning("write-behind: %d entries not written to Redis before stopping: it is unreachable",
+                        len(self.queue), extra={"event": "write_lost"})
         for t in self._tasks:
             t.cancel()
         if self._pending:
@@ -248,13 +229,16 @@ class SharedRegion:
         if not self.up:
             self.n["write_skipped"] += 1
             return
-        task = asyncio.get_running_loop().create_task(self._write_one(key, stored, ttl_s))
+        try:
+            task = asyncio.get_running_loop().create_task(self._write_one(key, stored, ttl_s))
+        except RuntimeError:  # not on the event loop: nothing to write with
+            self.n["write_skipped"] += 1
+            return
+        self._pending.add(task)  # held until done (a call stops waiting after WRITE_WAIT_S), and awaited on stop
+        task.add_done_callback(self._pending.discard)
         waiting = WRITES.get()
-        if waiting is not None:
+        if waiting is not None:  # the call's answer waits for it (SharedCacheDispatcher)
             waiting.append(task)
-        else:  # not inside a call (a route's answer): nobody waits, but it is not lost on stop
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
 
     def _add(self, pipe: Any, key: bytes, stored: bytes, ttl_s: float | None) -> None:
         ttl = max(1, int(ttl_s if ttl_s is not None and ttl_s > 0 else self.default_ttl_s))
@@ -279,14 +263,15 @@ class SharedRegion:
             self.failed(exc)
 
     async def _flusher(self) -> None:
-        """Write-behind: a batch when the queue reaches `batch`, or every `interval_s`."""
+        """Write-behind: full batches as soon as the queue holds `batch`; whatever waits, every `interval_s`."""
         while True:
+            full_only = True
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
             except TimeoutError:
-                pass
+                full_only = False
             self._wake.clear()
-            while self.queue and self.up:
+            while self.queue and self.up and (len(self.queue) >= self.batch or not full_only):
                 try:
                     await self._flush_batch()
                 except Exception as exc:
@@ -304,30 +289,6 @@ class SharedRegion:
                 self.queue.popleft()
         self.n["writes"] += len(batch)
         self.n["batches"] += 1
-
-    # ------------------------------------------------------------ purge
-
-    async def purge_producer(self, agent: str) -> int:
-        """Delete every entry `agent` helped compute, everywhere: Redis, and (pub/sub) every near cache."""
-        self.convicted.add(agent)  # this coordinator neither serves nor writes its entries from now on
-        if not self.up:
-            self._unpublished.add(agent)
-            return 0
-        try:
-            await self.client.hset(self.k("convicted"), agent, str(time.time()))
-            idx = self.k("by", agent)
-            members = [m.decode() for m in await self.client.smembers(idx)]
-            gone = 0
-            for i in range(0, len(members), 500):
-                gone += int(await self.client.delete(*(self.k("r", m) for m in members[i:i + 500])))
-            await self.client.delete(idx)
-            await self.client.publish(self.k("purge"), agent)
-        except Exception as exc:
-            self._unpublished.add(agent)
-            self.failed(exc)
-            return 0
-        self.n["purged"] += gone
-        return gone
 
     # ------------------------------------------------------------ figures
 
