@@ -45,7 +45,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., details: _Optional[str] = ...) -> None: ...
 
 class CallReply(_message.Message):
-    __slots__ = ("status", "result", "encoding", "error", "executed_by", "attempts", "process_time_ms", "cache_hit", "service", "version", "verified", "call_id", "upstream_status", "result_size")
+    __slots__ = ("status", "result", "encoding", "error", "executed_by", "attempts", "process_time_ms", "cache_hit", "service", "version", "verified", "call_id", "upstream_status", "result_size", "rerunnable")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class CallReply(_message.Message):
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RERUNNABLE_FIELD_NUMBER: _ClassVar[int]
     status: str
     result: bytes
     encoding: Encoding
@@ -74,7 +75,8 @@ class CallReply(_message.Message):
     call_id: str
     upstream_status: int
     result_size: int
-    def __init__(self, status: _Optional[str] = ..., result: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., executed_by: _Optional[str] = ..., attempts: _Optional[int] = ..., process_time_ms: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., service: _Optional[str] = ..., version: _Optional[str] = ..., verified: _Optional[bool] = ..., call_id: _Optional[str] = ..., upstream_status: _Optional[int] = ..., result_size: _Optional[int] = ...) -> None: ...
+    rerunnable: bool
+    def __init__(self, status: _Optional[str] = ..., result: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., executed_by: _Optional[str] = ..., attempts: _Optional[int] = ..., process_time_ms: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., service: _Optional[str] = ..., version: _Optional[str] = ..., verified: _Optional[bool] = ..., call_id: _Optional[str] = ..., upstream_status: _Optional[int] = ..., result_size: _Optional[int] = ..., rerunnable: _Optional[bool] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("call_id",)
