@@ -157,10 +157,11 @@ class Registry:
         except Exception as exc:
             raise PackageError(f"package {name} does not load: {type(exc).__name__}: {exc}") from None
         entry = ServiceEntry(cls, pkg, (cur.revision + 1) if cur else 1, False, time.time())
+        record = {"name": name, "version": entry.version, "digest": entry.digest, "revision": entry.revision,
+                  "published_at": entry.published_at}
+        self.state.add_published(self._published, record, pkg)  # stored first: on failure nothing changed
+        self._published.append(record)
         self._add(entry)
-        self._published.append({"name": name, "version": entry.version, "digest": entry.digest,
-                                "revision": entry.revision, "published_at": entry.published_at})
-        self.state.write_registry(self._published)
         log.info("published %s revision %d (digest %s)", entry.label, entry.revision, entry.digest[:12])
         for listener in self.listeners:
             listener(entry)

@@ -39,7 +39,7 @@ from .route_admin import RoutesService
 from .route_calls import RouteCalls, RoutingDispatcher
 from .routes import RouteTable
 from .scheduler import Scheduler, SchedulerSettings
-from .state import StateDir
+from .store import open_store
 from .tls import ServerTLS
 from .tls import prepare as prepare_tls
 from .upstream import Upstream
@@ -117,6 +117,7 @@ class CoordinatorConfig:
     tls_cert: str | None = None      # the operator's own certificate chain (PEM) instead of the bound one
     tls_key: str | None = None
     result_ttl_s: float = 3600.0     # how long a submitted call's envelope is kept after it ends
+    state_url: str = ""              # --state-url postgresql://...: shared state (pgstore.py); "": files
     cache_url: str = ""              # redis://...: the shared result region behind the near cache (cache_shared.py)
     cache_write: str = "through"     # through: in Redis before the answer; behind: queued, written in batches
     cache_write_queue: int = 10_000  # write-behind: entries queued at most (what a crash can lose)
@@ -131,18 +132,19 @@ class Coordinator:
             if value <= 0:
                 raise ValueError(f"{flag} {value:g} must be more than 0 a second")
         self.config = config
-        self.state = StateDir(config.state_dir)
+        self.store = open_store(config.state_dir, config.state_url)  # files, or PostgreSQL (store.py)
+        self.state = self.store.state
         # credentials live in memory (re-read on SIGHUP and when their files change: watch_credentials),
         # so a coordinator out of file descriptors still checks them
         self._admin = self.state.admin_token(create=True) or ""
         self._admin_stamp = file_stamp(self.state.path / "admin.token")
-        self.auth = Auth(self.state.path, access_ttl=config.token_ttl_s)
+        self.auth: Auth = self.store.auth(access_ttl=config.token_ttl_s)
         self._clients_stamp = file_stamp(self.auth.clients_file)
         self._credentials_error = ""
         self._status_cache: dict[tuple[Any, int], tuple[float, Any]] = {}  # _shared: (what, agents) -> (when, value)
         if not self.state.join_secrets():
             self.state.add_join_secret()
-        self.volunteers = Volunteers(self.state.path)  # tokens in memory; agent ids bound to keys
+        self.volunteers: Volunteers = self.store.volunteers()  # tokens in memory; agent ids bound to keys
         self.volunteers.tokens.load()
         self._tokens_error = ""
         self._set_publisher_keys(config.publisher_keys)
@@ -544,7 +546,7 @@ class Coordinator:
             before = self.state.publisher_keys()
         except ValueError:
             before = []
-        _publisher.save_keys(self.state.path, keys)
+        self.state.save_publisher_keys(keys)
         if keys:
             log.info("publisher keys: only packages signed by one of [%s] are accepted; join tokens carry them",
                      _publisher.names(keys))
@@ -560,6 +562,7 @@ class Coordinator:
         self.registry.load()
         self.routes.load(taken=self.registry.services.__contains__)
         self.registry.listeners.append(self._on_publish)
+        self.store.start(self)  # with PostgreSQL: follow what other coordinators change
         if self.config.cache:
             self._start_cache()
             if self.config.cache_url:
@@ -775,6 +778,7 @@ class Coordinator:
         self.calllog.close()
         self.auth.close()
         self._flush_bindings()
+        self.store.close()
 
     def _flush_bindings(self) -> None:
         try:

@@ -69,28 +69,45 @@ class StateDir:
     def secrets_path(self) -> Path:
         return self.path / volunteers.SECRETS_FILE
 
+    # The methods below up to "the operator's credential" and from "packages" on are the state's
+    # storage seam: files here, PostgreSQL in pgstore.PgStateDir (--state-url), which overrides them.
+
+    def join_tokens(self) -> list[volunteers.VolunteerToken]:
+        """Every join token, shared ones first (revoked ones too)."""
+        return volunteers.load_tokens(self.secrets_path)
+
     def join_secrets(self) -> list[bytes]:
         """The secrets agents may join with: the shared ones and the named tokens not revoked."""
-        return [t.secret for t in volunteers.load_tokens(self.secrets_path) if not t.revoked]
+        return [t.secret for t in self.join_tokens() if not t.revoked]
 
     def add_join_secret(self) -> bytes:
         return volunteers.add_shared(self.secrets_path)
 
+    def mint_token(self, name: str, max_agents: int | None, max_slots: int | None
+                   ) -> tuple[volunteers.VolunteerToken, str]:
+        return volunteers.mint(self.secrets_path, name, max_agents, max_slots)
+
+    def revoke_token(self, name: str) -> tuple[volunteers.VolunteerToken, bool]:
+        return volunteers.revoke(self.secrets_path, name)
+
     def token(self, new: bool = False) -> str:
         """The shared join token (the first shared secret; a new one with `new`)."""
-        shared = [t.secret for t in volunteers.load_tokens(self.secrets_path) if not t.name]
+        shared = [t.secret for t in self.join_tokens() if not t.name]
         secret = self.add_join_secret() if new or not shared else shared[0]
         return JoinToken(self.fingerprint, secret, tuple(self.publisher_keys())).encode()
 
     def volunteer_token(self, name: str, max_agents: int | None = None, max_slots: int | None = None
                         ) -> tuple[str, volunteers.VolunteerToken, str]:
         """(token text, its entry, "minted" | "unchanged" | "updated") for the volunteer `name`."""
-        tok, what = volunteers.mint(self.secrets_path, name, max_agents, max_slots)
+        tok, what = self.mint_token(name, max_agents, max_slots)
         return JoinToken(self.fingerprint, tok.secret, tuple(self.publisher_keys())).encode(), tok, what
 
     def publisher_keys(self) -> list[bytes]:
         """The --publisher-key set the coordinator was last started with (tokens carry it)."""
         return _publisher.read_keys(self.path)
+
+    def save_publisher_keys(self, keys: list[bytes]) -> None:
+        _publisher.save_keys(self.path, keys)
 
     def pseudonym(self, agent_id: str) -> str:
         """A stable stand-in for an agent id, shown to callers who are not the operator: keyed by a
@@ -151,6 +168,10 @@ class StateDir:
             raise ValueError(f"{p} is not valid JSON ({exc}); restore it or remove it to forget "
                              "published services") from None
         return list(data.get("published", []))
+
+    def add_published(self, published: list[dict[str, Any]], record: dict[str, Any], pkg: Package) -> None:
+        """Record a newly published version (`pkg`, stored by store_package already) after `published`."""
+        self.write_registry([*published, record])
 
     def write_registry(self, published: list[dict[str, Any]]) -> None:
         p = self.path / "registry.json"

@@ -150,7 +150,10 @@ class LocalCluster:
     def peer(self, agents: int = 0, **kwargs: Any) -> "LocalCluster":
         """Another coordinator of the same cluster (not started): its own state directory holding
         copies of this one's identity, operator credential and TLS key and certificate, the same
-        --state-url, the same coordinator arguments unless given others (start it after this one)."""
+        --state-url, the same coordinator arguments unless given others. Call it once this one has
+        started (its identity and certificate exist)."""
+        if not (self.state / "identity.pem").exists():
+            raise RuntimeError("start this coordinator before making its peer: the peer copies its identity")
         kwargs.setdefault("coordinator_args", list(self.coordinator_args))
         kwargs.setdefault("slots", self.slots)
         other = LocalCluster(agents=agents, state_url=self.state_url, **kwargs)
