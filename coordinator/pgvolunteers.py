@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .pgstate import CHANNEL, LOCK_ID, PgState
-from .volunteers import KeyBindings, TokenBook, VolunteerToken, Volunteers, check_name
+from .volunteers import BINDING_TTL_S, KeyBindings, TokenBook, VolunteerToken, Volunteers, check_name
 
 MINT_LOCK = LOCK_ID + 1
 COLUMNS = "name, secret, max_agents, max_slots, created, revoked"
@@ -123,7 +123,10 @@ class PgKeyBindings(KeyBindings):
         super().__init__(Path("agent_keys"))
 
     def load(self) -> None:
+        """Bindings seen within BINDING_TTL_S (older ones are deleted, as the file store forgets them)."""
+        cutoff = time.time() - BINDING_TTL_S
         with self.db.tx() as cur:
+            cur.execute("DELETE FROM agent_keys WHERE seen < %s", (cutoff,))
             cur.execute("SELECT agent_id, key, token, since, seen FROM agent_keys")
             rows = cur.fetchall()
         self.agents = {r[0]: {"key": bytes(r[1]).hex(), "token": r[2], "since": r[3], "seen": r[4]} for r in rows}
