@@ -318,6 +318,15 @@ class NearCache(ResultCache):
         """Store in the near cache only (an entry read from Redis)."""
         return super().put(key, value, ttl_s)
 
+    async def read_through(self, key: bytes, ttl_s: float | None = None) -> bytes | None:
+        """After a near miss: the entry from Redis (then kept near), or None."""
+        if self.shared is None or not self.shared.up:
+            return None
+        stored = await self.shared.get(key)
+        if stored is not None:
+            self.keep(key, stored, ttl_s)
+        return stored
+
     def purge_producer(self, agent: str) -> int:
         return self.purge(made_by(agent))[0]
 
