@@ -86,7 +86,8 @@ class PgState:
     def connect(self, **kw: Any) -> psycopg.Connection[Any]:
         try:
             return psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT_S, application_name="microswarm",
-                                   keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3, **kw)
+                                   keepalives=1, keepalives_idle=3, keepalives_interval=1, keepalives_count=2,
+                                   tcp_user_timeout=CONNECT_TIMEOUT_S * 1000, **kw)
         except psycopg.Error as exc:
             raise self.unavailable(exc) from None
 

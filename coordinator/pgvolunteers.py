@@ -104,12 +104,10 @@ class PgTokenBook(TokenBook):
         return self.stale
 
     def load(self) -> None:
+        # StoreUnavailable (a ValueError) leaves the current ones, and `stale` off: no retry every
+        # half second on the event loop; the listener's reconnection reloads them
         self.stale = False
-        try:
-            tokens = load_tokens(self.db)  # StoreUnavailable (a ValueError): the current ones stay
-        except BaseException:
-            self.stale = True
-            raise
+        tokens = load_tokens(self.db)
         self.tokens = tokens
         self.by_digest = {t.digest: t for t in tokens}
 
