@@ -127,6 +127,15 @@ class Link:
         self.outbox.put_nowait(msg)
 
 
+def coordinator_addresses(text: str) -> list[str]:
+    """`a:7070,b:7070` (the coordinators of one cluster, sharing one key) as a list; a clear error
+    for an empty entry."""
+    parts = [p.strip() for p in (text or "").split(",")]
+    if any(not p for p in parts) and len(parts) > 1:
+        raise ValueError(f"--coordinator {text!r}: an empty address in the list; give HOST:PORT[,HOST:PORT...]")
+    return [p for p in parts if p]
+
+
 def _send_output(link: Link, job_id: str, output: bytes) -> None:
     """A large output as JobOutput pieces, each sliced from it (one sealed frame apiece)."""
     view = memoryview(output)
@@ -178,7 +187,12 @@ class Agent:
         self.packages.sandbox = self.sandbox
         self.paused = False      # by the owner: `microswarm agent pause`, SIGUSR1
         self.limit_stops = 0
-        self.address = config.coordinator
+        # Several coordinators of one cluster (--coordinator a:7070,b:7070): each agent starts at a
+        # random one, so a fleet spreads over them, and moves on when its own goes away.
+        self.addresses = coordinator_addresses(config.coordinator)
+        start = random.randrange(len(self.addresses)) if self.addresses else 0
+        self.addresses = self.addresses[start:] + self.addresses[:start]
+        self.address = self.addresses[0] if self.addresses else ""
         self._joined = False
         self.monitor = Monitor(self.volunteer, self._workers, self._owner_changed)
         self.control: ControlServer | None = None
@@ -378,7 +392,7 @@ class Agent:
     async def _targets(self) -> list[str]:
         """Where to dial: the configured address, or what LAN discovery finds for this token's key."""
         if not self.config.discover:
-            return [self.config.coordinator]
+            return list(self.addresses)
         from microcores._discovery import browse
 
         self.address = ""
@@ -409,6 +423,9 @@ class Agent:
             self._joined = False
             try:
                 await self._session(target)
+                if target in self.addresses and len(self.addresses) > 1:  # its link ended: the others first
+                    self.addresses.remove(target)
+                    self.addresses.append(target)
                 return
             except AgentRefused as r:
                 if self._joined or (r.authenticated and r.code != KEY_MISMATCH):

@@ -219,6 +219,7 @@ class Dispatcher:
     async def _run(self, req: pb.CallRequest, reply: pb.CallReply, raw_input: bytes, streamed: bool = False) -> None:
         entry = self.c.registry.get(req.service)
         reply.version = entry.version
+        reply.rerunnable = bool(entry.cls.pure or entry.cls.idempotent)
         chain = list(req.chain)
         if entry.name in chain:
             raise CallCycle(f"call cycle refused: {' -> '.join(chain + [entry.name])}")

@@ -33,6 +33,7 @@ from microswarm.protos import microswarm_pb2_grpc as pbg
 
 from . import _codec, _tls
 from ._chunks import Assembler, ResultPieces, batch_parts, call_pieces, pieces
+from ._failover import Cluster, NotSent, never_sent
 from .handles import AsyncCallHandle, CallHandle, envelope_of, rpc_error, wait_envelope, wait_envelope_async
 from .errors import DeadlineExceeded, MicroError, Unauthorized, Unavailable, from_code
 
@@ -166,8 +167,9 @@ def _unavailable(exc: grpc.RpcError, target: str, service: str = "", timeout: fl
             "nothing was sent. Check the address, and the pin: the state directory's coordinator.crt or "
             "--fingerprint / MICROSWARM_FINGERPRINT (MICROSWARM_INSECURE=1 if it runs with --insecure)")
     if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"cannot reach the coordinator at {target}: is it running? "
-                           "(set --coordinator or MICROSWARM_COORDINATOR)")
+        # NotSent: no connection was made, so nothing reached anyone (another coordinator may take it)
+        return (NotSent if never_sent(details or "") else Unavailable)(
+            f"cannot reach the coordinator at {target}: is it running? (set --coordinator or MICROSWARM_COORDINATOR)")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         if service:
             return _deadline_exceeded(target, service, timeout)
@@ -269,7 +271,7 @@ class Client:
                  bearer: str | None = None, client_id: str | None = None, client_secret: str | None = None,
                  state_dir: str | os.PathLike[str] | None = None, scope: str | None = None,
                  fingerprint: str | None = None, insecure: bool | None = None) -> None:
-        self.target = coordinator or default_coordinator()
+        self._cluster = Cluster(coordinator or default_coordinator())  # one, or several of one cluster
         self._pin = _Pin(fingerprint, state_dir, insecure)
         self._channel: grpc.Channel | None = None
         self._stub_: pbg.CoordinatorStub | None = None
@@ -277,13 +279,28 @@ class Client:
         self._tokens = _Tokens(client_id, client_secret, bearer, state_dir, scope)
 
     @property
+    def target(self) -> str:
+        """The coordinator in use (of those given: the next one once it cannot be reached)."""
+        return self._cluster.target
+
+    @property
     def _stub(self) -> pbg.CoordinatorStub:
         """The channel opens at first use, once the coordinator's key is pinned (no credential goes before)."""
         if self._stub_ is None:
-            trust = _tls.resolve(self.target, **self._pin.kwargs())
+            try:
+                trust = _tls.resolve(self.target, **self._pin.kwargs())
+            except Unavailable as exc:
+                raise NotSent(exc.message) from None
             self._channel = trust.channel(self.target, CHANNEL_OPTIONS)
             self._stub_ = pbg.CoordinatorStub(self._channel)
         return self._stub_
+
+    def _move_on(self, failed: str) -> None:
+        """To the next coordinator of the cluster (the one in use could not be reached)."""
+        if self._cluster.advance(failed):
+            if self._channel is not None:
+                self._channel.close()
+            self._channel, self._stub_ = None, None
 
     def token(self) -> str | None:
         """A valid access token (fetched or renewed when needed); None when there are no credentials."""
@@ -313,13 +330,25 @@ class Client:
     def envelope(self, service: str, data: Any = None, *, timeout: float | None = None,
                  encoding: int = pb.MSGPACK) -> Envelope:
         req = _request(service, {} if data is None else data, encoding, timeout)
-        for attempt in (1, 2):
-            reply = self._one(req, timeout)
-            if attempt == 1 and _refused_unauthenticated(reply) and self._tokens.can_mint:
-                self._tokens.invalidate()  # expired or revoked under us: a new token, once
+        renewed, moves = False, 0
+        while True:
+            target = self.target
+            try:
+                reply = self._one(req, timeout)
+            except Unavailable as exc:  # its coordinator cannot be reached: another of the cluster may do
+                if not self._cluster.several or moves >= len(self._cluster.targets) - 1:
+                    raise
+                if not self._cluster.may_resend(service, sent=not isinstance(exc, NotSent)):
+                    raise self._cluster.lost(service, target) from None
+                moves += 1
+                self._move_on(target)
                 continue
-            break
-        return Envelope.from_reply(self._tokens.explain(reply))
+            self._cluster.learn(service, reply.rerunnable)
+            if not renewed and _refused_unauthenticated(reply) and self._tokens.can_mint:
+                self._tokens.invalidate()  # expired or revoked under us: a new token, once
+                renewed = True
+                continue
+            return Envelope.from_reply(self._tokens.explain(reply))
 
     def _one(self, req: pb.CallRequest, timeout: float | None) -> pb.CallReply:
         fut = self._stub.Call.future(req, timeout=_wait_for(timeout), metadata=self._call_metadata())
@@ -344,6 +373,17 @@ class Client:
         return self._call_metadata()
 
     def _viewer_rpc(self, method: str, request: Any, timeout: float) -> Any:
+        """A read (Status, CacheStats): safe to ask any coordinator of the cluster, so on to the next."""
+        for moves in range(len(self._cluster.targets)):
+            target = self.target
+            try:
+                return self._viewer_rpc_once(method, request, timeout)
+            except Unavailable:
+                if moves == len(self._cluster.targets) - 1:
+                    raise
+                self._move_on(target)
+
+    def _viewer_rpc_once(self, method: str, request: Any, timeout: float) -> Any:
         for attempt in (1, 2):
             try:
                 return getattr(self._stub, method)(request, timeout=timeout, metadata=self._viewer_metadata())
@@ -469,7 +509,7 @@ class AsyncClient:
                  bearer: str | None = None, multiplex: bool = True, client_id: str | None = None,
                  client_secret: str | None = None, state_dir: str | os.PathLike[str] | None = None,
                  scope: str | None = None, fingerprint: str | None = None, insecure: bool | None = None) -> None:
-        self.target = coordinator or default_coordinator()
+        self._cluster = Cluster(coordinator or default_coordinator())  # one, or several of one cluster
         self._pin = _Pin(fingerprint, state_dir, insecure)
         self._channel: aio.Channel | None = None
         self._stub: Any = None  # opened by _ready(), once the coordinator's key is pinned
@@ -485,12 +525,30 @@ class AsyncClient:
         self._results = ResultPieces()
         self._next_id = 0
 
+    @property
+    def target(self) -> str:
+        """The coordinator in use (of those given: the next one once it cannot be reached)."""
+        return self._cluster.target
+
     async def _ready(self) -> None:
         if self._stub is None:
-            trust = await _tls.resolve_async(self.target, **self._pin.kwargs())
+            try:
+                trust = await _tls.resolve_async(self.target, **self._pin.kwargs())
+            except Unavailable as exc:
+                raise NotSent(exc.message) from None
             if self._stub is None:
                 self._channel = trust.aio_channel(self.target, CHANNEL_OPTIONS)
                 self._stub = pbg.CoordinatorStub(self._channel)
+
+    async def _move_on(self, failed: str) -> None:
+        """To the next coordinator of the cluster (the one in use could not be reached)."""
+        if self._cluster.advance(failed):
+            channel, self._channel, self._stub = self._channel, None, None
+            if self._stream is not None:
+                self._stream.cancel()
+                self._stream = None
+            if channel is not None:
+                await channel.close()
 
     async def token(self) -> str | None:
         """A valid access token (fetched or renewed when needed); None when there are no credentials."""
@@ -520,13 +578,25 @@ class AsyncClient:
                        encoding: int = pb.MSGPACK) -> Envelope:
         req, payload = (_streamed_request(service, {} if data is None else data, encoding, timeout)
                         if self.multiplex else (_request(service, {} if data is None else data, encoding, timeout), None))
-        for attempt in (1, 2):
-            reply = await self._one(req, timeout, payload)
-            if attempt == 1 and _refused_unauthenticated(reply) and self._tokens.can_mint:
-                self._tokens.invalidate()  # expired or revoked under us: a new token, once
+        renewed, moves = False, 0
+        while True:
+            target = self.target
+            try:
+                reply = await self._one(req, timeout, payload)
+            except Unavailable as exc:  # its coordinator cannot be reached: another of the cluster may do
+                if not self._cluster.several or moves >= len(self._cluster.targets) - 1:
+                    raise
+                if not self._cluster.may_resend(service, sent=not isinstance(exc, NotSent)):
+                    raise self._cluster.lost(service, target) from None
+                moves += 1
+                await self._move_on(target)
                 continue
-            break
-        return Envelope.from_reply(self._tokens.explain(reply))
+            self._cluster.learn(service, reply.rerunnable)
+            if not renewed and _refused_unauthenticated(reply) and self._tokens.can_mint:
+                self._tokens.invalidate()  # expired or revoked under us: a new token, once
+                renewed = True
+                continue
+            return Envelope.from_reply(self._tokens.explain(reply))
 
     async def _one(self, req: pb.CallRequest, timeout: float | None, payload: bytes | None = None) -> pb.CallReply:
         tok = await self.token()
