@@ -5,6 +5,7 @@ Two coordinators, A and B, with copies of one identity and one --state-url; one 
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -143,6 +144,73 @@ def test_client_made_on_a_works_on_b_and_its_revocation_is_seen_within_a_second(
             return not env.ok and env.error.code == "unauthenticated"
         wait_for(refused, 1.0, "B to refuse the client revoked on A", 0.02)
         print(f"revocation seen on B after {time.monotonic() - t0:.3f} s")
+
+
+def _stub(c: LocalCluster) -> tuple[Any, Any]:
+    from microcores import _tls
+    from microcores.client import CHANNEL_OPTIONS
+    from microswarm.protos import microswarm_pb2_grpc as pbg
+    ch = _tls.resolve(c.addr, state_dir=str(c.state), insecure=not c.tls).channel(c.addr, CHANNEL_OPTIONS)
+    return ch, pbg.CoordinatorStub(ch)
+
+
+def test_bearer_token_from_b_works_on_a_and_its_revocation_on_a_reaches_b(
+        pair: tuple[LocalCluster, LocalCluster]) -> None:
+    """Tokens are written behind, with the journal record in the NOTIFY: issued on one, good on all;
+    revoked (RFC 7009) on one, refused on all."""
+    from microcores.client import Client
+    from microcores.errors import MicroError
+    from microswarm.protos import microswarm_pb2 as pb
+    a, b = pair
+    creds = a.create_client("bearer-client", "math.*")
+    chb, stub_b = _stub(b)
+    cha, stub_a = _stub(a)
+    with chb, cha:
+        def token() -> Any:
+            try:
+                return stub_b.Token(pb.TokenRequest(grant_type="client_credentials", client_id=creds["client_id"],
+                                                    client_secret=creds["client_secret"]), timeout=10)
+            except Exception:
+                return None
+        reply = wait_for(token, 5, "B to know the client made on A")
+
+        def ok_on(c: LocalCluster) -> bool:
+            with Client(c.addr, bearer=reply.access_token, state_dir=str(c.state), insecure=not c.tls) as cl:
+                try:
+                    return bool(cl.envelope("math.compute", {"a": 5, "b": 5}).ok)
+                except MicroError:
+                    return False
+        wait_for(lambda: ok_on(a), 2, "a token issued on B to be accepted by A", 0.05)
+        stub_a.Revoke(pb.RevokeRequest(client_id=creds["client_id"], client_secret=creds["client_secret"],
+                                       token=reply.refresh_token), timeout=10)  # the family goes with it
+        t0 = time.monotonic()
+        wait_for(lambda: not ok_on(b), 1.5, "B to refuse a token revoked on A", 0.05)
+        print(f"token revocation seen on B after {time.monotonic() - t0:.3f} s")
+
+
+def test_join_token_revoked_on_a_disconnects_its_agents_on_b(pair: tuple[LocalCluster, LocalCluster]) -> None:
+    a, b = pair
+    r = _cli(b, "coordinator", "token", "--name", "short-lived")  # minted beside B this time
+    assert r.returncode == 0, r.stderr
+    shared, b.token = b.token, r.stdout.strip()
+    try:
+        p = b.start_agent("short1")
+        b.wait_agents_ready(["short1"], timeout=30)
+    finally:
+        b.token = shared
+    r = _cli(a, "coordinator", "tokens", "revoke", "short-lived")
+    assert r.returncode == 0, r.stderr
+    t0 = time.monotonic()
+    try:
+        p.wait(15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the agent of a token revoked on A still runs on B:\n" + b.log("agent-short1.log")[-2000:])
+    assert "token_revoked" in b.log("agent-short1.log") or "revoked" in b.log("agent-short1.log")
+    print(f"agent of the revoked token gone from B after {time.monotonic() - t0:.2f} s")
+    b.agents.pop("short1")
+    r = _cli(a, "coordinator", "tokens", "list", "--json")
+    assert r.returncode == 0 and any(t["name"] == "short-lived" and t["revoked"] for t in json.loads(r.stdout)), \
+        r.stdout
 
 
 def test_join_token_and_key_binding_are_shared(pair: tuple[LocalCluster, LocalCluster], pg: pgserver.PgServer) -> None:
