@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc import aio
 
+from microcores.errors import Unavailable
 from microswarm.protos import microswarm_pb2 as pb
 
 from .auth import OPERATOR, AuthError, ClientRecord, Token
@@ -140,6 +141,9 @@ class TokenService:
         await self._need_admin(context)
         try:
             rec, secret = self.c.auth.create_client(request.name, list(request.scopes))
+        except Unavailable as exc:  # --state-url: the database is away (pgstate.StoreUnavailable); not
+            # UNAVAILABLE, which says the coordinator itself cannot be reached
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.CreateClientReply(client=_public(rec), client_secret=secret)
@@ -153,6 +157,8 @@ class TokenService:
         await self._need_admin(context)
         try:
             rec = self.c.auth.revoke_client(request.client)
+        except Unavailable as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
         except KeyError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
         return pb.RevokeClientReply(client=_public(rec))

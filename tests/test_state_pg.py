@@ -260,6 +260,8 @@ def test_postgres_away_then_back(pair: tuple[LocalCluster, LocalCluster], pg: pg
         assert f"PostgreSQL at 127.0.0.1:{pg.port}/microswarm is unreachable" in exc.value.message
         rc = _cli(a, "clients", "create", "during-outage")
         assert rc.returncode != 0 and "unreachable" in rc.stderr, rc.stderr
+        rc = _cli(a, "clients", "revoke", "bearer-client")
+        assert rc.returncode != 0 and f"PostgreSQL at 127.0.0.1:{pg.port}" in rc.stderr, rc.stderr
         with b.client() as fresh:  # a new connection: its token is minted in memory
             assert fresh.envelope("math.compute", {"a": 3, "b": 1}).ok
         assert time.monotonic() - t0 < 30
