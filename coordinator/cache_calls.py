@@ -33,14 +33,18 @@ class SharedCacheDispatcher(RoutingDispatcher):
     async def _run(self, req: pb.CallRequest, reply: pb.CallReply, raw_input: bytes, streamed: bool = False) -> None:
         cache = self.c.cache
         region = cache.shared if isinstance(cache, NearCache) else None
+        # The input goes on without this frame keeping it: Dispatcher._run lets a large one go once its
+        # job is done, before the output is checked (docs/design.md, Large payloads).
+        held = [raw_input]
+        del raw_input
         if region is None:
-            return await super()._run(req, reply, raw_input, streamed)
+            return await super()._run(req, reply, held.pop(), streamed)
         if region.up:
-            await self._read_through(cache, req, raw_input, streamed)
+            await self._read_through(cache, req, held[0], streamed)
         writes: list[asyncio.Task[None]] = []
         token = WRITES.set(writes)
         try:
-            await super()._run(req, reply, raw_input, streamed)
+            await super()._run(req, reply, held.pop(), streamed)
         finally:
             WRITES.reset(token)
             if writes:  # write-through: in Redis before the answer (or given up on after WRITE_WAIT_S)
