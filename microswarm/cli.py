@@ -83,7 +83,7 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
                             verify=a.verify, trust_after=a.trust_after, spot_check=a.spot_check,
                             insecure=a.insecure, tls_cert=a.tls_cert, tls_key=a.tls_key,
                             result_ttl_s=a.result_ttl, handshake_rate=a.handshake_rate,
-                            heartbeat_budget=a.heartbeat_budget)
+                            heartbeat_budget=a.heartbeat_budget, state_url=a.state_url or "")
     cfg.advertise = a.advertise
     cfg.cache_url, cfg.cache_write = a.cache_url or "", a.cache_write
     cfg.cache_write_queue, cfg.cache_write_batch = a.cache_write_queue, a.cache_write_batch
@@ -113,9 +113,7 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
 
 
 def cmd_coordinator_token(a: argparse.Namespace) -> int:
-    from microswarm.coordinator.state import StateDir
-
-    state = StateDir(a.state_dir or _state_default())
+    state = _token_state(a)
     if a.name is None:
         if a.max_agents is not None or a.max_slots is not None:
             return _fail("--max-agents and --max-slots are caps of a volunteer's own token: give --name too")
@@ -140,13 +138,30 @@ def cmd_coordinator_token(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_coordinator_tokens_list(a: argparse.Namespace) -> int:
-    from microswarm.coordinator.volunteers import KEYS_FILE, SECRETS_FILE, KeyBindings, load_tokens
+def _token_state(a: argparse.Namespace) -> Any:
+    """The coordinator's state for the token commands: its files, or its database (--state-url, or
+    the URL the coordinator of this state directory runs with)."""
+    from microswarm.coordinator.store import open_state, state_url_for
 
-    state = Path(a.state_dir or _state_default()).expanduser()
+    state_dir = a.state_dir or _state_default()
     try:
-        tokens = load_tokens(state / SECRETS_FILE)
-        bound = KeyBindings(state / KEYS_FILE)
+        return open_state(state_dir, state_url_for(state_dir, getattr(a, "state_url", None)))
+    except ValueError as exc:  # the database cannot be reached, or the URL is not one
+        raise SystemExit(_fail(str(exc))) from None
+
+
+def cmd_coordinator_tokens_list(a: argparse.Namespace) -> int:
+    from microswarm.coordinator.volunteers import KEYS_FILE, KeyBindings
+
+    state = _token_state(a)
+    try:
+        tokens = state.join_tokens()
+        bound: KeyBindings
+        if hasattr(state, "db"):
+            from microswarm.coordinator.pgvolunteers import PgKeyBindings
+            bound = PgKeyBindings(state.db)
+        else:
+            bound = KeyBindings(state.path / KEYS_FILE)
     except (OSError, ValueError) as exc:
         return _fail(str(exc))
     rows = [{**t.describe(), "agent_ids": bound.count(t.name)} for t in tokens if t.name]
@@ -166,10 +181,9 @@ def cmd_coordinator_tokens_list(a: argparse.Namespace) -> int:
 
 
 def cmd_coordinator_tokens_revoke(a: argparse.Namespace) -> int:
-    from microswarm.coordinator.volunteers import SECRETS_FILE, revoke
-
+    state = _token_state(a)
     try:
-        tok, now = revoke(Path(a.state_dir or _state_default()).expanduser() / SECRETS_FILE, a.name)
+        tok, now = state.revoke_token(a.name)
     except (KeyError, ValueError) as exc:
         return _fail(exc.args[0] if exc.args else str(exc))
     if not now:
@@ -657,12 +671,24 @@ def cmd_bench(a: argparse.Namespace) -> int:
             return 2
         from microswarm.bench_fleet import run_fleet_bench
         return run_fleet_bench(a.simulated_agents, out_path=a.output)
+    if a.coordinators is not None:
+        if a.coordinators < 2 or a.coordinator:
+            err.print("[red]error:[/] --coordinators takes a number of coordinators (2 or more) and starts them, "
+                      "with a PostgreSQL and a Redis of its own (no --coordinator)")
+            return 2
+        from microswarm.bench_coordinators import run_coordinators_bench
+        return run_coordinators_bench(a.coordinators, quick=a.quick, out_path=a.output)
     from microswarm.bench import run_bench
     return run_bench(coordinator=a.coordinator, quick=a.quick, out_path=a.output)
 
 
 # ---------------------------------------------------------------- parser
 
+STATE_URL_HELP = ("keep the shared state (registry and packages, join tokens, key bindings, clients, token hashes) "
+                  "in this PostgreSQL database (postgresql://USER:PASSWORD@HOST:PORT/DB), so several coordinators "
+                  "with copies of one --state-dir identity serve one cluster")
+TOKEN_URL_HELP = ("the coordinators' PostgreSQL (--state-url of `coordinator start`); default: MICROSWARM_STATE_URL, "
+                  "else the one the coordinator of --state-dir runs with, else its files")
 STATE_HELP = ("the coordinator's state directory: its key, tokens, clients, call log "
               "(env MICROSWARM_STATE_DIR; default: ~/.local/state/microswarm)")
 
@@ -696,6 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=env_help("serve agents and clients (gRPC) here; 0.0.0.0:7070 for the LAN",
                                   "MICROSWARM_LISTEN", "127.0.0.1:7070"))
     st.add_argument("--state-dir", default=None, metavar="DIR", help=STATE_HELP)
+    st.add_argument("--state-url", default=os.environ.get("MICROSWARM_STATE_URL"), metavar="URL",
+                    help=env_help(STATE_URL_HELP, "MICROSWARM_STATE_URL", "files in --state-dir"))
     st.add_argument("--dispatch", default="random", choices=["random", "round_robin", "least_loaded", "p2c"],
                     help="how a job picks among the agents with a free slot (p2c: the less loaded of two sampled)")
     st.add_argument("--placement", default="all", choices=["all", "arbitrary", "common", "expensive", "combined"],
@@ -786,6 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_coordinator_start, config_section="coordinator")
     tk = cosub.add_parser("token", help="print a join token for agents (shared, or one volunteer's with --name)")
     tk.add_argument("--state-dir", default=None, metavar="DIR", help=STATE_HELP)
+    tk.add_argument("--state-url", default=None, metavar="URL", help=TOKEN_URL_HELP)
     tk.add_argument("--new", action="store_true", help="mint a new shared join secret instead of the default one")
     tk.add_argument("--name", default=None, metavar="NAME",
                     help="a token of the volunteer NAME's own (the same one again if it exists), revocable alone")
@@ -799,18 +828,22 @@ def build_parser() -> argparse.ArgumentParser:
     tksub = tks.add_subparsers(dest="tokens_action", required=True)
     tl = tksub.add_parser("list", help="the volunteer tokens, their caps and state (never their secrets)")
     tl.add_argument("--state-dir", default=None, metavar="DIR", help=STATE_HELP)
+    tl.add_argument("--state-url", default=None, metavar="URL", help=TOKEN_URL_HELP)
     tl.add_argument("--json", action="store_true", help="one JSON array instead of the table")
     tl.set_defaults(func=cmd_coordinator_tokens_list)
     tr = tksub.add_parser("revoke", help="revoke a volunteer's token: its agents are disconnected and refused")
     tr.add_argument("name", help="the volunteer's name, as given to `coordinator token --name`")
     tr.add_argument("--state-dir", default=None, metavar="DIR", help=STATE_HELP)
+    tr.add_argument("--state-url", default=None, metavar="URL", help=TOKEN_URL_HELP)
     tr.set_defaults(func=cmd_coordinator_tokens_revoke)
 
     ag = sub.add_parser("agent", help="run a volunteer agent")
     agsub = ag.add_subparsers(dest="action", required=True)
     ast = agsub.add_parser("start", help="join a coordinator and serve jobs")
-    ast.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                     help=env_help("the coordinator to join", "MICROSWARM_COORDINATOR", "127.0.0.1:7070"))
+    ast.add_argument("--coordinator", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                     help=env_help("the coordinator to join; several of one cluster, comma-separated: the agent "
+                                   "moves to another when its own goes away", "MICROSWARM_COORDINATOR",
+                                   "127.0.0.1:7070"))
     ast.add_argument("--token", default=None, help="join token, from `microswarm coordinator token` "
                                                    "(env MICROSWARM_TOKEN; the variable keeps it out of `ps`)")
     ast.add_argument("--slots", type=int, default=max(1, (os.cpu_count() or 2) // 2), metavar="N",
@@ -933,6 +966,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="benchmark a running coordinator instead of starting one")
     be.add_argument("--quick", action="store_true", help="fewer samples")
     be.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
+    be.add_argument("--coordinators", type=int, default=None, metavar="N",
+                    help="N coordinators of one cluster on this machine, sharing a PostgreSQL and a Redis the bench "
+                         "starts: calls/s, p50, a hit served from Redis, and the failover when one is SIGKILLed")
     be.add_argument("--simulated-agents", type=int, default=None, metavar="N",
                     help="instead: one coordinator under N simulated agents (real handshake, sealing, heartbeats "
                          "and jobs, from a few processes): its memory, idle CPU, Status and calls/s")
