@@ -33,6 +33,8 @@ import grpc
 import psutil
 
 from microcores import __version__, _codec, _tls
+from microcores._chunks import FRAME_PIECE, STREAM_MIN
+from microcores._failover import addresses
 from microcores._secure import (PROTOCOL, Channel, JoinToken, agent_channel, check_len, collect_parts, derive_keys,
                                 fingerprint, handshake_seen, hello_transcript, join_mac, new_ephemeral, public_bytes,
                                 refusal_verifies, sealed_frame, sign, split, verify)
@@ -49,8 +51,6 @@ from .volunteer import ControlServer, Monitor, VolunteerSettings, socket_path
 
 log = logging.getLogger("microswarm.agent")
 
-STREAM_MIN = 1 << 20              # an output past this goes ahead of its result in pieces
-OUTPUT_PIECE = (1 << 20) - 512    # a piece and its framing in one sealed frame
 
 LINK_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024),
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
@@ -127,20 +127,11 @@ class Link:
         self.outbox.put_nowait(msg)
 
 
-def coordinator_addresses(text: str) -> list[str]:
-    """`a:7070,b:7070` (the coordinators of one cluster, sharing one key) as a list; a clear error
-    for an empty entry."""
-    parts = [p.strip() for p in (text or "").split(",")]
-    if any(not p for p in parts) and len(parts) > 1:
-        raise ValueError(f"--coordinator {text!r}: an empty address in the list; give HOST:PORT[,HOST:PORT...]")
-    return [p for p in parts if p]
-
-
 def _send_output(link: Link, job_id: str, output: bytes) -> None:
     """A large output as JobOutput pieces, each sliced from it (one sealed frame apiece)."""
     view = memoryview(output)
-    for off in range(0, len(view), OUTPUT_PIECE):
-        link.send(pb.ToCoordinator(output=pb.JobOutput(job_id=job_id, data=bytes(view[off:off + OUTPUT_PIECE]),
+    for off in range(0, len(view), FRAME_PIECE):
+        link.send(pb.ToCoordinator(output=pb.JobOutput(job_id=job_id, data=bytes(view[off:off + FRAME_PIECE]),
                                                        size=len(view))))
 
 
@@ -189,7 +180,7 @@ class Agent:
         self.limit_stops = 0
         # Several coordinators of one cluster (--coordinator a:7070,b:7070): each agent starts at a
         # random one, so a fleet spreads over them, and moves on when its own goes away.
-        self.addresses = coordinator_addresses(config.coordinator)
+        self.addresses = addresses(config.coordinator)
         start = random.randrange(len(self.addresses)) if self.addresses else 0
         self.addresses = self.addresses[start:] + self.addresses[:start]
         self.address = self.addresses[0] if self.addresses else ""

@@ -12,8 +12,7 @@ import grpc
 from grpc import aio
 
 from microcores import _codec
-from microcores._chunks import Assembler, batch_parts, call_pieces, pieces
-from microcores.client import STREAM_MIN
+from microcores._chunks import STREAM_MIN, Assembler, batch_parts, call_pieces, pieces
 from microcores.errors import MicroError, Unavailable
 from microswarm.protos import microswarm_pb2 as pb
 from microswarm.protos import microswarm_pb2_grpc as pbg

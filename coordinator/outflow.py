@@ -15,11 +15,11 @@ import asyncio
 from contextvars import ContextVar
 from typing import Awaitable, Callable
 
+from microcores._chunks import PIECE
 from microswarm.protos import microswarm_pb2 as pb
 
 from .spool import Spool
 
-PIECE = 1 << 20
 DOWN_WINDOW = 4
 
 Put = Callable[[pb.StreamChunk], Awaitable[None]]

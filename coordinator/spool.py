@@ -13,9 +13,9 @@ import os
 import tempfile
 from typing import AsyncIterator
 
+from microcores._chunks import PIECE
 from microcores.errors import InvalidInput, MicroError, Unavailable
 
-PIECE = 1 << 20
 
 
 class Spool:

@@ -18,6 +18,7 @@ import logging
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
+from microcores._chunks import FRAME_PIECE
 from microswarm.protos import microswarm_pb2 as pb
 
 from .spool import Spool
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("microswarm.staging")
 
-STAGE_PIECE = (1 << 20) - 512  # one StagedInput in one sealed frame (MAX_FRAME, with its framing)
 STAGE_WINDOW = 4               # pieces queued on the agent's link before we wait for it
 _ids = itertools.count(1)
 
@@ -41,7 +41,7 @@ class Stage:
 
     async def _send(self, spool: Spool) -> None:
         agent = self.agent
-        async for piece in spool.pieces(STAGE_PIECE):
+        async for piece in spool.pieces(FRAME_PIECE):
             await agent.room(STAGE_WINDOW)
             if agent.closed:
                 raise ConnectionError(f"agent {agent.agent_id} left while its input was sent ahead")

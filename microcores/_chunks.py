@@ -13,6 +13,8 @@ from ._secure import _cut
 from .errors import TooLarge
 
 PIECE = 1 << 20
+STREAM_MIN = 1 << 20        # a payload past this travels as pieces of its call (docs/design.md, Large payloads)
+FRAME_PIECE = PIECE - 512   # a piece sent inside a link message: it and its framing fit one sealed frame
 MAX_BATCH = 96 << 20
 
 

@@ -60,6 +60,15 @@ class Cluster:
     def may_resend(self, service: str, sent: bool) -> bool:
         return self.several and (not sent or service in self.rerunnable)
 
+    def move_or_raise(self, exc: Unavailable, service: str, target: str, moves: int) -> None:
+        """After `exc` from `target`: return when the call should go to the next coordinator (the
+        caller moves and sends it again); raise when it must not: no other left to try, or the
+        call may have run and its service may not run twice (then saying so)."""
+        if not self.several or moves >= len(self.targets) - 1:
+            raise exc
+        if not self.may_resend(service, sent=not isinstance(exc, NotSent)):
+            raise self.lost(service, target) from None
+
     def advance(self, failed: str) -> bool:
         """Move past `failed`; False when another caller already did (its channel is the new one)."""
         with self.lock:

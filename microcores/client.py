@@ -32,7 +32,7 @@ from microswarm.protos import microswarm_pb2 as pb
 from microswarm.protos import microswarm_pb2_grpc as pbg
 
 from . import _codec, _tls
-from ._chunks import Assembler, ResultPieces, batch_parts, call_pieces, pieces
+from ._chunks import STREAM_MIN, Assembler, ResultPieces, batch_parts, call_pieces, pieces
 from ._failover import Cluster, NotSent, never_sent
 from .handles import AsyncCallHandle, CallHandle, envelope_of, rpc_error, wait_envelope, wait_envelope_async
 from .errors import DeadlineExceeded, MicroError, Unauthorized, Unavailable, from_code
@@ -42,7 +42,6 @@ DEFAULT_COORDINATOR = "127.0.0.1:7070"
 # normally comes at the deadline, as `deadline_exceeded`) before it gives up on its own.
 DEADLINE_GRACE_S = 5.0
 CALLS_FIELD = pb.CallBatch.DESCRIPTOR.fields_by_name["calls"].number
-STREAM_MIN = 1 << 20  # an input past this travels as pieces of its call (measured: docs/design.md)
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", _codec.MAX_PAYLOAD + (1 << 20)),
                    ("grpc.max_send_message_length", _codec.MAX_PAYLOAD + (1 << 20))]
@@ -336,10 +335,7 @@ class Client:
             try:
                 reply = self._one(req, timeout)
             except Unavailable as exc:  # its coordinator cannot be reached: another of the cluster may do
-                if not self._cluster.several or moves >= len(self._cluster.targets) - 1:
-                    raise
-                if not self._cluster.may_resend(service, sent=not isinstance(exc, NotSent)):
-                    raise self._cluster.lost(service, target) from None
+                self._cluster.move_or_raise(exc, service, target, moves)
                 moves += 1
                 self._move_on(target)
                 continue
@@ -584,10 +580,7 @@ class AsyncClient:
             try:
                 reply = await self._one(req, timeout, payload)
             except Unavailable as exc:  # its coordinator cannot be reached: another of the cluster may do
-                if not self._cluster.several or moves >= len(self._cluster.targets) - 1:
-                    raise
-                if not self._cluster.may_resend(service, sent=not isinstance(exc, NotSent)):
-                    raise self._cluster.lost(service, target) from None
+                self._cluster.move_or_raise(exc, service, target, moves)
                 moves += 1
                 await self._move_on(target)
                 continue

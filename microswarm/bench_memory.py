@@ -12,7 +12,7 @@ import asyncio
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SIZE = 50_000_000
 
@@ -32,8 +32,8 @@ async def _echo(addr: str, state_dir: str, data: bytes) -> None:
             raise RuntimeError(f"echo of {len(data)} bytes failed: {env.error}")
 
 
-def rss_peak_50m(addr: str, state_dir: str, pid: int) -> dict[str, Any]:
-    data = os.urandom(SIZE)
+def rss_during(pid: int, run: Callable[[], Any]) -> tuple[float, float]:
+    """(RSS before, highest RSS sampled every 5 ms while `run()` runs), in MiB, of process `pid`."""
     before = rss_mib(pid)
     peak = before
     done = threading.Event()
@@ -46,10 +46,15 @@ def rss_peak_50m(addr: str, state_dir: str, pid: int) -> dict[str, Any]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        asyncio.run(_echo(addr, state_dir, data))
+        run()
     finally:
         done.set()
         sampler.join()
-    peak = max(peak, rss_mib(pid))
+    return before, max(peak, rss_mib(pid))
+
+
+def rss_peak_50m(addr: str, state_dir: str, pid: int) -> dict[str, Any]:
+    data = os.urandom(SIZE)
+    before, peak = rss_during(pid, lambda: asyncio.run(_echo(addr, state_dir, data)))
     return {"coordinator_rss_peak_mib_50m": round(peak, 1), "coordinator_rss_before_mib_50m": round(before, 1),
             "payload_mib_50m": round(SIZE / 2**20, 1)}

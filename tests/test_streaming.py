@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from typing import Any
 
 import grpc
@@ -18,7 +17,7 @@ from microcores._chunks import ResultPieces, call_pieces, pieces
 from microcores.client import STREAM_MIN
 from microcores.errors import InvalidInput, Unavailable
 from microswarm.agent.staged import StagedInputs
-from microswarm.bench_memory import rss_mib
+from microswarm.bench_memory import rss_during
 from microswarm.cluster import LocalCluster, wait_for
 from microswarm.coordinator.spool import Spool
 from microswarm.protos import microswarm_pb2 as pb
@@ -322,21 +321,7 @@ def test_coordinator_memory_per_large_call_is_bounded(one_agent: LocalCluster) -
     data = os.urandom(40_000_000)
     pid = one_agent.coordinator.pid  # type: ignore[union-attr]
     asyncio.run(_echo(os.urandom(2 * MIB)))  # warm
-    before = rss_mib(pid)
-    peak = before
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.005):
-            peak = max(peak, rss_mib(pid))
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        asyncio.run(_echo(data))
-    finally:
-        done.set()
-        t.join()
+    before, peak = rss_during(pid, lambda: asyncio.run(_echo(data)))
     grew = (peak - before) * MIB / len(data)
     assert grew < 3.0, f"the coordinator grew by {grew:.1f}x the payload ({before:.0f} -> {peak:.0f} MiB)"
 
