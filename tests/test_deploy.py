@@ -45,7 +45,13 @@ UNITS = [COORDINATOR_UNIT, AGENT_UNIT]
 DOCKERFILE = DEPLOY / "container" / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "container" / "Dockerfile.dockerignore"
 COMPOSE_FILE = DEPLOY / "compose" / "compose.yaml"
+CLUSTER_FILE = DEPLOY / "compose" / "cluster.yaml"  # PostgreSQL, Redis, three coordinators, agents
+COMPOSE_FILES = [COMPOSE_FILE, CLUSTER_FILE]
 K8S_FILES = sorted((DEPLOY / "k8s").glob("*.yaml"))
+K8S_CLUSTER_FILES = sorted((DEPLOY / "k8s" / "cluster").glob("*.yaml"))  # the same shape as cluster.yaml
+K8S_SETS = {"single": K8S_FILES, "cluster": K8S_CLUSTER_FILES}
+# The four files every coordinator of a cluster shares (deploy/README.md, "Several coordinators").
+IDENTITY_FILES = ("identity.pem", "admin.token", "tls_key.pem", "coordinator.crt")
 
 STATE_DIR = "/var/lib/microswarm"  # inside the image, the compose services and the pods
 GRPC_PORT = 7070
@@ -394,9 +400,10 @@ def _compose_validator():
     return jsonschema.Draft7Validator(schema)
 
 
-def test_compose_file_matches_the_compose_specification_schema():
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_file_matches_the_compose_specification_schema(path):
     validator = _compose_validator()
-    (document,) = _load_yaml_all(COMPOSE_FILE)
+    (document,) = _load_yaml_all(path)
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
     assert not errors, "\n".join(errors)
     broken = copy.deepcopy(document)
@@ -430,29 +437,41 @@ def _compose_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k in keep}
 
 
-@pytest.fixture(scope="module")
-def compose_model(docker_compose) -> dict:
+def _compose_config(docker_compose: str, path: Path) -> dict:
+    """The file as Docker Compose loads it (defaults interpolated, anchors merged)."""
     result = _run(
-        [docker_compose, "--file", str(COMPOSE_FILE), "config", "--format", "json"],
-        cwd=COMPOSE_FILE.parent,
-        env=_compose_env(),
+        [docker_compose, "--file", str(path), "config", "--format", "json"], cwd=path.parent, env=_compose_env()
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
-def test_compose_file_loads_in_docker_compose(docker_compose):
+@pytest.fixture(scope="module")
+def compose_model(docker_compose) -> dict:
+    return _compose_config(docker_compose, COMPOSE_FILE)
+
+
+@pytest.fixture(scope="module")
+def cluster_model(docker_compose) -> dict:
+    return _compose_config(docker_compose, CLUSTER_FILE)
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_file_loads_in_docker_compose(docker_compose, path):
     result = _run(
-        [docker_compose, "--file", str(COMPOSE_FILE), "config", "--quiet"],
-        cwd=COMPOSE_FILE.parent,
+        [docker_compose, "--file", str(path), "config", "--quiet"],
+        cwd=path.parent,
         env=_compose_env(),
     )
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
-def test_docker_compose_rejects_a_broken_compose_file(docker_compose, tmp_path):
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_docker_compose_rejects_a_broken_compose_file(docker_compose, tmp_path, path):
     broken = tmp_path / "compose.yaml"
-    broken.write_text(COMPOSE_FILE.read_text().replace("    stop_grace_period: 90s", "    stop_grace: 90s"))
+    text = path.read_text()
+    assert "    stop_grace_period: 90s" in text
+    broken.write_text(text.replace("    stop_grace_period: 90s", "    stop_grace: 90s"))
     result = _run(
         [docker_compose, "--file", str(broken), "config", "--quiet"], cwd=tmp_path, env=_compose_env()
     )
@@ -492,6 +511,229 @@ def test_compose_has_one_coordinator_and_a_scalable_agent(compose_model):
     assert (
         "microswarm coordinator token --state-dir /var/lib/microswarm" in services["join-token"]["command"][0]
     )
+
+
+def _url(url: str):
+    from urllib.parse import urlsplit
+
+    return urlsplit(url)
+
+
+def _depends(service: dict) -> dict[str, str]:
+    return {name: d["condition"] for name, d in service.get("depends_on", {}).items()}
+
+
+def test_compose_cluster_has_postgres_redis_three_coordinators_behind_one_name_and_agents(cluster_model):
+    services = cluster_model["services"]
+    assert {"postgres", "redis", "identity", "coordinator", "agent"} <= set(services)
+    postgres, redis, coordinator, agent = (services[n] for n in ("postgres", "redis", "coordinator", "agent"))
+    # Three coordinators: one service of three replicas, reached by its name (Docker's DNS answers
+    # it with every replica), so nothing may pin one container: no container_name, no fixed host port.
+    assert coordinator["deploy"]["replicas"] == 3
+    assert "container_name" not in coordinator and "hostname" not in coordinator
+    assert all(not p.get("published") for p in coordinator.get("ports", [])), coordinator["ports"]
+    assert coordinator["entrypoint"] == ["/bin/sh", "-c"]
+    script = coordinator["command"][0]
+    assert script.split("exec ", 1)[1].split()[:3] == ["microswarm", "coordinator", "start"]
+    argv = shlex.split(script.split("exec ", 1)[1])
+    assert argv[argv.index("--state-dir") + 1] == STATE_DIR
+    assert argv[argv.index("--listen") + 1] == f"0.0.0.0:{GRPC_PORT}"
+    # Shared state on PostgreSQL, the shared cache on Redis: the services of this file.
+    env = coordinator["environment"]
+    state, cache = _url(env["MICROSWARM_STATE_URL"]), _url(env["MICROSWARM_CACHE_URL"])
+    assert state.scheme == "postgresql" and (state.hostname, state.port) == ("postgres", 5432)
+    assert cache.scheme == "redis" and (cache.hostname, cache.port) == ("redis", 6379)
+    assert state.username == postgres["environment"]["POSTGRES_USER"]
+    assert state.path == "/" + postgres["environment"]["POSTGRES_DB"]
+    assert state.password == postgres["environment"]["POSTGRES_PASSWORD"]
+    redis_argv = redis["command"]
+    assert cache.password == redis_argv[redis_argv.index("--requirepass") + 1]
+    # Agents dial the one name, with the token the identity service leaves.
+    assert agent["environment"]["MICROSWARM_COORDINATOR"] == f"coordinator:{GRPC_PORT}"
+    assert "container_name" not in agent and not agent.get("ports")
+    assert agent["deploy"]["replicas"] >= 1
+    agent_script = " ".join(agent["entrypoint"] + agent["command"])
+    assert "exec microswarm agent start" in agent_script and "--token" not in agent_script
+    (token,) = [v for v in agent["volumes"] if v["target"] == "/run/microswarm"]
+    assert token["read_only"] and token["source"] in cluster_model["volumes"]
+    identity = services["identity"]
+    assert token["source"] in {v.get("source") for v in identity["volumes"]}
+    # Every long-running service has a health check, and each step waits for the one before.
+    for name in ("postgres", "redis", "coordinator", "agent"):
+        assert services[name]["healthcheck"]["test"], name
+        assert services[name]["restart"] == "unless-stopped", name
+    assert "pg_isready" in postgres["healthcheck"]["test"] and "127.0.0.1" in postgres["healthcheck"]["test"]
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    assert coordinator["healthcheck"]["test"][:3] == ["CMD", "microswarm", "status"]
+    assert _depends(identity) == {"postgres": "service_healthy"}
+    assert _depends(coordinator) == {
+        "identity": "service_completed_successfully",
+        "postgres": "service_healthy",
+        "redis": "service_healthy",
+    }
+    assert _depends(agent) == {"identity": "service_completed_successfully", "coordinator": "service_healthy"}
+    assert identity["restart"] == "no"
+    # The microswarm containers keep compose.yaml's hardening.
+    for name in ("identity", "coordinator", "agent"):
+        service = services[name]
+        assert service["user"] == "10001:10001" and service["read_only"] is True and service["cap_drop"] == ["ALL"]
+        assert "no-new-privileges:true" in service["security_opt"]
+        assert (Path(service["build"]["context"]) / service["build"]["dockerfile"]).resolve() == DOCKERFILE
+
+
+def test_compose_cluster_hands_every_coordinator_the_one_identity(cluster_model):
+    services = cluster_model["services"]
+    identity, coordinator = services["identity"], services["coordinator"]
+    made = {v["target"]: v for v in identity["volumes"]}[identity["environment"]["IDENTITY_DIR"]]
+    assert made["type"] == "volume" and made["source"] in cluster_model["volumes"]
+    mounts = {v["target"]: v for v in coordinator["volumes"]}
+    copied = mounts[coordinator["environment"]["IDENTITY_DIR"]]
+    assert copied["source"] == made["source"] and copied["read_only"] is True
+    # Each replica's own state directory: a volume without a name (one per container), never shared.
+    own = mounts[STATE_DIR]
+    assert own["type"] == "volume" and not own.get("source")
+    script = coordinator["command"][0]
+    for name in IDENTITY_FILES:
+        assert name in script
+    assert script.index("chmod 600") < script.index("exec microswarm")
+
+
+def _docs_redis_policy() -> str:
+    """The maxmemory-policy docs/operations.md recommends for the coordinators' Redis."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text[text.index("## More than one coordinator: the shared cache") :]
+    return re.search(r"maxmemory-policy ([a-z-]+)", section).group(1)
+
+
+def test_compose_cluster_redis_evicts_as_the_docs_say(cluster_model):
+    argv = cluster_model["services"]["redis"]["command"]
+    assert argv[0] == "redis-server"
+    assert argv[argv.index("--maxmemory-policy") + 1] == _docs_redis_policy() == "volatile-lru"
+    assert re.fullmatch(r"\d+[kmg]b", argv[argv.index("--maxmemory") + 1])
+    image = cluster_model["services"]["redis"]["image"]
+    assert int(re.match(r"redis:(\d+)", image).group(1)) >= 7, "docs/operations.md: Redis 7.0 or later"
+
+
+def _shell_script(text: str) -> str:
+    """A compose command as the container's shell gets it (compose turns $$ into $)."""
+    return text.replace("$$", "$")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throw-away PostgreSQL (microswarm/pgserver.py: initdb in a temporary directory, a free port)."""
+    from microswarm import pgserver
+
+    if not pgserver.available():
+        _unavailable("PostgreSQL's server binaries", "apt-get install -y postgresql")
+    with pgserver.PgServer() as server:
+        yield server
+
+
+def _script_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A clean environment where `microswarm` is this checkout's (the venv's), as in the image."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
+    return {"PATH": path, "HOME": str(tmp_path), "TMPDIR": str(tmp_path), "LANG": "C.UTF-8", **extra}
+
+
+def _join_token(state_dir: Path, state_url: str, tmp_path: Path) -> str:
+    """The shared join token of the identity in state_dir, as `coordinator token` mints it."""
+    result = _run(
+        ["microswarm", "coordinator", "token", "--state-dir", str(state_dir), "--state-url", state_url],
+        env=_script_env(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def _modes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
+
+
+PRIVATE = {"identity.pem": 0o600, "admin.token": 0o600, "tls_key.pem": 0o600, "coordinator.crt": 0o644}
+
+
+def test_compose_identity_service_makes_the_identity_once_then_the_join_token(postgres, tmp_path):
+    """The identity service's own script, run here: the first run makes the four files by starting
+    a coordinator on loopback, the second keeps them; both leave the join token that pins them."""
+    (service,) = [
+        s for name, s in _load_yaml_all(CLUSTER_FILE)[0]["services"].items() if name == "identity"
+    ]
+    script = _shell_script(service["command"][0])
+    identity, token_dir = tmp_path / "identity", tmp_path / "token"
+    identity.mkdir()
+    token_dir.mkdir()
+    env = _script_env(
+        tmp_path,
+        IDENTITY_DIR=str(identity),
+        TOKEN_DIR=str(token_dir),
+        MICROSWARM_LISTEN=f"127.0.0.1:{_free_port()}",
+        MICROSWARM_STATE_URL=postgres.url,
+    )
+    # What the script reads from its environment is what the service sets (or the image: PATH).
+    assert {"IDENTITY_DIR", "TOKEN_DIR", "MICROSWARM_LISTEN", "MICROSWARM_STATE_URL"} <= set(service["environment"])
+    assert set(re.findall(r"\$\{?([A-Z][A-Z_]+)", script)) <= set(service["environment"]) | {"PATH"}
+    made, said = [], []
+    for _ in range(2):
+        result = _run(["/bin/sh", "-c", script], env=env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        said.append(result.stdout)
+        assert _modes(identity) == PRIVATE, "the four files, private, and nothing else"
+        made.append({name: (identity / name).read_bytes() for name in IDENTITY_FILES})
+        token = (token_dir / "token").read_text().strip()
+        assert token.startswith("msw") and token == _join_token(identity, postgres.url, tmp_path)
+    assert "made the cluster's identity" in said[0] and "keeping the cluster's identity" in said[1]
+    assert made[0] == made[1], "a second run keeps the identity (agents' tokens stay good)"
+    assert b"PRIVATE KEY" in made[0]["identity.pem"] and b"CERTIFICATE" in made[0]["coordinator.crt"]
+    assert not list(tmp_path.glob("tmp*")), "the one-shot coordinator's directory is removed"
+
+
+def _fake_microswarm(tmp_path: Path) -> tuple[Path, Path]:
+    """A `microswarm` that only records its arguments: the copy step runs for real before it."""
+    bindir, args = tmp_path / "bin", tmp_path / "args"
+    bindir.mkdir()
+    stub = bindir / "microswarm"
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {shlex.quote(str(args))}\n')
+    stub.chmod(0o755)
+    return bindir, args
+
+
+def _identity_source(directory: Path) -> dict[str, bytes]:
+    directory.mkdir()
+    files = {}
+    for name in IDENTITY_FILES:
+        files[name] = f"{name} {os.urandom(8).hex()}\n".encode()
+        (directory / name).write_bytes(files[name])
+        (directory / name).chmod(0o444)  # as a Secret volume shows them: the copy must make them private
+    return files
+
+
+def test_compose_coordinators_copy_the_identity_into_their_own_state_dir_privately(tmp_path):
+    (document,) = _load_yaml_all(CLUSTER_FILE)
+    service = document["services"]["coordinator"]
+    script = _shell_script(service["command"][0])
+    state = tmp_path / "state"
+    state.mkdir()
+    assert STATE_DIR in script
+    script = script.replace(STATE_DIR, str(state))
+    assert "/var/lib/" not in script
+    files = _identity_source(tmp_path / "identity")
+    bindir, args = _fake_microswarm(tmp_path)
+    env = {**_script_env(tmp_path, IDENTITY_DIR=str(tmp_path / "identity")), "PATH": f"{bindir}:/usr/bin:/bin"}
+    result = _run(["/bin/sh", "-c", script], env=env)
+    assert result.returncode == 0, result.stderr
+    assert _modes(state) == PRIVATE
+    assert {name: (state / name).read_bytes() for name in IDENTITY_FILES} == files
+    argv = args.read_text().splitlines()
+    assert argv[:2] == ["coordinator", "start"] and argv[argv.index("--state-dir") + 1] == str(state)
 
 
 # --------------------------------------------------------------------------------------------
