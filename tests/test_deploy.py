@@ -664,9 +664,7 @@ PRIVATE = {"identity.pem": 0o600, "admin.token": 0o600, "tls_key.pem": 0o600, "c
 def test_compose_identity_service_makes_the_identity_once_then_the_join_token(postgres, tmp_path):
     """The identity service's own script, run here: the first run makes the four files by starting
     a coordinator on loopback, the second keeps them; both leave the join token that pins them."""
-    (service,) = [
-        s for name, s in _load_yaml_all(CLUSTER_FILE)[0]["services"].items() if name == "identity"
-    ]
+    service = _load_yaml_all(CLUSTER_FILE)[0]["services"]["identity"]
     script = _shell_script(service["command"][0])
     identity, token_dir = tmp_path / "identity", tmp_path / "token"
     identity.mkdir()
@@ -741,11 +739,20 @@ def test_compose_coordinators_copy_the_identity_into_their_own_state_dir_private
 # --------------------------------------------------------------------------------------------
 
 
+def _k8s_load(which: str) -> list[dict]:
+    docs = [doc for path in K8S_SETS[which] for doc in _load_yaml_all(path)]
+    assert docs, f"no manifests for {which}"
+    return docs
+
+
 @pytest.fixture(scope="module")
 def k8s_docs() -> list[dict]:
-    docs = [doc for path in K8S_FILES for doc in _load_yaml_all(path)]
-    assert docs, "no manifests in deploy/k8s"
-    return docs
+    return _k8s_load("single")
+
+
+@pytest.fixture(scope="module")
+def k8s_cluster_docs() -> list[dict]:
+    return _k8s_load("cluster")
 
 
 def _by_kind(docs, kind, name=None):
@@ -757,12 +764,13 @@ def _by_kind(docs, kind, name=None):
 K8S_VERSIONS = ["1.29", None]  # an older supported release and the newest the package knows
 
 
+@pytest.mark.parametrize("which", K8S_SETS)
 @pytest.mark.parametrize("version", K8S_VERSIONS, ids=lambda v: v or "latest")
-def test_k8s_manifests_pass_strict_schema_validation(k8s_docs, version):
+def test_k8s_manifests_pass_strict_schema_validation(which, version):
     kv = _import("kubernetes_validate", "kubernetes-validate")
     version = version or kv.latest_version()
     failures = []
-    for doc in k8s_docs:
+    for doc in _k8s_load(which):
         try:
             kv.validate(doc, version, strict=True)
         except kv.ValidationError as exc:
@@ -829,24 +837,369 @@ def test_k8s_agents_are_a_deployment_reading_the_token_from_the_secret(k8s_docs)
     assert {d["metadata"].get("namespace") for d in k8s_docs if d["kind"] != "Namespace"} == {namespace}
 
 
-def test_k8s_pods_meet_the_restricted_pod_security_standard(k8s_docs):
-    (namespace,) = _by_kind(k8s_docs, "Namespace")
+WORKLOADS = ("StatefulSet", "Deployment", "Job", "DaemonSet", "CronJob", "ReplicaSet", "Pod")
+
+
+def _api_access_is_only_secrets(docs, account: str) -> None:
+    """A pod that keeps its service account token: its own account, bound by Roles (namespaced)
+    that allow no more than reading, creating and updating Secrets."""
+    assert account and account != "default", "a pod with a token uses an account of its own"
+    bindings = [
+        b
+        for b in docs
+        if b["kind"] in ("RoleBinding", "ClusterRoleBinding")
+        and any(s["kind"] == "ServiceAccount" and s["name"] == account for s in b["subjects"])
+    ]
+    assert bindings, f"service account {account} is bound to nothing"
+    for binding in bindings:
+        assert binding["kind"] == "RoleBinding" and binding["roleRef"]["kind"] == "Role"
+        (role,) = _by_kind(docs, "Role", binding["roleRef"]["name"])
+        for rule in role["rules"]:
+            assert rule["apiGroups"] == [""] and rule["resources"] == ["secrets"], rule
+            assert set(rule["verbs"]) <= {"get", "create", "update"}, rule
+
+
+@pytest.mark.parametrize("which", K8S_SETS)
+def test_k8s_pods_meet_the_restricted_pod_security_standard(which):
+    docs = _k8s_load(which)
+    (namespace,) = _by_kind(docs, "Namespace")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    for workload in _by_kind(k8s_docs, "StatefulSet") + _by_kind(k8s_docs, "Deployment"):
+    workloads = [d for d in docs if d["kind"] in WORKLOADS]
+    assert workloads
+    for workload in workloads:
         spec = _pod_spec(workload)
         pod = spec.get("securityContext", {})
         assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 0) != 0
         assert pod.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost")
-        assert spec.get("automountServiceAccountToken") is False
+        if spec.get("automountServiceAccountToken") is not False:
+            _api_access_is_only_secrets(docs, spec.get("serviceAccountName", "default"))
         for volume in spec.get("volumes", []):
             assert set(volume) - {"name"} <= {"emptyDir", "persistentVolumeClaim", "secret", "configMap"}
-        for container in spec["containers"]:
+        assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+        for container in spec["containers"] + spec.get("initContainers", []):
             ctx = container["securityContext"]
             assert ctx["allowPrivilegeEscalation"] is False
             assert ctx["capabilities"]["drop"] == ["ALL"] and not ctx["capabilities"].get("add")
             assert ctx.get("privileged") in (None, False)
             assert ctx["readOnlyRootFilesystem"] is True
             assert "hostPort" not in json.dumps(container.get("ports", []))
+
+
+def _env(container) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _secret_ref(docs, container, name: str) -> tuple[dict, str]:
+    """The Secret (in these manifests) and key a container's variable comes from."""
+    ref = _env(container)[name]["valueFrom"]["secretKeyRef"]
+    (secret,) = _by_kind(docs, "Secret", ref["name"])
+    assert ref["key"] in {**secret.get("data", {}), **secret.get("stringData", {})}
+    return secret, ref["key"]
+
+
+def _secret_value(docs, container, name: str) -> str:
+    secret, key = _secret_ref(docs, container, name)
+    return secret["stringData"][key]
+
+
+def _service_for(docs, host_port: str, workload) -> dict:
+    """The Service a HOST:PORT names, checked to select `workload` on that port."""
+    host, port = host_port.rsplit(":", 1)
+    (service,) = _by_kind(docs, "Service", host)
+    assert _selected(service, workload), f"Service {host} does not select {workload['metadata']['name']}"
+    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+    return service
+
+
+def test_k8s_cluster_coordinators_are_a_deployment_of_three_behind_one_service(k8s_cluster_docs):
+    docs = k8s_cluster_docs
+    assert not [d for d in docs if d["kind"] == "StatefulSet" and "coordinator" in d["metadata"]["name"]]
+    (coordinators,) = _by_kind(docs, "Deployment", "microswarm-coordinator")
+    assert coordinators["spec"]["replicas"] == 3
+    spec = _pod_spec(coordinators)
+    (container,) = spec["containers"]
+    args = container["args"]
+    assert args[:2] == ["coordinator", "start"] and args[args.index("--state-dir") + 1] == STATE_DIR
+    assert args[args.index("--listen") + 1] == f"0.0.0.0:{GRPC_PORT}"
+    # The shared state and cache come from a Secret, never a literal in the pod spec.
+    env = _env(container)
+    state = _url(_secret_value(docs, container, "MICROSWARM_STATE_URL"))
+    cache = _url(_secret_value(docs, container, "MICROSWARM_CACHE_URL"))
+    assert "value" not in env["MICROSWARM_STATE_URL"] and "value" not in env["MICROSWARM_CACHE_URL"]
+    assert state.scheme == "postgresql" and cache.scheme == "redis"
+    # The other coordinators reach this one at its pod IP (the downward API).
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["MICROSWARM_PEER_ADDRESS"]["value"] == f"$(POD_IP):{GRPC_PORT}"
+    names = list(env)
+    assert names.index("POD_IP") < names.index("MICROSWARM_PEER_ADDRESS"), "$(POD_IP) expands only if defined before"
+    # One Service for all of them: agents and clients dial it.
+    service = _service_for(docs, f"microswarm-coordinator:{GRPC_PORT}", coordinators)
+    assert service["spec"].get("clusterIP") != "None"
+    assert {p["port"] for p in service["spec"]["ports"]} == {GRPC_PORT, HTTP_PORT}
+    assert container["readinessProbe"]["exec"]["command"][:2] == ["microswarm", "status"]
+    assert spec["terminationGracePeriodSeconds"] >= 30
+    (budget,) = _by_kind(docs, "PodDisruptionBudget")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= coordinators["spec"]["template"]["metadata"][
+        "labels"
+    ].items()
+
+
+def test_k8s_cluster_coordinators_copy_the_shared_identity_privately(k8s_cluster_docs, tmp_path):
+    """The init container's own command, run here: the Secret's four files (as a Secret volume
+    shows them, read-only) become private files in the state directory the coordinator uses."""
+    docs = k8s_cluster_docs
+    (coordinators,) = _by_kind(docs, "Deployment", "microswarm-coordinator")
+    spec = _pod_spec(coordinators)
+    (init,) = spec["initContainers"]
+    (container,) = spec["containers"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    source = {m["mountPath"]: m["name"] for m in init["volumeMounts"] if volumes[m["name"]].get("secret")}
+    ((secret_path, secret_volume),) = source.items()
+    assert volumes[secret_volume]["secret"]["secretName"] == "microswarm-identity"
+    assert {m["mountPath"]: m["name"] for m in init["volumeMounts"]}[STATE_DIR] == "state"
+    assert {m["mountPath"]: m["name"] for m in container["volumeMounts"]}[STATE_DIR] == "state"
+    assert "emptyDir" in volumes["state"]
+    assert init["command"][:2] == ["sh", "-c"]
+    script = init["command"][2]
+    assert secret_path in script and STATE_DIR in script
+    state = tmp_path / "state"
+    state.mkdir()
+    script = script.replace(secret_path, str(tmp_path / "identity")).replace(STATE_DIR, str(state))
+    assert "/etc/" not in script and "/var/lib/" not in script
+    files = _identity_source(tmp_path / "identity")
+    result = _run(["/bin/sh", "-c", script], env=_script_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert _modes(state) == PRIVATE
+    assert {name: (state / name).read_bytes() for name in IDENTITY_FILES} == files
+
+
+def test_k8s_cluster_postgres_and_redis_are_the_ones_the_urls_name(k8s_cluster_docs):
+    docs = k8s_cluster_docs
+    (coordinators,) = _by_kind(docs, "Deployment", "microswarm-coordinator")
+    (container,) = _pod_spec(coordinators)["containers"]
+    state = _url(_secret_value(docs, container, "MICROSWARM_STATE_URL"))
+    cache = _url(_secret_value(docs, container, "MICROSWARM_CACHE_URL"))
+    (postgres,) = _by_kind(docs, "StatefulSet", "microswarm-postgres")
+    _service_for(docs, f"{state.hostname}:{state.port}", postgres)
+    (pg,) = _pod_spec(postgres)["containers"]
+    pg_env = _env(pg)
+    assert state.username == pg_env["POSTGRES_USER"]["value"] and state.path == "/" + pg_env["POSTGRES_DB"]["value"]
+    assert state.password == _secret_value(docs, pg, "POSTGRES_PASSWORD"), "one password in both places"
+    claims = {c["metadata"]["name"] for c in postgres["spec"]["volumeClaimTemplates"]}
+    data = {m["mountPath"]: m["name"] for m in pg["volumeMounts"]}["/var/lib/postgresql/data"]
+    assert data in claims and pg_env["PGDATA"]["value"].startswith("/var/lib/postgresql/data/")
+    assert "pg_isready" in pg["readinessProbe"]["exec"]["command"]
+    (redis,) = _by_kind(docs, "Deployment", "microswarm-redis")
+    _service_for(docs, f"{cache.hostname}:{cache.port}", redis)
+    (rd,) = _pod_spec(redis)["containers"]
+    args = rd["args"]
+    assert args[0] == "redis-server"
+    assert args[args.index("--maxmemory-policy") + 1] == _docs_redis_policy()
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert cache.password == _secret_value(docs, rd, "REDIS_PASSWORD") == _secret_value(docs, rd, "REDISCLI_AUTH")
+    assert int(re.match(r"redis:(\d+)", rd["image"]).group(1)) >= 7
+
+
+def test_k8s_cluster_agents_dial_the_coordinators_service_with_the_jobs_token(k8s_cluster_docs):
+    docs = k8s_cluster_docs
+    (agents,) = _by_kind(docs, "Deployment", "microswarm-agent")
+    (coordinators,) = _by_kind(docs, "Deployment", "microswarm-coordinator")
+    (container,) = _pod_spec(agents)["containers"]
+    assert container["args"][:2] == ["agent", "start"]
+    assert not any("token" in a.lower() for a in container["args"])
+    env = _env(container)
+    _service_for(docs, env["MICROSWARM_COORDINATOR"]["value"], coordinators)
+    # The token Secret is made by the identity Job (not in the manifests): the names must agree.
+    ref = env["MICROSWARM_TOKEN"]["valueFrom"]["secretKeyRef"]
+    (config,) = _by_kind(docs, "ConfigMap", "microswarm-identity")
+    assert f"put {ref['name']} \"$work\" {ref['key']}" in config["data"]["make-identity.sh"]
+    for var in re.findall(r"\$\((\w+)\)", " ".join(container["args"])):
+        assert var in env
+    assert container["resources"]["limits"]["cpu"] and container["resources"]["limits"]["memory"]
+    namespace = _by_kind(docs, "Namespace")[0]["metadata"]["name"]
+    assert namespace != _by_kind(_k8s_load("single"), "Namespace")[0]["metadata"]["name"]
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {namespace}
+
+
+class _FakeKubernetesAPI:
+    """Secrets of one namespace over HTTPS, as the API server answers them (GET, POST, PUT), for
+    the identity Job's script; it checks the service account's bearer token."""
+
+    def __init__(self, tmp_path: Path, namespace: str):
+        import datetime
+        import http.server
+        import ipaddress
+        import ssl
+        import threading
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256())
+        )
+        self.account = tmp_path / "serviceaccount"
+        self.account.mkdir()
+        (self.account / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (self.account / "token").write_text("the-service-account-token\n")
+        (self.account / "namespace").write_text(namespace)
+        (tmp_path / "api.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        self.secrets: dict[str, dict] = {}
+        self.requests: list[tuple[str, str]] = []
+        api = self
+        prefix = f"/api/v1/namespaces/{namespace}/secrets"
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self) -> None:
+                api.requests.append((self.command, self.path))
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                if self.headers.get("Authorization") != "Bearer the-service-account-token":
+                    return self._answer(401, {"kind": "Status", "message": "Unauthorized"})
+                if not self.path.startswith(prefix):
+                    return self._answer(403, {"kind": "Status", "message": f"forbidden: {self.path}"})
+                name = self.path[len(prefix) :].strip("/")
+                stored = api.secrets.get(name)
+                if self.command == "GET":
+                    if stored is None:
+                        return self._answer(404, {"kind": "Status", "message": f'secrets "{name}" not found'})
+                    return self._answer(200, stored)
+                if self.command == "POST" and not name:
+                    new = body["metadata"]["name"]
+                    if new in api.secrets:
+                        return self._answer(409, {"kind": "Status", "message": f'secrets "{new}" already exists'})
+                    body["metadata"]["resourceVersion"] = "1"
+                    api.secrets[new] = body
+                    return self._answer(201, body)
+                if self.command == "PUT" and stored is not None:
+                    if body["metadata"].get("resourceVersion") != stored["metadata"]["resourceVersion"]:
+                        return self._answer(409, {"kind": "Status", "message": "conflict"})
+                    body["metadata"]["resourceVersion"] = str(int(stored["metadata"]["resourceVersion"]) + 1)
+                    api.secrets[name] = body
+                    return self._answer(200, body)
+                return self._answer(405, {"kind": "Status", "message": "not here"})
+
+            do_GET = do_POST = do_PUT = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.account / "ca.crt", tmp_path / "api.key")
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def data(self, name: str) -> dict[str, bytes]:
+        import base64
+
+        return {k: base64.b64decode(v) for k, v in self.secrets[name]["data"].items()}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_k8s_identity_job_makes_the_identity_secret_once_and_the_join_token(k8s_cluster_docs, postgres, tmp_path):
+    """The Job's own scripts (from its ConfigMap), run here against a stand-in for the Kubernetes
+    API and a throw-away PostgreSQL: the first run makes both Secrets, a later one keeps the
+    identity and the token, puts a stale token right, and an API that refuses stops it before it
+    makes anything."""
+    docs = k8s_cluster_docs
+    (job,) = _by_kind(docs, "Job", "microswarm-identity")
+    spec = _pod_spec(job)
+    (container,) = spec["containers"]
+    (config,) = _by_kind(docs, "ConfigMap", "microswarm-identity")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    script_dir = Path(container["command"][1]).parent
+    assert container["command"][0] == "sh"
+    assert volumes[mounts[str(script_dir)]]["configMap"]["name"] == config["metadata"]["name"]
+    assert Path(container["command"][1]).name in config["data"]
+    _api_access_is_only_secrets(docs, spec["serviceAccountName"])
+    # What the scripts read from the environment: the pod's own, or what Kubernetes sets.
+    env = _env(container)
+    script = config["data"]["make-identity.sh"]
+    assert set(re.findall(r"\$\{?([A-Z][A-Z_]+)", script)) <= set(env) | {"PATH"}
+    assert "state-url" == env["MICROSWARM_STATE_URL"]["valueFrom"]["secretKeyRef"]["key"]
+
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for name, text in config["data"].items():
+        (scripts / name).write_text(text)
+    namespace = job["metadata"]["namespace"]
+    api = _FakeKubernetesAPI(tmp_path, namespace)
+    work = tmp_path / "work"
+    work.mkdir()
+    run_env = _script_env(
+        work,
+        MICROSWARM_LISTEN=f"127.0.0.1:{_free_port()}",
+        MICROSWARM_STATE_URL=postgres.url,
+        KUBERNETES_SERVICE_HOST="127.0.0.1",
+        KUBERNETES_SERVICE_PORT=str(api.port),
+        SERVICEACCOUNT_DIR=str(api.account),
+    )
+    argv = ["sh", str(scripts / Path(container["command"][1]).name)]
+    try:
+        first = _run(argv, env=run_env)
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+        assert "made the Secret microswarm-identity" in first.stdout
+        identity = api.data("microswarm-identity")
+        assert set(identity) == set(IDENTITY_FILES)
+        assert b"PRIVATE KEY" in identity["identity.pem"] and b"CERTIFICATE" in identity["coordinator.crt"]
+        held = tmp_path / "held"
+        held.mkdir()
+        for name, value in identity.items():
+            (held / name).write_bytes(value)
+        token = api.data("microswarm-join-token")["token"].decode()
+        assert token.startswith("msw") and token == _join_token(held, postgres.url, tmp_path), "the token pins the Secret's identity"
+
+        api.secrets["microswarm-join-token"]["data"]["token"] = "c3RhbGU="  # "stale"
+        api.requests.clear()
+        again = _run(argv, env=run_env)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+        assert "keeping the Secret microswarm-identity" in again.stdout
+        assert api.data("microswarm-identity") == identity
+        assert api.data("microswarm-join-token")["token"].decode() == token
+        assert ("PUT", f"/api/v1/namespaces/{namespace}/secrets/microswarm-join-token") in api.requests
+        assert not any(m == "PUT" and p.endswith("/microswarm-identity") for m, p in api.requests)
+        assert not list(work.glob("tmp*")), "the work directories are removed"
+
+        del api.secrets["microswarm-identity"]
+        (api.account / "token").write_text("a-revoked-token\n")
+        refused = _run(argv, env=run_env)
+        assert refused.returncode != 0 and "HTTP 401" in refused.stderr, refused.stderr
+        assert "microswarm-identity" not in api.secrets
+    finally:
+        api.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -864,7 +1217,7 @@ def _cli_help(*args: str) -> str:
 @pytest.mark.parametrize(
     "command, options",
     [
-        (("coordinator", "start"), ["--listen", "--state-dir", "--http"]),
+        (("coordinator", "start"), ["--listen", "--state-dir", "--http", "--state-url", "--cache-url", "--no-advertise"]),
         (("coordinator", "token"), ["--state-dir"]),
         (("agent", "start"), ["--coordinator", "--token", "--slots"]),
         (("status",), ["--coordinator"]),
@@ -877,3 +1230,43 @@ def test_the_cli_has_every_option_the_deploy_files_use(command, options):
     text = _cli_help(*command)
     missing = [o for o in options if o not in text]
     assert not missing, f"`microswarm {' '.join(command)}` lacks {missing}"
+
+
+def test_the_cluster_files_give_coordinator_start_only_options_and_variables_it_takes(k8s_cluster_docs):
+    """Every flag the cluster files pass to `coordinator start`, and every MICROSWARM_* variable
+    they set for a coordinator (MICROSWARM_PEER_ADDRESS among them), is in its --help."""
+    if importlib.util.find_spec("microswarm.cli", package=None) is None:
+        pytest.skip("microswarm/cli.py is not there yet")
+    services = _load_yaml_all(CLUSTER_FILE)[0]["services"]
+    (deployment,) = _by_kind(k8s_cluster_docs, "Deployment", "microswarm-coordinator")
+    (job,) = _by_kind(k8s_cluster_docs, "Job", "microswarm-identity")
+    (config,) = _by_kind(k8s_cluster_docs, "ConfigMap", "microswarm-identity")
+    coordinator = _pod_spec(deployment)["containers"][0]
+    scripts = [
+        _shell_script(services["coordinator"]["command"][0]),
+        _shell_script(services["identity"]["command"][0]),
+        " ".join(["microswarm", *coordinator["args"]]),
+        config["data"]["make-identity.sh"],
+    ]
+    flags = set()
+    for script in scripts:
+        starts = re.findall(r"microswarm coordinator start ([^\n&;]*)", script)
+        assert starts, script
+        for start in starts:
+            flags |= set(re.findall(r"(?<!\S)--[a-z][a-z-]*", start))
+    variables = {
+        name
+        for env in (
+            services["coordinator"]["environment"],
+            services["identity"]["environment"],
+            _env(coordinator),
+            _env(_pod_spec(job)["containers"][0]),
+        )
+        for name in env
+        if name.startswith("MICROSWARM_")
+    }
+    assert {"--state-dir", "--no-advertise"} <= flags
+    assert {"MICROSWARM_STATE_URL", "MICROSWARM_CACHE_URL", "MICROSWARM_PEER_ADDRESS"} <= variables
+    text = _cli_help("coordinator", "start")
+    missing = sorted(n for n in flags | variables if not re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text))
+    assert not missing, f"`microswarm coordinator start --help` names none of {missing}"
