@@ -12,6 +12,11 @@ A validator that is not installed skips its tests with the install line, except 
 environment variable CI is set), where the dev extras must have installed it and its absence
 fails. No test needs a Docker engine, a cluster or the network.
 
+The cluster files (compose/cluster.yaml, k8s/cluster/) also have their own scripts run here: the
+step that makes the identity once and mints the join token (against a throw-away PostgreSQL,
+microswarm/pgserver.py, skipped without its binaries; the Kubernetes Job's against a stand-in for
+the API on loopback), and the coordinators' copy of the identity into their state directories.
+
 tests/data/compose-spec.json is schema/compose-spec.json of the compose-spec/compose-spec
 repository (commit 170098ba07d9f53c383a41bfd4c5166b0a4529a6, Apache License 2.0), unmodified.
 """
