@@ -20,6 +20,7 @@ from microswarm.protos import microswarm_pb2_grpc as pbg
 from .auth import OPERATOR, AuthError
 from .auth_grpc import TokenService, auth_refusal, caller_label, text_metadata
 from .caller import Caller
+from .forward import arriving
 from .calls import StoredCall
 from .outflow import DOWN_WINDOW, OUTFLOW, Outflow
 from .spool import Spool
@@ -58,7 +59,16 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
             self.c.auth.check(token, request.service)
         except AuthError as exc:
             return auth_refusal(self.c, request.service, exc, client=client, address=context.peer())
-        return await self.c.dispatcher.call(request, caller=Caller(client, token, context.peer()))
+        return await self.c.dispatcher.call(request, caller=self._caller(token, request, client, context.peer()))
+
+    def _caller(self, token: Any, req: pb.CallRequest, client: str, peer: str) -> Caller:
+        """Who the call runs as; a call another coordinator of the cluster sent on runs as its
+        original client (forward.arriving)."""
+        caller = arriving(token, req, Caller(client, token, peer))
+        fw = self.c.dispatcher.forwarder
+        if req.forwarded_by and fw is not None:
+            fw.counts["received"] += 1
+        return caller
 
     async def Submit(self, request: pb.CallRequest, context: aio.ServicerContext) -> pb.SubmitReply:
         """Start a call and answer its id at once (coordinator/calls.py); refusals are answered as the
@@ -76,7 +86,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
             refusal = auth_refusal(self.c, request.service, exc, client=client, address=context.peer())
             call = self.c.calls.submit(token.client_id, request.service, lambda _cid: _now(refusal))
             return pb.SubmitReply(call_id=call.call_id)
-        caller = Caller(client, token, context.peer())
+        caller = self._caller(token, request, client, context.peer())
         try:
             call = self.c.calls.submit(token.client_id, request.service,
                                        lambda cid: self.c.dispatcher.call(request, caller=caller, call_id=cid))
@@ -247,7 +257,7 @@ class ClientService(TokenService, pbg.CoordinatorServicer):
                                                                  executed_by="coordinator", error=refused)))
                             continue
                         inflow = inflows[cid] = Spool(req.input_size, f"the input of {req.service}")
-                    t = asyncio.create_task(one(cid, req, Caller(client, token, peer), inflow))
+                    t = asyncio.create_task(one(cid, req, self._caller(token, req, client, peer), inflow))
                     tasks[cid] = t
                     t.add_done_callback(functools.partial(forget, cid))
                 for cid in batch.cancel:  # calls the client gave up on: their jobs stop (the dispatcher's part)

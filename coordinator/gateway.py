@@ -87,6 +87,7 @@ def envelope_json(reply: pb.CallReply, process_time_ms: float) -> bytes:
                        "process_time_ms": round(process_time_ms, 3), "cache_hit": reply.cache_hit,
                        "verified": reply.verified, "service": reply.service, "version": reply.version,
                        **({"upstream_status": reply.upstream_status} if reply.upstream_status else {}),
+                       **({"coordinator": reply.coordinator} if reply.coordinator else {}),
                        **({"call_id": reply.call_id} if reply.call_id else {})}, separators=(",", ":")).encode()
     return head + b"," + tail[1:]
 

@@ -82,6 +82,8 @@ ENVELOPE_FIELDS: dict[str, Any] = {
     "service": {"type": "string"},
     "version": {"type": "string"},
     "call_id": {"type": "string", "description": "the call's id (GET /v1/calls/{call_id} for submitted calls)"},
+    "coordinator": {"type": "string", "description": "the coordinator of the cluster the call was sent on to, "
+                    "whose agent ran it (none of this one's could); absent when this coordinator answered"},
 }
 
 

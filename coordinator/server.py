@@ -28,6 +28,7 @@ from .calllog import CallLog
 from .calls import CallStore
 from .client_api import ClientService
 from .dispatch import STRATEGIES
+from .forward import holdings, peer_address
 from .governor import GovernorSettings, HeapGovernor, combined_stats
 from .local import LocalRunner
 from .pace import HEARTBEAT_BUDGET, Pace
@@ -36,7 +37,7 @@ from .placement import AgentView, Placement
 from .quarantine import Quarantine
 from .registry import Registry, ServiceEntry
 from .route_admin import RoutesService
-from .route_calls import RouteCalls, RoutingDispatcher
+from .route_calls import RouteCalls
 from .routes import RouteTable
 from .scheduler import Scheduler, SchedulerSettings
 from .store import open_store
@@ -54,7 +55,8 @@ JOIN_REPLAN_S = 0.05  # agents that join within this long are planned for togeth
 STATUS_TTL_S = 0.5  # the agents of a Status reply are shared by the calls within this long (Coordinator.status)...
 STATUS_SHARED_FROM = 256  # ...once there are this many agents (fewer cost < 3 ms a build: always exact)
 PRESENCE_FIELDS = (  # pb.CoordinatorInfo from a presence record
-    "id", "listen", "http", "fingerprint", "agents", "slots", "running", "calls_per_s", "uptime_s", "seen_s", "here")
+    "id", "listen", "http", "fingerprint", "agents", "slots", "running", "calls_per_s", "uptime_s", "seen_s", "here",
+    "peer", "forwarded", "received")
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -124,6 +126,8 @@ class CoordinatorConfig:
     cache_write_batch: int = 256     # write-behind: entries per batch (a batch goes as soon as this many wait)
     cache_write_interval_s: float = 0.05  # write-behind: a batch at least this often
     cache_prefix: str = "microswarm"  # the cluster's key prefix in Redis
+    peer_address: str = ""           # where the cluster's other coordinators reach this one; "": from --listen
+    forward: bool = True             # send a call no agent here can take to a peer whose agents can (forward.py)
 
 
 class Coordinator:
@@ -185,7 +189,7 @@ class Coordinator:
             strategy.pick, self.link.next_job_id, self.quarantine, self.place, self.wait_holdings)
         self.scheduler.ran = lambda service, seconds: self.placement.observe(service, seconds * 1000)
         self.verifier = Verifier(config.verify, config.trust_after, config.spot_check)
-        self.dispatcher: RoutingDispatcher = SharedCacheDispatcher(self, self.scheduler, strategy, self.verifier)
+        self.dispatcher: SharedCacheDispatcher = SharedCacheDispatcher(self, self.scheduler, strategy, self.verifier)
         self.route_calls = RouteCalls(self.routes, self.upstream, lambda: self.cache)
         self.dispatcher.routes = self.route_calls
         self.pace = Pace(config.heartbeat_s, config.liveness_s, config.heartbeat_budget)
@@ -599,6 +603,11 @@ class Coordinator:
             from .presence import Presence, instance_id
             self.presence = Presence(self.shared, instance_id(self.config.listen), self._presence_record)
             self.presence.start()
+            if self.config.forward:
+                from .forward import Forwarder
+                self.dispatcher.forwarder = Forwarder(self.presence.id, self.state.fingerprint.hex(),
+                                                      lambda: self.presence.peers,
+                                                      str(self.state.path), self.config.insecure)
         if self.gateway is not None:  # the dashboard's charts: gauges once a second
             self._tasks.append(asyncio.create_task(self.dashboard.timeline.run(self.dashboard.gauges)))
         log.info("coordinator %s listening on %s with %d services", self.state.fingerprint.hex()[:16],
@@ -629,7 +638,13 @@ class Coordinator:
         return {"listen": self.config.listen, "http": self.gateway.url if self.gateway is not None else "",
                 "fingerprint": self.state.fingerprint.hex()[:16], "agents": len(fleet.ids), "slots": fleet.slots,
                 "running": fleet.running, "uptime_s": round(time.time() - self.started, 1),
-                "calls_total": self.calllog.total}
+                "calls_total": self.calllog.total, "peer": peer_address(self.config.peer_address,
+                                                                         self.config.listen, self.port),
+                "holds": holdings(self.agents.values()), **self.forward_counts()}
+
+    def forward_counts(self) -> dict[str, int]:
+        fw = self.dispatcher.forwarder
+        return {"forwarded": fw.counts["forwarded"], "received": fw.counts["received"]} if fw is not None else {}
 
     async def _advertise(self) -> None:
         """Zeroconf: `_microswarm._tcp.local.` with the port and the key fingerprint (see _discovery)."""
@@ -771,6 +786,8 @@ class Coordinator:
         await self.upstream.close()
         if self.presence is not None:
             await self.presence.stop()
+        if self.dispatcher.forwarder is not None:
+            await self.dispatcher.forwarder.close()
         if self.shared is not None:  # write-behind's queue goes to Redis first
             await self.shared.stop()
         if self.governor is not None:

@@ -75,6 +75,7 @@ class Envelope:
     extra: dict[str, Any] = field(default_factory=dict)
     call_id: str = ""        # the coordinator's id of the call (Client.result fetches submitted ones by it)
     upstream_status: int = 0  # a route's call (executed_by "upstream"): the source's HTTP status
+    coordinator: str = ""    # sent on to this coordinator of the cluster, whose agent ran it; "": the one asked
 
     @property
     def ok(self) -> bool:
@@ -99,6 +100,8 @@ class Envelope:
             d["call_id"] = self.call_id
         if self.upstream_status:
             d["upstream_status"] = self.upstream_status
+        if self.coordinator:
+            d["coordinator"] = self.coordinator
         return d
 
     @classmethod
@@ -115,7 +118,7 @@ class Envelope:
                 error["details"] = reply.error.details
         return cls(reply.status, result, error, reply.executed_by, reply.attempts, reply.process_time_ms,
                    reply.cache_hit, reply.service, reply.version, reply.verified, call_id=reply.call_id,
-                   upstream_status=reply.upstream_status)
+                   upstream_status=reply.upstream_status, coordinator=reply.coordinator)
 
 
 def _encode(data: Any, encoding: int) -> bytes:
@@ -590,6 +593,18 @@ class AsyncClient:
                 renewed = True
                 continue
             return Envelope.from_reply(self._tokens.explain(reply))
+
+    async def send(self, req: pb.CallRequest, payload: bytes | None = None,
+                   timeout: float | None = None) -> pb.CallReply:
+        """One request as it is, and its reply as it came: no other coordinator, no resend (but once
+        with a new token when it was refused for an expired one). For a coordinator sending a call on
+        to another of its cluster (coordinator/forward.py). `payload`: a large input that goes as
+        pieces after the request (its `input_size`); multiplexed clients only."""
+        reply = await self._one(req, timeout, payload)
+        if _refused_unauthenticated(reply) and self._tokens.can_mint:
+            self._tokens.invalidate()
+            reply = await self._one(req, timeout, payload)
+        return reply
 
     async def _one(self, req: pb.CallRequest, timeout: float | None, payload: bytes | None = None) -> pb.CallReply:
         tok = await self.token()

@@ -88,6 +88,7 @@ def cmd_coordinator_start(a: argparse.Namespace) -> int:
     cfg.cache_url, cfg.cache_write = a.cache_url or "", a.cache_write
     cfg.cache_write_queue, cfg.cache_write_batch = a.cache_write_queue, a.cache_write_batch
     cfg.cache_write_interval_s = a.cache_write_interval
+    cfg.peer_address, cfg.forward = a.peer_address or "", a.forward
     try:
         from microcores import _publisher
         paths = [a.publisher_key] if isinstance(a.publisher_key, str) else (a.publisher_key or [])  # toml: one
@@ -778,6 +779,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write-behind: entries per batch; a batch goes as soon as this many wait (default 256)")
     st.add_argument("--cache-write-interval", type=float, default=0.05, metavar="S",
                     help="write-behind: a batch at least every S seconds (default 0.05)")
+    st.add_argument("--peer-address", default=os.environ.get("MICROSWARM_PEER_ADDRESS"), metavar="HOST:PORT",
+                    help=env_help("where the cluster's other coordinators reach this one (with --cache-url); a "
+                                  "wildcard --listen host is replaced by this host's address", "MICROSWARM_PEER_ADDRESS",
+                                  "--listen"))
+    st.add_argument("--forward", action=argparse.BooleanOptionalAction, default=True,
+                    help="send a call that no agent of this coordinator can take to another coordinator of the "
+                         "cluster whose agents can (with --cache-url; default: yes)")
     st.add_argument("--max-heap", default=None, metavar="SIZE",
                     help="memory budget of the coordinator process, like -Xmx (e.g. 2GiB; default: 25%% of the "
                          "machine's or container's memory)")

@@ -91,6 +91,16 @@ class PgServer:
     def url(self) -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{DB}"
 
+    def database(self, name: str) -> str:
+        """A new, empty database on this server (one per cluster: a database holds one cluster's
+        packages, signed by its identity); its URL."""
+        import psycopg
+        if not name.isidentifier():
+            raise ValueError(f"database name {name!r}: letters, digits and _ only")
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url.rpartition("/")[0] + "/" + name
+
     def _tmp(self) -> str | None:
         """Where the temporary directory goes: the usual place, unless the server's user could not
         reach it (TMPDIR under /root, say), then /tmp."""

@@ -15,7 +15,7 @@ JSON: Encoding
 MSGPACK: Encoding
 
 class CallRequest(_message.Message):
-    __slots__ = ("service", "input", "encoding", "chain", "deadline_s", "client", "input_size")
+    __slots__ = ("service", "input", "encoding", "chain", "deadline_s", "client", "input_size", "forwarded_by", "scopes")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,8 @@ class CallRequest(_message.Message):
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_BY_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
     service: str
     input: bytes
     encoding: Encoding
@@ -30,7 +32,9 @@ class CallRequest(_message.Message):
     deadline_s: float
     client: str
     input_size: int
-    def __init__(self, service: _Optional[str] = ..., input: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., chain: _Optional[_Iterable[str]] = ..., deadline_s: _Optional[float] = ..., client: _Optional[str] = ..., input_size: _Optional[int] = ...) -> None: ...
+    forwarded_by: str
+    scopes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, service: _Optional[str] = ..., input: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., chain: _Optional[_Iterable[str]] = ..., deadline_s: _Optional[float] = ..., client: _Optional[str] = ..., input_size: _Optional[int] = ..., forwarded_by: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "field", "details")
@@ -45,7 +49,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., details: _Optional[str] = ...) -> None: ...
 
 class CallReply(_message.Message):
-    __slots__ = ("status", "result", "encoding", "error", "executed_by", "attempts", "process_time_ms", "cache_hit", "service", "version", "verified", "call_id", "upstream_status", "result_size", "rerunnable")
+    __slots__ = ("status", "result", "encoding", "error", "executed_by", "attempts", "process_time_ms", "cache_hit", "service", "version", "verified", "call_id", "upstream_status", "result_size", "rerunnable", "coordinator")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +65,7 @@ class CallReply(_message.Message):
     UPSTREAM_STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULT_SIZE_FIELD_NUMBER: _ClassVar[int]
     RERUNNABLE_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     status: str
     result: bytes
     encoding: Encoding
@@ -76,7 +81,8 @@ class CallReply(_message.Message):
     upstream_status: int
     result_size: int
     rerunnable: bool
-    def __init__(self, status: _Optional[str] = ..., result: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., executed_by: _Optional[str] = ..., attempts: _Optional[int] = ..., process_time_ms: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., service: _Optional[str] = ..., version: _Optional[str] = ..., verified: _Optional[bool] = ..., call_id: _Optional[str] = ..., upstream_status: _Optional[int] = ..., result_size: _Optional[int] = ..., rerunnable: _Optional[bool] = ...) -> None: ...
+    coordinator: str
+    def __init__(self, status: _Optional[str] = ..., result: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., executed_by: _Optional[str] = ..., attempts: _Optional[int] = ..., process_time_ms: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., service: _Optional[str] = ..., version: _Optional[str] = ..., verified: _Optional[bool] = ..., call_id: _Optional[str] = ..., upstream_status: _Optional[int] = ..., result_size: _Optional[int] = ..., rerunnable: _Optional[bool] = ..., coordinator: _Optional[str] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("call_id",)
@@ -369,7 +375,7 @@ class StatusReply(_message.Message):
     def __init__(self, coordinator_id: _Optional[str] = ..., listen: _Optional[str] = ..., uptime_s: _Optional[float] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallRecord, _Mapping]]] = ..., dispatch: _Optional[str] = ..., placement: _Optional[str] = ..., calls_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., cache_json: _Optional[bytes] = ..., scheduler: _Optional[_Union[SchedulerInfo, _Mapping]] = ..., verify: _Optional[_Union[VerifyInfo, _Mapping]] = ..., redacted: _Optional[bool] = ..., agents_total: _Optional[int] = ..., slots_total: _Optional[int] = ..., running_total: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[ServiceInfo, _Mapping]]] = ..., coordinators: _Optional[_Iterable[_Union[CoordinatorInfo, _Mapping]]] = ...) -> None: ...
 
 class CoordinatorInfo(_message.Message):
-    __slots__ = ("id", "listen", "http", "fingerprint", "agents", "slots", "running", "calls_per_s", "uptime_s", "seen_s", "here")
+    __slots__ = ("id", "listen", "http", "fingerprint", "agents", "slots", "running", "calls_per_s", "uptime_s", "seen_s", "here", "peer", "forwarded", "received")
     ID_FIELD_NUMBER: _ClassVar[int]
     LISTEN_FIELD_NUMBER: _ClassVar[int]
     HTTP_FIELD_NUMBER: _ClassVar[int]
@@ -381,6 +387,9 @@ class CoordinatorInfo(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     SEEN_S_FIELD_NUMBER: _ClassVar[int]
     HERE_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
     id: str
     listen: str
     http: str
@@ -392,7 +401,10 @@ class CoordinatorInfo(_message.Message):
     uptime_s: float
     seen_s: float
     here: bool
-    def __init__(self, id: _Optional[str] = ..., listen: _Optional[str] = ..., http: _Optional[str] = ..., fingerprint: _Optional[str] = ..., agents: _Optional[int] = ..., slots: _Optional[int] = ..., running: _Optional[int] = ..., calls_per_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., seen_s: _Optional[float] = ..., here: _Optional[bool] = ...) -> None: ...
+    peer: str
+    forwarded: int
+    received: int
+    def __init__(self, id: _Optional[str] = ..., listen: _Optional[str] = ..., http: _Optional[str] = ..., fingerprint: _Optional[str] = ..., agents: _Optional[int] = ..., slots: _Optional[int] = ..., running: _Optional[int] = ..., calls_per_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., seen_s: _Optional[float] = ..., here: _Optional[bool] = ..., peer: _Optional[str] = ..., forwarded: _Optional[int] = ..., received: _Optional[int] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
     __slots__ = ("manifest", "archive", "publisher_signature")
