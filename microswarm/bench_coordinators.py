@@ -5,7 +5,9 @@ Each coordinator has its own state directory holding a copy of the first one's i
 (LocalCluster.peer), so one join token and one pin serve all; two agents and the clients are
 given every address. Phases: p50_ms (sequential fresh calls), calls_per_s (64 in flight, fresh
 inputs), shared_cache_hit_p50_ms (results computed behind the first coordinator, asked of the
-second: served from Redis, not a near cache; bench_shared.py), and failover_s: under 8 streams of
+second: served from Redis, not a near cache; bench_shared.py), forwarded_p50_ms against
+direct_p50_ms and redis_stream_hop_p50_ms (a further coordinator with no agent sends calls on to one
+whose agents run them; bench_forward.py), and failover_s: under 8 streams of
 calls the first coordinator is SIGKILLed; the time until every agent is attached to another and
 calls are answered again, with the calls lost (0 expected: the service is idempotent). The victim
 is the coordinator with the most agents and the clients' first address, so both must move.
@@ -76,6 +78,7 @@ async def _failover(everyone: str, state_dir: str, victim: LocalCluster, others:
 
 
 def measure(n: int, quick: bool = False) -> dict[str, Any]:
+    from microswarm.bench_forward import door_ready, forward_figures
     from microswarm.bench_shared import shared_cache_figures
     from microswarm.pgserver import PgServer
     from microswarm.redisserver import RedisServer
@@ -105,8 +108,19 @@ def measure(n: int, quick: bool = False) -> dict[str, Any]:
             bench._STATE_DIR = state
             lat, _ = asyncio.run(_latency(everyone, 100 if quick else 300))
             cps, by = asyncio.run(_throughput(everyone, 3.0 if quick else 8.0, 64, state_dir=state))
-            shared = shared_cache_figures(first.addr, peers[0].addr, 50 if quick else 200,
+            # Computed where agents are (elsewhere the call would be sent on there, and its result
+            # land in that coordinator's near cache), asked of another.
+            home = max([first, *peers], key=lambda c: len(_agents_on(c)))
+            away = next(c for c in [first, *peers] if c is not home)
+            shared = shared_cache_figures(home.addr, away.addr, 50 if quick else 200,
                                           a_kwargs={"state_dir": state}, b_kwargs={"state_dir": state})
+            door = first.peer(workdir=tempfile.mkdtemp(prefix="microswarm-door-"))  # no agent is given it
+            peers.append(door)
+            door.start_coordinator()
+            wait_for(lambda: door_ready(door.addr, state), 30, "the agentless coordinator to send calls on")
+            fwd = forward_figures(door.addr, home.addr, state, redis.url, 100 if quick else 300)
+            door.stop()
+            peers.remove(door)
             # The victim: the coordinator with the most agents, the clients' first address too (so
             # agents and clients must both move).
             members = [first, *peers]
@@ -117,7 +131,7 @@ def measure(n: int, quick: bool = False) -> dict[str, Any]:
             fo["failover_agents_moved"] = fo.pop("moved")
             return {"coordinators": n, "p50_ms": round(statistics.median(lat), 3),
                     "p99_ms": round(sorted(lat)[int(0.99 * (len(lat) - 1))], 3), "calls_per_s": round(cps, 1),
-                    "executed_by": by, **shared, **fo}
+                    "executed_by": by, **shared, **fwd, **fo}
         finally:
             for c in [*peers, first]:
                 c.stop()
@@ -134,6 +148,11 @@ def run_coordinators_bench(n: int, quick: bool = False, out_path: str | None = N
     t.add_row("calls/s, 64 in flight", f"{result['calls_per_s']:.0f}")
     t.add_row("hit served from Redis (not the near cache), p50", f"{result['shared_cache_hit_p50_ms']:.2f} ms")
     t.add_row("near-cache hit, p50", f"{result['near_hit_p50_ms']:.2f} ms")
+    t.add_row("call at a coordinator without agents, sent on to one whose agents run it, p50",
+              f"{result['forwarded_p50_ms']:.2f} ms (direct {result['direct_p50_ms']:.2f} ms: "
+              f"+{result['forward_overhead_ms']:.2f} ms)")
+    t.add_row("a Redis Streams request/reply hop alone (the design not taken), p50",
+              f"{result['redis_stream_hop_p50_ms']:.2f} ms")
     t.add_row(f"failover: a coordinator SIGKILLed under load ({result['failover_agents_moved']} agent(s) and the "
               "clients on it moved)", f"{result['failover_s']:.2f} s")
     t.add_row("calls lost in the failover (idempotent service)", str(result["failover_calls_lost"]))
