@@ -24,10 +24,16 @@ credential (`arriving`), so nested calls stay within the client's scope. When th
 reached the call runs here (it never left); when the peer went away with the call in flight, a pure
 or idempotent call runs here, and any other is answered `outcome_unknown`, as the scheduler does
 for an agent that vanished.
+
+Trust: a peer is a coordinator of the same identity (its presence record carries the identity's
+fingerprint, and TLS pins the identity itself, so a record someone else wrote to Redis cannot
+draw calls, or the operator's credential, to another address). With --insecure (plaintext, a
+trusted loopback) calls are only sent to loopback peers.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import socket
@@ -62,6 +68,14 @@ def peer_address(configured: str, listen: str, port: int) -> str:
         except OSError:
             host = socket.gethostname()
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def holdings(agents: Any) -> dict[str, int]:
@@ -115,6 +129,8 @@ class Forwarder:
             address = rec.get("peer") or ""
             if free is None or not address or wall - float(rec.get("seen", 0)) > float(rec.get("ttl_s", 3.0)):
                 continue
+            if self.insecure and not _loopback(address):
+                continue  # plaintext: whoever can write to Redis could name any address (module docstring)
             if free > most:
                 best, most = [(ident, address)], free
             elif free == most:

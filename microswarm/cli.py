@@ -581,12 +581,13 @@ def status_tables(reply: Any, max_calls: int | None = None) -> list[Table]:
 def coordinators_table(reply: Any) -> Table:
     """The cluster's live coordinators (presence on Redis), the one that answered marked."""
     t = Table(title=f"coordinators ({len(reply.coordinators)})", title_justify="left")
-    for col in ("id", "listen", "agents", "slots", "running", "calls/s", "up", "seen"):
+    for col in ("id", "listen", "peer address", "agents", "slots", "running", "calls/s", "sent on / taken", "up",
+                "seen"):
         t.add_column(col)
-    for co in reply.coordinators:
-        t.add_row(co.id + (" [green](this one)[/]" if co.here else ""), co.listen, str(co.agents), str(co.slots),
-                  f"{co.running}/{co.slots}", f"{co.calls_per_s:.1f}", f"{co.uptime_s:.0f} s",
-                  "now" if co.here else f"{co.seen_s:.1f} s ago")
+    for co in reply.coordinators:  # sent on: calls it forwarded to a peer's agents; taken: a peer's it ran
+        t.add_row(co.id + (" [green](this one)[/]" if co.here else ""), co.listen, co.peer or "-", str(co.agents),
+                  str(co.slots), f"{co.running}/{co.slots}", f"{co.calls_per_s:.1f}", f"{co.forwarded} / {co.received}",
+                  f"{co.uptime_s:.0f} s", "now" if co.here else f"{co.seen_s:.1f} s ago")
     return t
 
 

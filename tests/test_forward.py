@@ -33,7 +33,7 @@ SERVICES = ("math.compute", "math.compute_and_classify", "demo.echo_bytes", "eff
 
 
 @pytest.fixture(scope="module")
-def servers() -> Iterator[tuple[pgserver.PgServer, RedisServer]]:
+def servers() -> Iterator[tuple[pgserver.PgServer, RedisServer]]:  # (pairs come and go on the same two)
     with pgserver.PgServer() as pg, RedisServer() as rs:
         yield pg, rs
 
@@ -165,6 +165,50 @@ def test_a_client_cannot_pass_itself_off_as_a_forwarding_coordinator(pair: Pair)
     assert reply.coordinator  # it was sent on to B (not taken as already forwarded), and refused there
 
 
+def test_a_forged_presence_record_draws_no_call_and_no_credential(pair: Pair, servers: Any, tmp_path: Path) -> None:
+    """Someone who can write to Redis adds a record with the cluster's fingerprint, a great many free
+    slots for math.compute and the address of an impostor (a real process with a key of its own):
+    A tries it first, the TLS pin to the cluster's identity fails before anything is sent, and the
+    calls go to B. The impostor's log stays empty."""
+    import json
+    import subprocess
+    import sys
+
+    import redis
+
+    from microswarm.cluster import free_port
+    addr, log = f"127.0.0.1:{free_port()}", tmp_path / "impostor.jsonl"
+    out = open(tmp_path / "impostor.out", "ab")
+    fake = subprocess.Popen([sys.executable, str(DATA / "fake_coordinator.py"), "--listen", addr, "--log", str(log)],
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    r = redis.Redis(port=servers[1].port)
+    try:
+        wait_for(lambda: "fake coordinator on" in (tmp_path / "impostor.out").read_text(), 20, "the impostor")
+        with pair.a.client() as ca:
+            st = ca.status(timeout=5)
+        digest = {x.name: x.digest for x in st.services}["math.compute"]
+        fingerprint = next(c.fingerprint for c in st.coordinators if c.here)
+        forged = {"id": "evil/1", "listen": addr, "peer": addr, "fingerprint": fingerprint, "agents": 50,
+                  "slots": 1000, "holds": {digest: 1000}, "seen": time.time(), "ttl_s": 3600}
+        r.set("microswarm:coordinator:evil/1", json.dumps(forged))
+        r.sadd("microswarm:coordinators", "evil/1")
+        with pair.a.client() as ca:
+            def tried() -> bool:
+                env = ca.envelope("math.compute", {"a": time.time(), "b": 1.0, "op": "add"}, timeout=30)
+                assert env.ok and env.executed_by == pair.agent, env
+                return "evil/1" in pair.a.log("coordinator.log")
+            wait_for(tried, 30, "A to try the forged peer")
+            for i in range(10):
+                env = ca.envelope("math.compute", {"a": time.time(), "b": float(i), "op": "add"}, timeout=30)
+                assert env.ok and env.executed_by == pair.agent and env.coordinator != "evil/1", env
+    finally:
+        r.delete("microswarm:coordinator:evil/1")
+        r.srem("microswarm:coordinators", "evil/1")
+        fake.kill()
+        fake.wait(10)
+    assert not log.exists() or log.read_text() == "", log.read_text()
+
+
 def test_local_agents_come_first(fresh: Pair) -> None:
     a = fresh.a
     a.start_agent(f"a-{fresh.agent}")
@@ -174,9 +218,12 @@ def test_local_agents_come_first(fresh: Pair) -> None:
     assert got == {f"a-{fresh.agent}"}, got
 
 
-def test_peer_killed_mid_call_idempotent_runs_here_other_is_outcome_unknown(fresh: Pair, tmp_path: Path) -> None:
+def test_peer_killed_mid_call_idempotent_runs_here_other_is_outcome_unknown(pair: Pair, fresh: Pair,
+                                                                           tmp_path: Path) -> None:
     """B is SIGKILLed while its agent runs two calls sent on from A: the idempotent one is run again
-    at A (its own worker: no agent left anywhere), the other is answered `outcome_unknown`, once."""
+    at A (its own worker: no agent left in its cluster), the other is answered `outcome_unknown`,
+    once. The module's pair, another cluster (another identity) on the same Redis whose agent holds
+    the same packages, is never sent anything."""
     effects = tmp_path / "effects"
     idem = tmp_path / "idem"
 
