@@ -21,9 +21,10 @@ claiming a dead coordinator's pending jobs, the sender does itself: it still hol
 The request carries `forwarded_by` (the receiving coordinator never sends it on again: one hop at
 most, no loops), the original client's name and its token's scope, honoured only on the operator's
 credential (`arriving`), so nested calls stay within the client's scope. When the peer cannot be
-reached the call runs here (it never left); when the peer went away with the call in flight, a pure
-or idempotent call runs here, and any other is answered `outcome_unknown`, as the scheduler does
-for an agent that vanished.
+reached the call runs here (it never left); when the peer went away with the call in flight (its
+connection broke, or its presence record lapsed: frozen, cut off), a pure or idempotent call runs
+here; any other is answered `outcome_unknown` when the connection breaks, and otherwise waits for
+the peer's answer up to its deadline (it must not run twice), as the scheduler does for agents.
 
 Trust: a peer is a coordinator of the same identity (its presence record carries the identity's
 fingerprint, and TLS pins the identity itself, so a record someone else wrote to Redis cannot
@@ -54,6 +55,7 @@ log = logging.getLogger("microswarm.forward")
 DOWN_S = 5.0     # a peer that could not be reached is passed over this long
 MAX_PEERS = 2    # peers one call tries before it runs here
 GRACE_S = 5.0    # waited past the call's own deadline for the peer's answer
+WATCH_S = 0.5    # how often a call in flight on a peer checks that the peer is still live
 
 
 def peer_address(configured: str, listen: str, port: int) -> str:
@@ -114,6 +116,7 @@ class Forwarder:
         self.insecure = insecure
         self._clients: dict[str, AsyncClient] = {}
         self._down: dict[str, float] = {}  # peer id -> monotonic time until which it is passed over
+        self._closing: set[asyncio.Task[None]] = set()
         self.counts = {"forwarded": 0, "received": 0, "fell_back": 0}
 
     def pick(self, digest: str, tried: set[str]) -> tuple[str, str] | None:
@@ -166,7 +169,7 @@ class Forwarder:
             else:
                 out.input = raw_input
             try:
-                reply = await self._client(address).send(out, payload, budget + GRACE_S)
+                reply = await self._watched(ident, address, out, payload, budget + GRACE_S, rerunnable)
             except NotSent as exc:
                 self._passed_over(ident, address, exc)
                 continue
@@ -190,13 +193,38 @@ class Forwarder:
             self.counts["fell_back"] += 1
         return None
 
+    async def _watched(self, ident: str, address: str, out: pb.CallRequest, payload: bytes | None,
+                       timeout: float, rerunnable: bool) -> pb.CallReply:
+        """The peer's answer; for a call that may run again, given up on (Unavailable) once the
+        peer's presence record lapses: a frozen or partitioned peer holds it no longer than its TTL."""
+        task = asyncio.ensure_future(self._client(address).send(out, payload, timeout))
+        if not rerunnable:
+            return await task
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=WATCH_S)
+                if done:
+                    return task.result()
+                if not self._live(ident):
+                    raise Unavailable(f"coordinator {ident} stopped refreshing its presence record (frozen, cut "
+                                      "off or gone) with the call in flight")
+        finally:
+            if not task.done():
+                task.cancel()  # (its job stops on the peer, if the peer still hears)
+
+    def _live(self, ident: str) -> bool:
+        rec = self.peers().get(ident)
+        return rec is not None and time.time() - float(rec.get("seen", 0)) <= float(rec.get("ttl_s", 3.0))
+
     def _passed_over(self, ident: str, address: str, exc: Exception) -> None:
         """A peer that failed us is passed over a while; the next call to it makes a new channel
         (and pins its certificate anew: a restarted coordinator may have made another)."""
         self._down[ident] = time.monotonic() + DOWN_S
         client = self._clients.pop(address, None)
         if client is not None:
-            asyncio.get_running_loop().create_task(client.close())
+            closing = asyncio.get_running_loop().create_task(client.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
         log.warning("coordinator %s did not take a call sent on to it (%s); passed over for %g s", ident, exc, DOWN_S)
 
     async def close(self) -> None:

@@ -247,3 +247,31 @@ def test_peer_killed_mid_call_idempotent_runs_here_other_is_outcome_unknown(pair
     time.sleep(0.5)
     assert (tmp_path / "effects.started").read_text().count("t1") == 1  # never run a second time
     print(f"answered {time.monotonic() - t0:.2f} s after B was killed")
+
+
+def test_peer_frozen_mid_call_an_idempotent_call_runs_here_within_the_presence_ttl(fresh: Pair,
+                                                                                  tmp_path: Path) -> None:
+    """B is frozen (SIGSTOP, its agent too) while its agent runs an idempotent call sent on from A:
+    its connection stays open, but its presence record lapses (3 s), and A runs the call itself,
+    well before the call's deadline (30 s)."""
+    assert fresh.b is not None and fresh.b.coordinator is not None
+    frozen = [fresh.b.coordinator.pid, *(p.pid for p in fresh.b.agents.values())]
+
+    def call() -> Any:
+        with fresh.a.client() as ca:
+            return ca.envelope("effects.append_idempotent", {"path": str(tmp_path / "idem"), "token": "t1",
+                                                             "seconds": 2}, timeout=30)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(call)
+            wait_for(lambda: (tmp_path / "idem.started").exists(), 30, "the job to start on B's agent")
+            for pid in frozen:
+                os.killpg(pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            env = fut.result(60)
+            took = time.monotonic() - t0
+    finally:
+        for pid in frozen:
+            os.killpg(pid, signal.SIGCONT)
+    assert env.ok and env.executed_by == "coordinator" and not env.coordinator, env
+    assert took < 15, f"answered {took:.1f} s after B froze"
