@@ -107,9 +107,12 @@ class Forwarder:
     """This coordinator's side: which peer takes a call, and the call sent there."""
 
     def __init__(self, me: str, identity: str, peers: Callable[[], dict[str, dict[str, Any]]], state_dir: str,
-                 insecure: bool) -> None:
+                 insecure: bool, own_cert: bool = False) -> None:
         self.me = me
-        self.identity = identity  # the cluster's key fingerprint (hex): peers prove it over TLS
+        # The cluster's key fingerprint (hex): peers prove it over TLS, as agents' tokens pin it. With
+        # the operator's own certificate (--tls-cert, not bound to the identity) peers are trusted as
+        # clients trust that coordinator: its chain in the state directory, or the system's CAs.
+        self.identity = "" if own_cert else identity
         self.fingerprint = identity[:16]  # as presence records carry it: another cluster's are not peers
         self.peers = peers            # presence.Presence.peers: id -> record, as last read
         self.state_dir = state_dir
@@ -147,7 +150,7 @@ class Forwarder:
             # coordinator may have made its own certificate (its host name), bound to that identity.
             client = self._clients[address] = AsyncClient(
                 address, client_name=f"coordinator:{self.me}", state_dir=self.state_dir,
-                insecure=self.insecure, fingerprint=None if self.insecure else self.identity)
+                insecure=self.insecure, fingerprint=None if self.insecure else (self.identity or None))
         return client
 
     async def send(self, req: pb.CallRequest, raw_input: bytes, caller: Caller, digest: str,

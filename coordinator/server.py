@@ -607,7 +607,8 @@ class Coordinator:
                 from .forward import Forwarder
                 self.dispatcher.forwarder = Forwarder(self.presence.id, self.state.fingerprint.hex(),
                                                       lambda: self.presence.peers,
-                                                      str(self.state.path), self.config.insecure)
+                                                      str(self.state.path), self.config.insecure,
+                                                      own_cert=bool(self.config.tls_cert))
         if self.gateway is not None:  # the dashboard's charts: gauges once a second
             self._tasks.append(asyncio.create_task(self.dashboard.timeline.run(self.dashboard.gauges)))
         log.info("coordinator %s listening on %s with %d services", self.state.fingerprint.hex()[:16],
