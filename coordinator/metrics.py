@@ -121,6 +121,14 @@ class _Live:
         if presence is not None:
             yield GaugeMetricFamily("microswarm_cluster_coordinators", "Live coordinators of the cluster (presence "
                                     "on Redis), this one included", value=len(presence.view()))
+        fw = getattr(getattr(c, "dispatcher", None), "forwarder", None)
+        if fw is not None:  # coordinator/forward.py
+            yield CounterMetricFamily("microswarm_calls_forwarded", "Calls sent on to another coordinator of the "
+                                      "cluster, whose agents ran them", value=fw.counts["forwarded"])
+            yield CounterMetricFamily("microswarm_calls_received", "Calls another coordinator of the cluster sent "
+                                      "on to this one", value=fw.counts["received"])
+            yield CounterMetricFamily("microswarm_calls_forward_fell_back", "Calls no peer took after all (none "
+                                      "reachable): run here", value=fw.counts["fell_back"])
 
 
 class Metrics:

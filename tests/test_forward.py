@@ -49,7 +49,7 @@ class Pair:
         url = pg.database(f"cluster{Pair.made}")  # a cluster's packages are signed by its own identity
         # (the side-effect service writes to the test's files: agents run jobs without the namespaces)
         self.a = LocalCluster(agents=0, slots=2, state_url=url, coordinator_args=[*ARGS, "--cache-url", rs.url],
-                              env=SANDBOX_OFF)
+                              env=SANDBOX_OFF, http=True)
         self.b: LocalCluster | None = None
 
     def start(self) -> "Pair":
@@ -113,6 +113,10 @@ def test_a_call_at_a_coordinator_without_agents_runs_on_the_agents_of_another(pa
     assert after["a"].forwarded - before["a"].forwarded >= 20
     assert after["b"].received - before["b"].received >= 20
     assert pair.b is not None and after["b"].peer == pair.b.addr
+    from prometheus_client.parser import text_string_to_metric_families
+    with pair.a.urlopen(pair.a.http_url + "/metrics", timeout=10) as r:
+        samples = {s.name: s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
+    assert samples["microswarm_calls_forwarded_total"] >= after["a"].forwarded
 
 
 def test_a_large_input_and_output_go_through_the_peer(pair: Pair) -> None:
