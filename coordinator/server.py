@@ -639,9 +639,14 @@ class Coordinator:
         return {"listen": self.config.listen, "http": self.gateway.url if self.gateway is not None else "",
                 "fingerprint": self.state.fingerprint.hex()[:16], "agents": len(fleet.ids), "slots": fleet.slots,
                 "running": fleet.running, "uptime_s": round(time.time() - self.started, 1),
-                "calls_total": self.calllog.total, "peer": peer_address(self.config.peer_address,
-                                                                         self.config.listen, self.port),
+                "calls_total": self.calllog.total, "peer": self._peer_address(),
                 "holds": holdings(self.agents.values()), **self.forward_counts()}
+
+    def _peer_address(self) -> str:
+        """Worked out once (a wildcard --listen means resolving this host's name: not every second)."""
+        if not getattr(self, "_peer", ""):
+            self._peer = peer_address(self.config.peer_address, self.config.listen, self.port)
+        return self._peer
 
     def forward_counts(self) -> dict[str, int]:
         fw = self.dispatcher.forwarder
