@@ -81,7 +81,7 @@ class SharedCacheDispatcher(RoutingDispatcher):
         if self.scheduler.holders(entry.digest) or self.scheduler.installing(entry.digest) \
                 or fw.pick(entry.digest, set()) is None:
             return False
-        if self.c.agents and not self.scheduler.holders(entry.digest):
+        if self.c.agents:
             self.scheduler.place(entry)  # local agents first: the next calls stay here
         got = await fw.send(req, raw_input, CALLER.get() or Caller("coordinator"), entry.digest,
                             bool(entry.cls.pure or entry.cls.idempotent),

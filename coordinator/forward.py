@@ -11,8 +11,8 @@ we have any), so the next ones stay here.
 
 Direct gRPC, not Redis Streams, from a measurement (`microswarm bench --coordinators 2`,
 bench_forward.py): on one machine's loopback the transport alone costs about the same either way
-(a Redis Streams request/reply hop 1.41-1.66 ms p50, a bare gRPC round trip 1.54-1.80 ms, in the
-same runs), and sending a call on adds 2.2-2.9 ms in all to a 5.8-6.3 ms call. Across machines a
+(a Redis Streams request/reply hop 1.41-1.66 ms p50, a bare gRPC round trip 0.96-1.80 ms, in the
+same runs), and sending a call on adds 2.1-2.9 ms in all to a 3.9-6.3 ms call. Across machines a
 stream hop is two network round trips each way (caller to Redis, Redis to the peer) where gRPC is
 one; each call would be encoded a second time into stream entries; and the peer already speaks the
 call protocol with its deadlines, cancellation and large-payload pieces. What Streams would add,
@@ -34,7 +34,6 @@ trusted loopback) calls are only sent to loopback peers.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
 import socket
@@ -42,6 +41,7 @@ import time
 from typing import Any, Callable
 
 from microcores._chunks import STREAM_MIN
+from microcores._discovery import is_loopback, split_listen
 from microcores._failover import NotSent
 from microcores.client import AsyncClient
 from microcores.errors import MicroError, OutcomeUnknown, Unavailable
@@ -63,21 +63,13 @@ def peer_address(configured: str, listen: str, port: int) -> str:
     its real port, a wildcard host replaced by this host's address (its name, resolved)."""
     if configured:
         return configured
-    host = listen.rpartition(":")[0].strip("[]")
+    host = split_listen(listen)[0]
     if host in ("", "0.0.0.0", "::", "*"):
         try:
             host = socket.gethostbyname(socket.gethostname())
         except OSError:
             host = socket.gethostname()
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _loopback(address: str) -> bool:
-    host = address.rpartition(":")[0].strip("[]")
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def holdings(agents: Any) -> dict[str, int]:
@@ -101,6 +93,14 @@ def arriving(token: Token, req: pb.CallRequest, caller: Caller) -> Caller:
         return caller
     scoped = Token(b"", "access", req.client or "anonymous", tuple(req.scopes) or ("*",), float("inf"), "")
     return Caller(f"{req.client or 'anonymous'}"[:80], scoped, f"{caller.address} via {req.forwarded_by}"[:200])
+
+
+def _loopback(address: str) -> bool:
+    """A peer address on loopback (its name not looked up: it came from Redis; a bad port: no)."""
+    try:
+        return is_loopback(split_listen(address)[0], resolve=False)
+    except ValueError:
+        return False
 
 
 class Forwarder:

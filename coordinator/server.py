@@ -199,6 +199,7 @@ class Coordinator:
         self.governor: Any = None
         self.shared: Any = None     # the shared region on Redis (--cache-url), behind self.cache
         self.presence: Any = None   # this coordinator's record in Redis, and the cluster's (presence.py)
+        self.peer_address = ""      # where the cluster's other coordinators reach this one (forward.py)
         self.started = time.time()
         self.server: aio.Server | None = None
         self.port = 0
@@ -601,6 +602,8 @@ class Coordinator:
         self._tasks.append(asyncio.create_task(self.auth.run_housekeeping()))
         if self.shared is not None:
             from .presence import Presence, instance_id
+            # once (a wildcard --listen means resolving this host's name), now that the port is known
+            self.peer_address = peer_address(self.config.peer_address, self.config.listen, self.port)
             self.presence = Presence(self.shared, instance_id(self.config.listen), self._presence_record)
             self.presence.start()
             if self.config.forward:
@@ -639,14 +642,8 @@ class Coordinator:
         return {"listen": self.config.listen, "http": self.gateway.url if self.gateway is not None else "",
                 "fingerprint": self.state.fingerprint.hex()[:16], "agents": len(fleet.ids), "slots": fleet.slots,
                 "running": fleet.running, "uptime_s": round(time.time() - self.started, 1),
-                "calls_total": self.calllog.total, "peer": self._peer_address(),
+                "calls_total": self.calllog.total, "peer": self.peer_address,
                 "holds": holdings(self.agents.values()), **self.forward_counts()}
-
-    def _peer_address(self) -> str:
-        """Worked out once (a wildcard --listen means resolving this host's name: not every second)."""
-        if not getattr(self, "_peer", ""):
-            self._peer = peer_address(self.config.peer_address, self.config.listen, self.port)
-        return self._peer
 
     def forward_counts(self) -> dict[str, int]:
         fw = self.dispatcher.forwarder

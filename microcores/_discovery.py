@@ -59,12 +59,15 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host, int(port or 0)
 
 
-def is_loopback(host: str) -> bool:
+def is_loopback(host: str, resolve: bool = True) -> bool:
+    """`resolve=False`: a name other than localhost is not looked up (no blocking DNS; not loopback)."""
     if host in ("localhost", ""):
         return host == "localhost"
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        if not resolve:
+            return False
         try:
             return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
         except OSError:

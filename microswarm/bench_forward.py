@@ -2,9 +2,10 @@
 
 `forwarded_p50_ms`: sequential fresh calls at a coordinator with no agent of its own (the "door"),
 each sent on to a peer whose agents run it (coordinator/forward.py); `direct_p50_ms`: the same
-calls made at that peer. Their difference, `forward_overhead_ms`, is one gRPC round trip between
-coordinators plus the door's own handling. Every forwarded answer must name the peer
-(`coordinator`), or the figure would be of something else: it raises then.
+calls made at that peer (both as `bench`'s p50_ms, bench._latency). Their difference,
+`forward_overhead_ms`, is one gRPC round trip between coordinators plus the door's own handling.
+The door's count of calls sent on must have grown by every call, or the figure would be of
+something else: it raises then.
 
 `redis_stream_hop_p50_ms` is the transport alone of the other design the issue offered: a request
 XADDed to a stream, read by a consumer group's XREADGROUP (BLOCK), its reply XADDed to a reply
@@ -17,29 +18,17 @@ says what they showed and why calls go over gRPC.
 from __future__ import annotations
 
 import asyncio
-import random
 import statistics
 import time
 import uuid
 from typing import Any
 
 
-async def _calls(addr: str, state_dir: str, n: int, peer: str = "") -> list[float]:
-    from microcores.client import AsyncClient
-    lat: list[float] = []
-    base = random.random() * 1e9  # fresh inputs: nothing from a cache
-    async with AsyncClient(addr, client_name="bench", state_dir=state_dir) as c:
-        for i in range(-10, n):  # ten to warm the connections (and the door's channel to its peer)
-            t0 = time.perf_counter()
-            env = await c.envelope("math.compute", {"a": base + i, "b": 2.0, "op": "add"})
-            if not env.ok:
-                raise RuntimeError(f"math.compute at {addr} failed: {env.error}")
-            if peer and not env.coordinator:
-                raise RuntimeError(f"{addr} answered a call itself instead of sending it on (executed_by "
-                                   f"{env.executed_by}): has it agents of its own?")
-            if i >= 0:
-                lat.append((time.perf_counter() - t0) * 1000)
-    return lat
+def _forwarded(door: str, state_dir: str) -> int:
+    """Calls the door has sent on so far (its own presence record, in its status)."""
+    from microcores.client import Client
+    with Client(door, state_dir=state_dir) as c:
+        return next(int(co.forwarded) for co in c.status(timeout=10).coordinators if co.here)
 
 
 async def stream_hop_ms(redis_url: str, n: int) -> list[float]:
@@ -93,10 +82,14 @@ def door_ready(door: str, state_dir: str) -> bool:
 
 
 def forward_figures(door: str, peer: str, state_dir: str, redis_url: str, n: int) -> dict[str, Any]:
-    direct = asyncio.run(_calls(peer, state_dir, n))
-    forwarded = asyncio.run(_calls(door, state_dir, n, peer=peer))
+    from microswarm.bench import _floor, _latency  # (its sequential fresh calls, as `bench`'s p50_ms)
+    direct, _ = asyncio.run(_latency(peer, n))
+    before = _forwarded(door, state_dir)
+    forwarded, by = asyncio.run(_latency(door, n))
+    if _forwarded(door, state_dir) - before < n:
+        raise RuntimeError(f"{door} answered calls itself instead of sending them on (executed_by {by}): "
+                           "has it agents of its own?")
     hop = asyncio.run(stream_hop_ms(redis_url, n))
-    from microswarm.bench import _floor
     grpc_hop = _floor(n, 0.5)["floor_p50_ms"]
     d, f, h = statistics.median(direct), statistics.median(forwarded), statistics.median(hop)
     return {"direct_p50_ms": round(d, 3), "forwarded_p50_ms": round(f, 3), "forward_overhead_ms": round(f - d, 3),

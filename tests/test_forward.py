@@ -82,23 +82,27 @@ class Pair:
             self.b.stop()
         self.a.stop()
 
+    def __enter__(self) -> "Pair":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 @pytest.fixture(scope="module")
 def pair(servers: tuple[pgserver.PgServer, RedisServer]) -> Iterator[Pair]:
-    p = Pair(*servers)
-    try:
-        yield p.start()
-    finally:
-        p.stop()
+    with Pair(*servers) as p:
+        yield p
 
 
 @pytest.fixture
 def fresh(servers: tuple[pgserver.PgServer, RedisServer]) -> Iterator[Pair]:
-    p = Pair(*servers)
-    try:
-        yield p.start()
-    finally:
-        p.stop()
+    with Pair(*servers) as p:
+        yield p
 
 
 def test_a_call_at_a_coordinator_without_agents_runs_on_the_agents_of_another(pair: Pair) -> None:
